@@ -1,0 +1,94 @@
+"""What a caller hands the engine, and what the engine hands back.
+
+The gRPC servicer turns protobuf into a `Request`, submits it with a callback, and receives
+`RequestOutput` events from the engine thread (one per step that produced something, the last
+one with `finished=True`). Exactly one finished event is delivered per request, whatever happens
+(EOS, length, stop string, cancel, error, shutdown).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class InvalidRequestError(ValueError):
+    """Bad input; `field` names the offending request field (-> INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; HF semantics (divide positive logits, multiply negative)
+    seed: int | None = None  # None = nondeterministic
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError("temperature", f"must be finite and >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError("top_k", f"must be >= 0, got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                "repetition_penalty", f"must be finite and > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop", "stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_seconds: float = 0.0  # arrival -> first scheduled
+    ttft_seconds: float = 0.0  # arrival -> first generated token
+    total_seconds: float = 0.0  # arrival -> finished
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: tuple[int, ...]  # tokens produced since the previous event
+    text_delta: str  # text produced since the previous event (stop strings already cut)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings | None = None  # set on the finished event
+    error: str | None = None  # set when finish_reason is ERROR
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter_id: str = ""  # "" = base model
+    arrival_time: float = field(default_factory=time.monotonic)
