@@ -43,9 +43,31 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds: must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    max_loras: int = 16  # device slots: adapters usable in one step
+    max_lora_rank: int = 16  # slot size; adapters of a larger rank are refused at load
+    max_cpu_loras: int = 128  # host tier; beyond it the LRU unpinned, idle adapter is dropped to disk
+    adapter_root: str | None = None  # on-demand loading of <root>/<adapter_id>
+    allowed_roots: tuple[str, ...] = ()  # LoadAdapter paths must lie under one of these (or adapter_root)
+    max_adapter_bytes: int = 2 * 1024**3  # largest adapter folder accepted
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras: must be >= max_loras (every device adapter is also on the host)")
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        return ((self.adapter_root,) if self.adapter_root else ()) + self.allowed_roots

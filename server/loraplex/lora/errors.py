@@ -1,0 +1,21 @@
+"""Errors of the adapter side; the gRPC layer maps each to one status code."""
+
+from __future__ import annotations
+
+
+class AdapterError(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class AdapterPathError(AdapterError):
+    """Bad adapter id or folder outside the roots (INVALID_ARGUMENT)."""
+
+
+class AdapterExistsError(AdapterError):
+    """The id is taken by another folder (ALREADY_EXISTS)."""
+
+
+class AdapterCapacityError(AdapterError):
+    """No room: every host or device place is pinned or busy, or out of memory (RESOURCE_EXHAUSTED)."""

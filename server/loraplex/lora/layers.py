@@ -1,0 +1,45 @@
+"""LoRA weights of one projection for every device slot, applied with the batched kernel.
+
+One LoraWeights lives in each Projection (model/linear.py) once a LoraManager is attached. It holds
+the A/B matrices of all slots stacked, so one `add_lora` call serves every adapter of the batch.
+Rows of A (columns of B) beyond an adapter's rank for this module stay zero: an adapter whose
+rank_pattern gives this module a smaller rank than its maximum, or that does not target this module
+at all, then contributes exactly nothing here, whatever rank the kernel metadata carries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex_kernels import add_lora
+
+
+class LoraWeights:
+    def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)  # [slots, R, in]
+        self.B = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)  # [slots, out, R]
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [slots]
+
+    def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
+        """Write one adapter's weights for this module into `slot` (None: the adapter skips it)."""
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        if A is None or B is None:
+            self.scales[slot] = 0.0
+            return
+        r = A.shape[0]  # A: [r, in], B: [out, r]
+        self.A[slot, :r].copy_(A, non_blocking=True)
+        self.B[slot, :, :r].copy_(B, non_blocking=True)
+        self.scales[slot] = scale
+
+    def clear_slot(self, slot: int) -> None:
+        self.set_slot(slot, None, None, 0.0)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
+        """y [T, out] += per-token LoRA delta of x [T, in]; lora is the step's LoraBatch."""
+        add_lora(y, x, self.A, self.B, self.scales, lora.meta)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scales))
