@@ -143,12 +143,13 @@ def ensure_converted(gguf_path: Path, target: Path, convert: ConvertFn,
         for stale in target.parent.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         if target.exists():
-            log(f"{target} is missing, incomplete or from another GGUF: converting again")
+            log(f"{target} is incomplete or from another GGUF: converting again")
         t0 = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             convert(gguf_path, tmp, log)
             (tmp / MARKER_NAME).write_text(json.dumps(source, indent=2) + "\n")
+            _make_shareable(tmp)
             _swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -171,6 +172,15 @@ def _read_marker(target: Path) -> dict | None:
         return json.loads((target / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _make_shareable(folder: Path) -> None:
+    # mkdtemp creates 0700 and safetensors writes 0600; a cache other users (or a container
+    # running as another uid) read wants the usual modes. (os.umask would be a process-global
+    # set-and-restore, racy with other threads, so fixed modes it is.)
+    folder.chmod(0o755)
+    for f in folder.iterdir():
+        f.chmod(0o644)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -229,6 +239,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, log: _Progress) -> None:
 
     if not tokenizer.chat_template:
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    # The GGUF tokenizer comes back with "unlimited" length; the model's context is 8192.
+    tokenizer.model_max_length = model.config.max_position_embeddings
     config = model.config
     # The GGUF loader records where the weights came from; the saved folder holds plain float32
     # tensors, and a leftover gguf quantization_config would send transformers back to the GGUF.
@@ -236,7 +248,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, log: _Progress) -> None:
         del config.quantization_config
     model.__dict__.pop("hf_quantizer", None)
     config.dtype = torch.float32
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     _check_tied_embeddings(model)
 
     # Generation ends at <|im_end|>, the end of an assistant turn in ChatML.

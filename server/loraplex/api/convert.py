@@ -1,0 +1,183 @@
+"""Protobuf <-> engine objects. No gRPC here: bad input raises InvalidRequestError naming the field
+(the servicer turns it into INVALID_ARGUMENT), so every rule is testable without a server.
+
+Field names in errors are the proto paths a client sees: "prompt", "prompt_token_ids.ids",
+"messages[2].role", "sampling.temperature", "input" (none of the prompt forms set).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import loraplex
+from loraplex.api.pb.loraplex.v1 import adapters_pb2, generation_pb2
+from loraplex.engine.request import (FinishReason, InvalidRequestError, Request, RequestOutput,
+                                     SamplingParams, Timings)
+
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+_FINISH_REASONS = {
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR,
+}
+
+
+# --- requests ------------------------------------------------------------------------------------
+def _rename(err: InvalidRequestError, field: str) -> InvalidRequestError:
+    """The same error under the proto path of its field (SamplingParams knows only its own names)."""
+    message = str(err)
+    prefix = f"{err.field}: "
+    return InvalidRequestError(field, message[len(prefix):] if message.startswith(prefix) else message)
+
+
+def sampling_from_proto(sp: generation_pb2.SamplingParams, max_new_tokens_cap: int) -> SamplingParams:
+    """Unset `optional` fields take SamplingParams' defaults (max_new_tokens 64, temperature 1.0,
+    top_p 1.0, top_k 0 = off, repetition_penalty 1.0, seed None = random)."""
+    kwargs: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        if sp.HasField(name):
+            kwargs[name] = getattr(sp, name)
+    kwargs["stop"] = tuple(sp.stop)
+    kwargs["ignore_eos"] = sp.ignore_eos
+    try:
+        params = SamplingParams(**kwargs)
+    except InvalidRequestError as err:
+        raise _rename(err, f"sampling.{err.field}") from None
+    if params.max_new_tokens > max_new_tokens_cap:
+        raise InvalidRequestError("sampling.max_new_tokens",
+                                  f"{params.max_new_tokens} is above the server's cap of {max_new_tokens_cap}")
+    return params
+
+
+def render_messages(messages: generation_pb2.Messages, tokenizer: Any) -> list[int]:
+    """Chat messages -> prompt token ids through the model's own chat template."""
+    if not messages.messages:
+        raise InvalidRequestError("messages", "must hold at least one message")
+    conversation = []
+    for i, m in enumerate(messages.messages):
+        if m.role not in MESSAGE_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role",
+                                      f"unknown role {m.role!r}; expected one of {', '.join(MESSAGE_ROLES)}")
+        conversation.append({"role": m.role, "content": m.content})
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # The template already wrote the special tokens (BOS, role markers); adding them again would
+    # put a second BOS in front.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab_size: int,
+                      max_model_len: int) -> list[int]:
+    """The request's prompt token ids, whichever of prompt / prompt_token_ids / messages is set."""
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidRequestError("input", "set one of prompt, prompt_token_ids or messages")
+    if which == "prompt":
+        field = "prompt"
+        if not req.prompt:
+            raise InvalidRequestError(field, "must not be empty")
+        ids = list(tokenizer.encode(req.prompt))
+    elif which == "prompt_token_ids":
+        field = "prompt_token_ids.ids"
+        ids = list(req.prompt_token_ids.ids)
+        bad = next((t for t in ids if t >= vocab_size), None)  # uint32: never negative
+        if bad is not None:
+            raise InvalidRequestError(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    else:
+        field = "messages"
+        ids = render_messages(req.messages, tokenizer)
+    if not ids:
+        raise InvalidRequestError(field, "must not be empty")
+    if len(ids) >= max_model_len:
+        # At least one generated token must fit next to the prompt.
+        raise InvalidRequestError(field, f"{len(ids)} tokens is longer than the context: at most "
+                                         f"{max_model_len - 1} prompt tokens fit (max_model_len {max_model_len})")
+    return ids
+
+
+def request_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab_size: int,
+                       max_model_len: int, max_new_tokens_cap: int) -> Request:
+    sampling = sampling_from_proto(req.sampling, max_new_tokens_cap)
+    ids = prompt_from_proto(req, tokenizer, vocab_size, max_model_len)
+    return Request(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
+                   sampling=sampling, adapter_id=req.adapter_id)
+
+
+# --- responses -----------------------------------------------------------------------------------
+def finish_reason_to_proto(reason: FinishReason | None) -> int:
+    return generation_pb2.FINISH_REASON_UNSPECIFIED if reason is None else _FINISH_REASONS[reason]
+
+
+def usage_to_proto(out: RequestOutput) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+
+
+def timings_to_proto(t: Timings | None) -> generation_pb2.Timings:
+    t = t or Timings()
+    return generation_pb2.Timings(queue_seconds=t.queue_seconds, time_to_first_token_seconds=t.ttft_seconds,
+                                  total_seconds=t.total_seconds)
+
+
+def stream_chunk_to_proto(out: RequestOutput) -> generation_pb2.GenerateStreamResponse:
+    chunk = generation_pb2.GenerateStreamResponse(request_id=out.request_id, text=out.text_delta,
+                                                  token_ids=out.new_token_ids)
+    if out.finished:
+        chunk.finish_reason = finish_reason_to_proto(out.finish_reason)
+        chunk.usage.CopyFrom(usage_to_proto(out))
+        chunk.timings.CopyFrom(timings_to_proto(out.timings))
+    return chunk
+
+
+def response_to_proto(outputs: list[RequestOutput]) -> generation_pb2.GenerateResponse:
+    """All events of one request (the last one finished) -> the unary response."""
+    last = outputs[-1]
+    return generation_pb2.GenerateResponse(
+        request_id=last.request_id,
+        text="".join(o.text_delta for o in outputs),
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        finish_reason=finish_reason_to_proto(last.finish_reason),
+        usage=usage_to_proto(last),
+        timings=timings_to_proto(last.timings),
+    )
+
+
+def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
+    model = loaded.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = next(model.parameters()).device
+    return generation_pb2.ModelInfo(
+        model_name=loaded.path.name,
+        model_path=str(loaded.path),
+        architecture=loaded.arch.architecture,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(device),
+        max_model_len=engine.max_model_len,
+        vocab_size=loaded.arch.vocab_size,
+        quantization="none",
+        base_weight_bytes=weight_bytes,
+        loraplex_version=loraplex.__version__,
+        max_new_tokens_cap=engine.config.max_new_tokens_cap,
+        eos_token_ids=sorted(engine.eos_token_ids),
+    )
+
+
+# --- adapters (used once the Adapters service is implemented) -------------------------------------
+_TIERS = {"device": adapters_pb2.ADAPTER_TIER_DEVICE, "host": adapters_pb2.ADAPTER_TIER_HOST,
+          "disk": adapters_pb2.ADAPTER_TIER_DISK}
+
+
+def adapter_info_to_proto(info: Any) -> adapters_pb2.AdapterInfo:
+    """loraplex.lora.manager.AdapterInfo -> proto."""
+    tier = getattr(info.tier, "value", info.tier)
+    return adapters_pb2.AdapterInfo(
+        adapter_id=info.adapter_id, source=str(info.source), target_modules=list(info.target_modules),
+        min_rank=info.min_rank, max_rank=info.max_rank, bytes=info.nbytes,
+        tier=_TIERS.get(tier, adapters_pb2.ADAPTER_TIER_UNSPECIFIED),
+        requests_in_flight=info.requests_in_flight, last_used_unix_seconds=info.last_used,
+        pinned=info.pinned)
+

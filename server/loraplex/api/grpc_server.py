@@ -1,0 +1,102 @@
+"""The gRPC server: Generation + Adapters services, grpc.health.v1 and server reflection.
+
+Life cycle (serve.py drives it):
+    server = GrpcServer(host, port); await server.start()   # listening; health NOT_SERVING
+    await server.attach(Runtime(loaded, engine))            # model loaded + warmed up: SERVING
+    await server.shutdown(grace)                            # NOT_SERVING, drain, stop
+
+Starting to listen before the model is loaded lets orchestrators see the process (health answers
+NOT_SERVING, Generate answers UNAVAILABLE) instead of a refused connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.api.adapters_servicer import AdaptersServicer
+from loraplex.api.generation_servicer import GenerationServicer, Runtime
+from loraplex.api.health import Health
+from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Requests carry prompts (token ids, chat histories) of at most max_model_len tokens and responses
+# their completions: 16 MiB is far above either, yet bounds what one client can make us buffer.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+)
+
+
+class GrpcServer:
+    """Create and use it inside the event loop that will run it (grpc.aio binds to that loop)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        if max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes: must be >= 1, got {max_message_bytes}")
+        self._server = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ])
+        self.generation = GenerationServicer()
+        self.health = Health()
+        generation_pb2_grpc.add_GenerationServicer_to_server(self.generation, self._server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(), self._server)
+        self.health.add_to_server(self._server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self.host = host
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as err:  # grpc raises on a port it cannot bind
+            raise OSError(f"cannot listen on {host}:{port}: {err}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self.generation.runtime
+
+    async def start(self) -> None:
+        # grpc_health starts with "" SERVING; nothing is served until attach().
+        await self.health.set_serving(False)
+        await self._server.start()
+        log.info("listening on %s", self.address)
+
+    async def attach(self, runtime: Runtime) -> None:
+        """Start serving `runtime` (its engine started and warmed up)."""
+        self.generation.runtime = runtime
+        await self.health.set_serving(True)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Health NOT_SERVING, then let in-flight requests finish for up to `grace_seconds` (the
+        engine cancels the rest, each RPC still gets its final response), then stop listening."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.begin_shutdown()
+        engine = self.runtime.engine if self.runtime is not None else None
+        # The engine decides when each request ends; the server's grace is a little longer so the
+        # final responses of requests the engine cancels at the deadline still reach clients.
+        tasks = [self._server.stop(grace_seconds + 1.0)]
+        if engine is not None:
+            tasks.append(asyncio.to_thread(engine.shutdown, grace_seconds))
+        await asyncio.gather(*tasks)
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

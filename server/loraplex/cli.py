@@ -1,0 +1,290 @@
+"""The `loraplex` command.
+
+    loraplex serve [--model PATH] [--host H] [--port P] [--dtype D] [--device D] [engine flags]
+    loraplex generate "prompt" [--server HOST:PORT] [--adapter ID] [--max-new-tokens N]
+                               [--temperature T] [--chat]      # streams the completion to stdout
+    loraplex info [--server HOST:PORT]
+    loraplex adapters load ID PATH [--pinned] | unload ID | list   [--server HOST:PORT]
+    loraplex convert-default [--cache-dir DIR]
+
+Flag values are checked by the frozen config dataclasses; a bad one stops with its message and
+exit status 2 before anything is loaded. Client commands exit 1 on an RPC error, printing its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+# Same value as loraplex.api.grpc_server.DEFAULT_MAX_MESSAGE_BYTES; not imported so that
+# `loraplex --help` does not pay for importing grpc.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+# --- serve ---------------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    from loraplex.config import EngineConfig, ServerConfig
+
+    eng, srv = EngineConfig(), ServerConfig()
+    p = sub.add_parser("serve", help="run the gRPC server",
+                       description="Load a model and serve it over gRPC (health and reflection on).")
+    p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default=srv.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=srv.port, help="port, 0 = any free one (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight/compute dtype (auto: bfloat16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--num-kv-blocks", type=int, default=eng.num_kv_blocks, help="KV cache size in blocks")
+    p.add_argument("--block-size", type=int, default=eng.block_size, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=eng.max_num_seqs, help="sequences per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=eng.max_num_batched_tokens,
+                   help="tokens per step (decode tokens + prefill chunks)")
+    p.add_argument("--max-model-len", type=int, default=eng.max_model_len,
+                   help="prompt + generated tokens (capped by the model's own limit)")
+    p.add_argument("--max-new-tokens-cap", type=int, default=eng.max_new_tokens_cap,
+                   help="largest max_new_tokens a request may ask for")
+    p.add_argument("--max-waiting", type=int, default=eng.max_waiting,
+                   help="waiting queue bound; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--shutdown-grace", type=float, default=srv.shutdown_grace_seconds,
+                   help="seconds in-flight requests may finish on SIGTERM/SIGINT")
+    p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest gRPC message received or sent (default %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve, parser=p)
+
+
+def _server_config(args):
+    from loraplex.config import EngineConfig, ModelConfig, ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
+        engine=EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                            max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
+                            max_waiting=args.max_waiting),
+    )
+
+
+def _serve(args) -> int:
+    try:
+        config = _server_config(args)
+        if args.model is not None and not os.path.isdir(args.model):
+            raise ValueError(f"model: {args.model} is not a folder")
+        if args.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes: must be >= 1, got {args.max_message_bytes}")
+    except ValueError as err:
+        args.parser.error(str(err))  # exits 2 with the usage line and the message
+    import asyncio
+
+    from loraplex.serve import resolve_device, serve
+
+    try:
+        resolve_device(config.model.device)
+    except ValueError as err:
+        args.parser.error(str(err))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the server never fetches from a hub
+    try:
+        asyncio.run(serve(config, max_message_bytes=args.max_message_bytes))
+    except (OSError, ValueError, RuntimeError) as err:
+        # Cannot bind, or the model folder is unusable: one line, not a traceback.
+        logging.getLogger("loraplex").debug("serve failed", exc_info=True)
+        print(f"loraplex serve: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- clients -------------------------------------------------------------------------------------
+def _channel(address: str):
+    import grpc
+
+    return grpc.insecure_channel(address)
+
+
+def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print an RPC failure as `error: CODE: details` and exit 1."""
+
+    def wrapper(args) -> int:
+        import grpc
+
+        try:
+            return fn(args)
+        except grpc.RpcError as err:
+            code = err.code().name if hasattr(err, "code") else "UNKNOWN"
+            details = err.details() if hasattr(err, "details") else str(err)
+            print(f"error: {code}: {details}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _add_server_flag(p) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server (default %(default)s)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    p.add_argument("prompt")
+    _add_server_flag(p)
+    p.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy (server default 1.0)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the model's chat template")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage to stderr")
+    p.set_defaults(func=_rpc_errors(_generate))
+
+
+def _generate(args) -> int:
+    from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
+
+    req = generation_pb2.GenerateRequest(adapter_id=args.adapter)
+    if args.chat:
+        req.messages.messages.add(role="user", content=args.prompt)
+    else:
+        req.prompt = args.prompt
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(req.sampling, name, getattr(args, name))
+    req.sampling.stop.extend(args.stop)
+    with _channel(args.server) as channel:
+        last = None
+        for chunk in generation_pb2_grpc.GenerationStub(channel).GenerateStream(req, timeout=args.timeout):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()  # tokens appear as they come
+            last = chunk
+        sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        reason = generation_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(f"[finish_reason={reason} prompt_tokens={last.usage.prompt_tokens} "
+              f"completion_tokens={last.usage.completion_tokens} "
+              f"ttft={last.timings.time_to_first_token_seconds:.3f}s total={last.timings.total_seconds:.3f}s]",
+              file=sys.stderr)
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show what a running server serves")
+    _add_server_flag(p)
+    p.set_defaults(func=_rpc_errors(_info))
+
+
+def _info(args) -> int:
+    from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
+
+    with _channel(args.server) as channel:
+        info = generation_pb2_grpc.GenerationStub(channel).GetModelInfo(generation_pb2.GetModelInfoRequest())
+    for field in info.DESCRIPTOR.fields:
+        value = getattr(info, field.name)
+        if field.is_repeated:
+            value = ", ".join(map(str, value))
+        print(f"{field.name}: {value}")
+    return 0
+
+
+def _add_adapters(sub) -> None:
+    p = sub.add_parser("adapters", help="manage the adapters of a running server")
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+    load = asub.add_parser("load", help="load a PEFT adapter folder (on the server's file system)")
+    load.add_argument("adapter_id")
+    load.add_argument("path")
+    load.add_argument("--pinned", action="store_true", help="never evict it")
+    unload = asub.add_parser("unload", help="unload an adapter")
+    unload.add_argument("adapter_id")
+    lst = asub.add_parser("list", help="list loaded adapters")
+    for q in (load, unload, lst):
+        _add_server_flag(q)
+    load.set_defaults(func=_rpc_errors(_adapters_load))
+    unload.set_defaults(func=_rpc_errors(_adapters_unload))
+    lst.set_defaults(func=_rpc_errors(_adapters_list))
+
+
+def _print_adapter(a) -> None:
+    from loraplex.api.pb.loraplex.v1 import adapters_pb2
+
+    tier = adapters_pb2.AdapterTier.Name(a.tier).removeprefix("ADAPTER_TIER_").lower()
+    rank = str(a.max_rank) if a.min_rank == a.max_rank else f"{a.min_rank}-{a.max_rank}"
+    print(f"{a.adapter_id}\ttier={tier}\trank={rank}\tbytes={a.bytes}\tin_flight={a.requests_in_flight}"
+          f"\tpinned={str(a.pinned).lower()}\tmodules={','.join(a.target_modules)}\tsource={a.source}")
+
+
+def _adapters_load(args) -> int:
+    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
+
+    with _channel(args.server) as channel:
+        resp = adapters_pb2_grpc.AdaptersStub(channel).LoadAdapter(adapters_pb2.LoadAdapterRequest(
+            adapter_id=args.adapter_id, path=args.path, pinned=args.pinned))
+    _print_adapter(resp.adapter)
+    return 0
+
+
+def _adapters_unload(args) -> int:
+    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
+
+    with _channel(args.server) as channel:
+        adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(
+            adapters_pb2.UnloadAdapterRequest(adapter_id=args.adapter_id))
+    print(f"unloaded {args.adapter_id}")
+    return 0
+
+
+def _adapters_list(args) -> int:
+    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
+
+    with _channel(args.server) as channel:
+        resp = adapters_pb2_grpc.AdaptersStub(channel).ListAdapters(adapters_pb2.ListAdaptersRequest())
+    for a in resp.adapters:
+        _print_adapter(a)
+    return 0
+
+
+# --- convert-default -----------------------------------------------------------------------------
+def _add_convert_default(sub) -> None:
+    p = sub.add_parser("convert-default",
+                       help="convert the embedded SmolLM2-135M-Instruct GGUF into a safetensors folder")
+    p.add_argument("--cache-dir", help="default ~/.cache/loraplex")
+    p.set_defaults(func=_convert_default)
+
+
+def _convert_default(args) -> int:
+    from loraplex.model.default_model import ensure_default_model
+
+    print(ensure_default_model(args.cache_dir))
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from loraplex import __version__
+
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    _add_adapters(sub)
+    _add_convert_default(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The engine: one thread that loops schedule -> run -> postprocess over all in-flight requests.
+
+Threading model: `submit`, `abort`, `shutdown` and `stats` may be called from any thread. They only
+touch a small lock-protected inbox (new sequences, abort ids, the id registry); the step loop
+drains that inbox at the top of every step and is the only thread that touches the scheduler,
+the block manager, the KV cache and the sequences. Callbacks run on the engine thread.
+
+Every request gets exactly one finished event, whatever ends it (EOS, length, stop string, abort,
+an error in its step, shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+
+from loraplex.config import EngineConfig
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.detokenizer import IncrementalDetokenizer, check_finish
+from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.request import (FinishReason, InvalidRequestError, OutputCallback, Request,
+                                     RequestOutput, SamplingParams)
+from loraplex.engine.sampler import Sampler
+from loraplex.engine.scheduler import ScheduledBatch, Scheduler
+from loraplex.engine.sequence import Sequence
+from loraplex.engine.stats import EngineStats
+
+log = logging.getLogger(__name__)
+
+# When requests wait but none can be scheduled (e.g. every adapter slot is pinned), re-check this
+# often instead of spinning; submit/abort/shutdown wake the loop at once anyway.
+_BLOCKED_POLL_SECONDS = 0.01
+
+
+class Engine:
+    def __init__(self, loaded: Any, config: EngineConfig, lora_manager: Any = None):
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.arch = loaded.arch
+        self.lora_manager = lora_manager
+        model = loaded.model
+        self.device = device = next(model.parameters()).device
+        # A sequence must fit in the cache on its own, or preemption could never make room for it.
+        self.max_model_len = min(config.max_model_len, loaded.arch.max_position_embeddings,
+                                 config.num_kv_blocks * config.block_size)
+        eos = set(loaded.arch.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        if self.max_model_len < config.max_model_len:
+            log.info("max_model_len capped from %d to %d (model limit %d, KV cache %d tokens)",
+                     config.max_model_len, self.max_model_len, loaded.arch.max_position_embeddings,
+                     config.num_kv_blocks * config.block_size)
+
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager, adapter_slots=lora_manager)
+        self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
+                                  lora_batch_builder=getattr(lora_manager, "build_lora_batch", None))
+        self.sampler = Sampler()
+
+        self._cv = threading.Condition()  # guards everything below
+        self._inbox: deque[Sequence] = deque()
+        self._abort_ids: list[str] = []
+        self._live: dict[str, Sequence] = {}  # request_id -> sequence, submit to finished event
+        self._waiting_snapshot = 0  # scheduler.num_waiting as of the last step (for the bound)
+        self._accepting = True
+        self._stop = False
+        self._step_lock = threading.Lock()  # one step (or warmup) at a time
+        self._thread: threading.Thread | None = None
+        self._counters = dict(steps=0, prompt_tokens=0, generation_tokens=0)
+        self._finished_total: dict[str, int] = {r.value: 0 for r in FinishReason}
+
+    # --- public API (any thread) -----------------------------------------------------------
+    def start(self) -> None:
+        with self._cv:
+            if self._thread is not None:
+                return
+            if self._stop:
+                raise EngineStoppedError("the engine was shut down")
+            self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request, callback: OutputCallback) -> None:
+        self._validate(request)
+        seq = Sequence.from_request(request, callback, device=self.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                                 stop=request.sampling.stop)
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the engine is shutting down")
+            if request.request_id in self._live:
+                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+            if len(self._inbox) + self._waiting_snapshot >= self.config.max_waiting:
+                raise QueueFullError(self.config.max_waiting)
+            self._live[request.request_id] = seq
+            self._inbox.append(seq)
+            self._cv.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its callback gets a CANCELLED finished event within a step. Unknown
+        or already finished ids are ignored (the client may race with the request's end)."""
+        with self._cv:
+            if request_id in self._live:
+                self._abort_ids.append(request_id)
+                self._cv.notify_all()
+
+    def shutdown(self, grace_seconds: float = 0.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_seconds`, then cancel
+        the rest and stop the loop. Every request gets its finished event before this returns."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("shutdown() called from the engine thread (e.g. from a callback)")
+        deadline = time.monotonic() + max(grace_seconds, 0.0)
+        with self._cv:
+            self._accepting = False
+            while self._live and self._thread is not None and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        # The loop has exited: this thread now owns the engine state. Cancel what is left.
+        with self._step_lock:
+            self._drain_inbox()
+            for seq in list(self._live.values()):
+                self._finish(seq, FinishReason.CANCELLED)
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            num_inbox = len(self._inbox)
+            counters = dict(self._counters)
+            finished = dict(self._finished_total)
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + num_inbox,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            steps_total=counters["steps"],
+            prompt_tokens_total=counters["prompt_tokens"],
+            generation_tokens_total=counters["generation_tokens"],
+            preemptions_total=self.scheduler.num_preemptions_total,
+            finished_total=finished,
+        )
+
+    def warmup(self) -> None:
+        """One tiny forward (a 2-token prefill) so the first real request pays no first-call costs."""
+        req = Request("__warmup__", [0] * min(2, self.max_model_len), SamplingParams(max_new_tokens=1))
+        seq = Sequence.from_request(req, device=self.device)
+        with self._step_lock:
+            self.block_manager.allocate(seq, seq.num_tokens)
+            try:
+                self.runner.run([seq], [seq.num_tokens])
+            finally:
+                self.block_manager.free(seq)
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> int:
+        """One iteration: take in new requests and aborts, schedule, run, emit. Returns the number
+        of sequences that ran. Called by the loop thread (tests may call it with no thread)."""
+        with self._step_lock:
+            self._drain_inbox()
+            batch = self.scheduler.schedule()
+            for seq, message in batch.failed:
+                self._finish(seq, FinishReason.ERROR, error=message)
+            if batch.seqs:
+                self._execute(batch)
+        with self._cv:
+            self._waiting_snapshot = self.scheduler.num_waiting
+            self._counters["steps"] += 1
+        return len(batch)
+
+    def _execute(self, batch: ScheduledBatch) -> None:
+        sampling = [i for i in range(len(batch)) if batch.samples(i)]  # rows that reach their end
+        sampled = [batch.seqs[i] for i in sampling]
+        num_decodes = sum(s.is_decoding for s in batch.seqs)
+        try:
+            logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
+            tokens = self.sampler(logits[sampling], [s.sampling for s in sampled],
+                                  [s.token_ids for s in sampled], [s.generator for s in sampled])
+        except Exception as exc:  # fail this step's requests only; the loop goes on
+            log.exception("engine step failed for %d requests", len(batch))
+            for seq in batch.seqs:
+                self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+            return
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        with self._cv:
+            self._counters["prompt_tokens"] += batch.num_tokens - num_decodes
+            self._counters["generation_tokens"] += len(tokens)
+        for seq, token in zip(sampled, tokens):
+            self._on_token(seq, token)
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        try:
+            now = time.monotonic()
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            is_eos = token in self.eos_token_ids and not seq.sampling.ignore_eos
+            delta = "" if is_eos else seq.detokenizer.add_token(token)
+            reason = check_finish(token, seq.num_generated, seq.num_tokens, seq.sampling,
+                                  self.eos_token_ids, self.max_model_len, seq.detokenizer.stopped)
+        except Exception as exc:
+            log.exception("postprocessing failed for request %s", seq.request_id)
+            self._finish(seq, FinishReason.ERROR, (token,), error=f"{type(exc).__name__}: {exc}")
+            return
+        if reason is None:
+            self._deliver(seq, RequestOutput(seq.request_id, (token,), delta))
+        else:
+            self._finish(seq, reason, (token,), delta + seq.detokenizer.flush())
+
+    def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: tuple[int, ...] = (),
+                text_delta: str = "", error: str | None = None) -> None:
+        if self._live.get(seq.request_id) is not seq:
+            return  # already reported (e.g. aborted and failed in the same step)
+        self.scheduler.finish(seq)  # frees KV blocks and the adapter slot
+        seq.finish_reason = reason
+        out = RequestOutput(
+            seq.request_id, new_token_ids, text_delta, finished=True, finish_reason=reason,
+            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_generated,
+            timings=seq.timings(), error=error if reason is FinishReason.ERROR else None)
+        with self._cv:
+            if self._live.get(seq.request_id) is seq:
+                del self._live[seq.request_id]
+            self._finished_total[reason.value] += 1
+            self._cv.notify_all()  # shutdown() waits for _live to empty
+        self._deliver(seq, out)
+
+    @staticmethod
+    def _deliver(seq: Sequence, out: RequestOutput) -> None:
+        if seq.callback is None:
+            return
+        try:
+            seq.callback(out)
+        except Exception:  # a broken consumer must not take the engine down
+            log.exception("output callback failed for request %s", seq.request_id)
+
+    def _drain_inbox(self) -> None:
+        with self._cv:
+            new, self._inbox = list(self._inbox), deque()
+            abort_ids, self._abort_ids = self._abort_ids, []
+        for seq in new:
+            self.scheduler.add(seq, check_bound=False)  # bounded at submit (inbox + waiting)
+        for request_id in abort_ids:
+            seq = self._live.get(request_id)
+            if seq is not None:
+                self._finish(seq, FinishReason.CANCELLED)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work()):
+                    self._cv.wait()  # idle: no busy spin
+                if self._stop:
+                    return
+            try:
+                ran = self.step()
+            except Exception as exc:  # a bug outside the model call: fail what is in flight
+                log.exception("engine step crashed")
+                with self._step_lock:
+                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                        self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                ran = 1
+            if ran == 0:
+                with self._cv:
+                    if not (self._stop or self._inbox or self._abort_ids):
+                        self._cv.wait(_BLOCKED_POLL_SECONDS)
+
+    # --- validation ----------------------------------------------------------------------------
+    def _validate(self, request: Request) -> None:
+        prompt = request.prompt_token_ids
+        if len(prompt) == 0:
+            raise InvalidRequestError("prompt", "must not be empty")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(prompt)} tokens is longer than the context: at most "
+                f"{self.max_model_len - 1} prompt tokens fit (max_model_len {self.max_model_len})")
+        cap = self.config.max_new_tokens_cap
+        if request.sampling.max_new_tokens > cap:
+            raise InvalidRequestError(
+                "max_new_tokens", f"{request.sampling.max_new_tokens} is above the cap of {cap}")
+        if request.adapter_id and (self.lora_manager is None
+                                   or not self.lora_manager.exists(request.adapter_id)):
+            raise AdapterNotFoundError(request.adapter_id)

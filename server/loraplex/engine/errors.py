@@ -1,0 +1,32 @@
+"""Engine-side exceptions a caller of `Engine.submit` must map to a status.
+
+`InvalidRequestError` (bad input, -> INVALID_ARGUMENT) lives with the request types in request.py;
+these are the failures that are not the caller's input being malformed.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of the engine's own errors."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at `EngineConfig.max_waiting` (-> RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, max_waiting: int):
+        super().__init__(f"the engine's waiting queue is full ({max_waiting} requests); retry later")
+        self.max_waiting = max_waiting
+
+
+class AdapterNotFoundError(EngineError):
+    """The request names an adapter the LoRA manager does not know (-> NOT_FOUND)."""
+
+    def __init__(self, adapter_id: str):
+        super().__init__(f"adapter {adapter_id!r} is not loaded")
+        self.adapter_id = adapter_id
+
+
+class EngineStoppedError(EngineError):
+    """submit() after shutdown() began (-> UNAVAILABLE). Submitting before start() is fine:
+    requests queue until the loop runs."""

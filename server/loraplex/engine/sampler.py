@@ -1,0 +1,105 @@
+"""Next-token selection for a batch of sequences, one row of logits each.
+
+Order of operations (as in transformers' generate): repetition penalty -> temperature -> top-k ->
+top-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised logits. All the maths
+is batched over rows; only drawing the random numbers of *seeded* rows loops in Python, because
+each seeded request owns a torch.Generator so that its draws never depend on its batch companions.
+
+Drawing uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
+p_i (the same distribution as torch.multinomial), but needs exactly `vocab` random numbers per row
+per step, so a seeded request consumes its stream identically whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from loraplex.engine.request import SamplingParams
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
+                             penalties: Seq[float]) -> torch.Tensor:
+    """HF semantics, in place: every token id seen in the row's prompt + output has its logit
+    divided by the penalty when positive, multiplied when negative. logits: [S, V]."""
+    rows = [i for i, p in enumerate(penalties) if p != 1.0 and len(token_ids[i]) > 0]
+    if not rows:
+        return logits
+    width = max(len(token_ids[i]) for i in rows)
+    # Pad each row's ids with its own first id: a repeated index scatters the same value twice.
+    ids = torch.tensor([list(token_ids[i]) + [token_ids[i][0]] * (width - len(token_ids[i]))
+                        for i in rows], dtype=torch.long, device=logits.device)  # [R, L]
+    row_idx = torch.tensor(rows, dtype=torch.long, device=logits.device)  # [R]
+    pen = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype,
+                       device=logits.device).unsqueeze(1)  # [R, 1]
+    sub = logits[row_idx]  # [R, V]
+    seen = torch.gather(sub, 1, ids)  # [R, L]
+    seen = torch.where(seen < 0, seen * pen, seen / pen)
+    sub.scatter_(1, ids, seen)
+    logits[row_idx] = sub
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (set to -inf) what top-k and then top-p exclude. logits: [S, V] (temperature already
+    applied); top_k: [S] int64, 0 = off; top_p: [S] float, 1 = off. Returns a new tensor.
+
+    top-p keeps the smallest set of most likely tokens whose probability (renormalised after
+    top-k) reaches top_p; the most likely token is always kept."""
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # [S, V]
+    # top-k: drop sorted positions >= k (ties at the k-th value are cut arbitrarily but stably).
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))  # [S]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
+    drop = ranks >= k.unsqueeze(1)  # [S, V]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    # top-p on the renormalised survivors: drop a token when the mass before it already >= p.
+    probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [S, V]
+    p = top_p.to(probs.dtype).unsqueeze(1)  # [S, 1]
+    drop_p = (mass_before >= p) & (p < 1.0)  # p == 1 is "off" even if rounding makes mass reach 1
+    drop_p[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
+                 token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None]) -> list[int]:
+        """logits: [S, V] float32, one row per sequence; token_ids: each row's prompt + generated
+        tokens (for the repetition penalty). Returns one token id per row."""
+        num_rows, vocab = logits.shape
+        if num_rows == 0:
+            return []
+        logits = apply_repetition_penalty(logits.float().clone(), token_ids,
+                                          [p.repetition_penalty for p in params])
+        out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
+
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            dev = logits.device
+            row_idx = torch.tensor(rows, dtype=torch.long, device=dev)  # [R]
+            temp = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
+            top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=dev)
+            top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)
+            scaled = logits[row_idx] / temp  # [R, V]
+            if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            probs = torch.softmax(scaled, dim=-1)  # [R, V]
+            noise = self._exponential_noise(len(rows), vocab, [generators[i] for i in rows], dev)
+            out[row_idx] = torch.argmax(probs / noise, dim=-1)
+        return out.tolist()
+
+    @staticmethod
+    def _exponential_noise(num_rows: int, vocab: int, generators: Seq[torch.Generator | None],
+                           device: torch.device) -> torch.Tensor:
+        noise = torch.empty(num_rows, vocab, device=device)  # [R, V]
+        unseeded = [j for j, g in enumerate(generators) if g is None]
+        if unseeded:  # one call for all unseeded rows, from torch's default generator
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for j, g in enumerate(generators):
+            if g is not None:
+                noise[j].exponential_(generator=g)
+        # Exp(1) can round to 0; the smallest positive float keeps p / E finite.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

@@ -1,0 +1,190 @@
+"""Paged attention over the block KV cache, in plain torch (CPU and CUDA).
+
+Per layer and step: `write_kv` stores this step's keys/values at `batch.slot_mapping`, then
+`paged_attention` lets every new token attend to its own sequence's cached context.
+
+How the work is shaped (it runs once per layer, so per-call overhead matters):
+- All decode sequences (query_len == 1) of the step go through ONE padded gather of their KV
+  blocks ([B, max_blocks * block_size, H_kv, D]) and ONE scaled_dot_product_attention call with a
+  length mask. GQA costs no copy: the n_rep query heads that share a kv head are laid out as n_rep
+  "query rows" of that kv head ([B, H_kv, n_rep, D]), which is exact because a decode token's
+  mask is the same for each of them.
+- Prefill chunks (query_len > 1) go one sequence at a time. A chunk with no cached context before
+  it attends over its own fresh k/v with is_causal; a chunk that follows cached context (chunked
+  prefill) gathers its blocks and uses the mask `key_pos <= query_pos` (is_causal would align the
+  triangle at key 0, which is wrong once the keys start before the queries).
+- Sliding windows (Mistral / Qwen layers that use them) add `key_pos > query_pos - window`.
+Everything derived from the batch alone (indices, masks) lives in an AttentionPlan built once
+per step and shared by all layers; the Python-side length lists avoid device->host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.model.forward_batch import ForwardBatch
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first token row of the chunk in the flat batch
+    end: int  # one past its last row
+    context_len: int  # cached + new keys the chunk attends over
+    blocks: torch.Tensor  # [ceil(context_len / block_size)] int64 physical block ids
+    query_pos: torch.Tensor  # [query_len] int64 absolute positions of the chunk's tokens
+
+    @property
+    def fresh(self) -> bool:
+        """True when nothing is cached before the chunk: its own k/v are the whole context."""
+        return self.context_len == self.end - self.start
+
+
+@dataclass
+class AttentionPlan:
+    """Per-step attention metadata, shared by every layer of the forward."""
+
+    num_tokens: int
+    block_size: int
+    # Decode part: B sequences with one new token each.
+    decode_rows: slice | torch.Tensor | None  # their token rows (a slice when contiguous)
+    decode_blocks: torch.Tensor | None  # [B * nb] block ids, row-major over [B, nb]
+    decode_num_blocks: int  # nb: blocks of the longest decode context
+    decode_seq_lens: torch.Tensor | None  # [B] context length (incl. the new token)
+    prefills: list[PrefillSegment]
+    _masks: dict = field(default_factory=dict)  # (kind, index, window) -> bool mask
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode_seq_lens is None else int(self.decode_seq_lens.shape[0])
+
+    @classmethod
+    def build(cls, batch: ForwardBatch, block_size: int) -> "AttentionPlan":
+        qsl = batch.query_lens_list
+        starts = [0]
+        for n in qsl:
+            starts.append(starts[-1] + n)
+        device = batch.input_ids.device
+        decode_seqs = [i for i, n in enumerate(qsl) if n == 1]
+        decode_rows: slice | torch.Tensor | None = None
+        decode_blocks = decode_lens = None
+        nb = 0
+        if decode_seqs:
+            rows = [starts[i] for i in decode_seqs]
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                decode_rows = slice(rows[0], rows[0] + len(rows))
+            else:
+                decode_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+            nb = max(-(-batch.seq_lens_list[i] // block_size) for i in decode_seqs)
+            if len(decode_seqs) == batch.num_seqs:
+                tables = batch.block_tables[:, :nb]  # [B, nb]
+                decode_lens = batch.seq_lens
+            else:
+                idx = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
+                tables = batch.block_tables.index_select(0, idx)[:, :nb]  # [B, nb]
+                decode_lens = batch.seq_lens.index_select(0, idx)
+            decode_blocks = tables.reshape(-1)
+        prefills = []
+        for i, n in enumerate(qsl):
+            if n <= 1:
+                continue
+            ctx = batch.seq_lens_list[i]
+            if ctx < n:
+                raise ValueError(f"seq_lens[{i}]={ctx} is shorter than its query length {n}")
+            blocks = batch.block_tables[i, : -(-ctx // block_size)]
+            query_pos = batch.positions[starts[i]:starts[i] + n]  # == ctx - n .. ctx - 1
+            prefills.append(PrefillSegment(starts[i], starts[i] + n, ctx, blocks, query_pos))
+        return cls(batch.num_tokens, block_size, decode_rows, decode_blocks, nb, decode_lens, prefills)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, nb * block_size] bool, True where a decode token may attend."""
+        key = ("decode", 0, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            lens = self.decode_seq_lens[:, None]  # [B, 1]
+            key_pos = torch.arange(self.decode_num_blocks * self.block_size,
+                                   device=lens.device)[None, :]  # [1, L]
+            mask = key_pos < lens  # padding past the context is never read
+            if window is not None:
+                mask = mask & (key_pos > lens - 1 - window)
+            mask = mask[:, None, None, :]
+            self._masks[key] = mask
+        return mask
+
+    def prefill_mask(self, j: int, window: int | None) -> torch.Tensor:
+        """[query_len, context_len] bool for prefill segment j (causal with a cached offset)."""
+        key = ("prefill", j, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            seg = self.prefills[j]
+            q = seg.query_pos[:, None]  # [Q, 1]
+            k = torch.arange(seg.context_len, device=q.device)[None, :]  # [1, C]
+            mask = k <= q
+            if window is not None:
+                mask = mask & (k > q - window)
+            self._masks[key] = mask
+        return mask
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k, v ([T, H_kv, D]) into caches [num_blocks, block_size, H_kv, D] at flat slots [T]."""
+    h, d = k_cache.shape[-2:]
+    k_cache.view(-1, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """Attention of every new token over its sequence's context.
+
+    q: [T, H, D]; k, v: [T, H_kv, D] (this step's, already written to the caches);
+    caches: [num_blocks, block_size, H_kv, D]. Returns [T, H * D].
+    """
+    t, h, d = q.shape
+    h_kv = k_cache.shape[2]
+    rep = h // h_kv
+    bs = plan.block_size
+    out = None
+    if plan.num_decode:
+        b = plan.num_decode
+        rows = plan.decode_rows
+        qd = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)  # [B, H, D]
+        qd = qd.reshape(b, h_kv, rep, d)  # query heads grouped under their kv head
+        length = plan.decode_num_blocks * bs
+        kd = k_cache.index_select(0, plan.decode_blocks).view(b, length, h_kv, d).transpose(1, 2)
+        vd = v_cache.index_select(0, plan.decode_blocks).view(b, length, h_kv, d).transpose(1, 2)
+        # kd, vd: [B, H_kv, L, D]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask(window),
+                                            scale=scale)  # [B, H_kv, rep, D]
+        od = od.reshape(b, h * d)
+        if b == t:  # pure decode step: the decode output is the whole output
+            return od
+        out = q.new_empty(t, h * d)
+        if isinstance(rows, slice):
+            out[rows] = od
+        else:
+            out.index_copy_(0, rows, od)
+    if out is None:
+        out = q.new_empty(t, h * d)
+    for j, seg in enumerate(plan.prefills):
+        n = seg.end - seg.start
+        qs = q[seg.start:seg.end].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+        if seg.fresh and window is None:
+            ks = k[seg.start:seg.end].transpose(0, 1).unsqueeze(0)  # [1, H_kv, Q, D]
+            vs = v[seg.start:seg.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=rep > 1)
+        else:
+            c = seg.context_len
+            ks = k_cache.index_select(0, seg.blocks).view(-1, h_kv, d)[:c]  # [C, H_kv, D]
+            vs = v_cache.index_select(0, seg.blocks).view(-1, h_kv, d)[:c]
+            ks = ks.transpose(0, 1).unsqueeze(0)  # [1, H_kv, C, D]
+            vs = vs.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.prefill_mask(j, window),
+                                               scale=scale, enable_gqa=rep > 1)
+        out[seg.start:seg.end] = o[0].transpose(0, 1).reshape(n, h * d)  # [1, H, Q, D] -> [Q, H*D]
+    return out

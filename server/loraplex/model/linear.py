@@ -1,0 +1,40 @@
+"""Projection: one linear layer of the model, with a hook for the batched multi-LoRA delta.
+
+The model's q/k/v/o and gate/up/down layers are Projections named exactly like HF's modules
+(`model.layers.{i}.self_attn.q_proj`, ...), so PEFT adapter keys map onto them 1:1.
+`base` does the base-model matmul (nn.Linear today; a quantized layer may replace it), and the
+LoRA side installs `lora_weights` (loraplex.lora.layers.LoraWeights) to add its delta in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Projection(nn.Module):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base = base  # maps [T, in_features] -> [T, out_features]
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_weights: Any = None  # LoraWeights | None, set by the LoRA manager
+
+    @classmethod
+    def linear(cls, in_features: int, out_features: int, bias: bool = False,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Projection":
+        return cls(nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device),
+                   in_features, out_features)
+
+    def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
+        y = self.base(x)  # [T, out]
+        # No LoRA work at all when no token of the step uses an adapter (lora is None) or when
+        # this module is not targeted by any loaded adapter (lora_weights is None).
+        if lora is not None and self.lora_weights is not None:
+            self.lora_weights.apply(y, x, lora)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

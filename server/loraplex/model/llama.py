@@ -1,0 +1,152 @@
+"""Our compact Llama-family decoder: Llama 2/3, Mistral, Qwen2, Qwen3 on flat paged batches.
+
+Module names mirror HF's (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, ...,
+`model.norm`, `lm_head`) so checkpoint tensors and PEFT adapter keys map 1:1; each linear is a
+`Projection` whose `.base` holds the weight. Differences between the families are flags on
+ArchConfig (qkv bias, q/k norm, sliding windows, tied embeddings), not subclasses.
+
+The forward takes one flat ForwardBatch ([T] tokens of many sequences) and a KVCache, and
+returns float32 logits only for batch.logits_indices ([S, vocab]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.model.arch import ArchConfig
+from loraplex.model.attention import AttentionPlan, paged_attention, write_kv
+from loraplex.model.forward_batch import ForwardBatch
+from loraplex.model.kv_cache import KVCache
+from loraplex.model.linear import Projection
+from loraplex.model.norm import RMSNorm
+from loraplex.model.rope import RotaryEmbedding, apply_rotary
+
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_Factory = dict[str, Any]  # {"dtype": ..., "device": ...} passed to every parameter constructor
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ArchConfig, layer_idx: int, fk: _Factory) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = arch.num_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim ** -0.5
+        self.window = arch.sliding_windows[layer_idx]
+        h = arch.hidden_size
+        self.q_proj = Projection.linear(h, arch.q_size, bias=arch.qkv_bias, **fk)
+        self.k_proj = Projection.linear(h, arch.kv_size, bias=arch.qkv_bias, **fk)
+        self.v_proj = Projection.linear(h, arch.kv_size, bias=arch.qkv_bias, **fk)
+        self.o_proj = Projection.linear(arch.q_size, h, bias=arch.o_bias, **fk)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, **fk)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, **fk)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        lora = batch.lora
+        q = self.q_proj(x, lora).view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x, lora).view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        v = self.v_proj(x, lora).view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = apply_rotary(q, k, cos_sin)
+        k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
+        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        o = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale, self.window)  # [T, H*D]
+        return self.o_proj(o, lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ArchConfig, fk: _Factory) -> None:
+        super().__init__()
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = Projection.linear(h, i, bias=arch.mlp_bias, **fk)
+        self.up_proj = Projection.linear(h, i, bias=arch.mlp_bias, **fk)
+        self.down_proj = Projection.linear(i, h, bias=arch.mlp_bias, **fk)
+
+    def forward(self, x: torch.Tensor, lora: Any) -> torch.Tensor:
+        # SwiGLU: down(silu(gate(x)) * up(x)), [T, hidden] -> [T, intermediate] -> [T, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer_idx: int, fk: _Factory) -> None:
+        super().__init__()
+        self.self_attn = Attention(arch, layer_idx, fk)
+        self.mlp = MLP(arch, fk)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **fk)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **fk)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv, plan, cos_sin)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ArchConfig, fk: _Factory) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **fk)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, fk) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **fk)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, **fk)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(batch, kv) -> float32 logits [S, vocab] for the rows batch.logits_indices."""
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        fk: _Factory = {"dtype": dtype, "device": device}
+        self.model = LlamaModel(arch, fk)
+        # Tied checkpoints reuse the embedding matrix; with no lm_head module there is nothing
+        # to keep tied when the model is moved or materialised from the meta device.
+        self.lm_head = (None if arch.tie_word_embeddings
+                        else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, **fk))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        if len(kv.k) != self.arch.num_layers:
+            raise ValueError(f"kv cache has {len(kv.k)} layers, model has {self.arch.num_layers}")
+        plan = AttentionPlan.build(batch, kv.block_size)
+        cos_sin = self.model.rotary_emb.lookup(batch.positions)  # 2 x [T, 1, head_dim]
+        x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, batch, kv, plan, cos_sin)
+        # Only the rows that get sampled reach the final norm and the (large) vocab projection.
+        x = self.model.norm(x.index_select(0, batch.logits_indices))  # [S, hidden]
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()  # [S, vocab]
+
+    def iter_projections(self) -> Iterator[tuple[int, str, Projection]]:
+        """(layer_idx, short_name, Projection) for every LoRA-targetable linear, in layer order."""
+        for i, layer in enumerate(self.model.layers):
+            for name in PROJECTION_NAMES:
+                parent = layer.mlp if name in ("gate_proj", "up_proj", "down_proj") else layer.self_attn
+                yield i, name, getattr(parent, name)
+
+    def rebuild_buffers(self) -> None:
+        """Recompute non-persistent buffers (RoPE tables) after materialising from meta."""
+        self.model.rotary_emb.build_tables()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype

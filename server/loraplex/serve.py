@@ -1,0 +1,182 @@
+"""From a ServerConfig to a running server: load the model, build and warm up the engine, serve.
+
+`serve(config)` is what `loraplex serve` runs: it listens first (health NOT_SERVING), loads the
+model off the event loop so health checks keep being answered, warms up, flips to SERVING, and on
+SIGTERM/SIGINT shuts down gracefully (NOT_SERVING, drain for shutdown_grace_seconds, stop).
+
+`ServerThread` runs a server for an already built Runtime on a private event loop in a background
+thread: for tests and for embedding loraplex in another program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from loraplex.api.generation_servicer import Runtime
+from loraplex.api.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
+from loraplex.config import EngineConfig, ModelConfig, ServerConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+    return name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    # auto: bfloat16 on CPU (AMX makes it the fast CPU dtype) and on CUDA alike.
+    return torch.bfloat16 if name == "auto" else _DTYPES[name]
+
+
+def model_path(config: ModelConfig) -> Path:
+    if config.path is not None:
+        return Path(config.path)
+    from loraplex.model.default_model import ensure_default_model
+
+    return Path(ensure_default_model(config.cache_dir))
+
+
+def load_runtime(config: ServerConfig) -> Runtime:
+    """Load the model, build the engine, warm it up and start its loop (blocking; minutes at most)."""
+    from loraplex.model.loader import load_model
+
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype)
+    path = model_path(config.model)
+    log.info("loading %s (%s on %s)", path, str(dtype).removeprefix("torch."), device)
+    loaded = load_model(path, dtype=dtype, device=device)
+    return start_engine(loaded, config.engine)
+
+
+def start_engine(loaded, config: EngineConfig) -> Runtime:
+    from loraplex.engine.engine import Engine
+
+    engine = Engine(loaded, config)
+    engine.warmup()
+    engine.start()
+    return Runtime(loaded=loaded, engine=engine)
+
+
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """Run fn(*args) in a daemon thread. Unlike asyncio.to_thread, a process asked to stop while
+    this runs (a model load, a default-model conversion) can exit without waiting for it."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is gone: nobody waits any more
+
+    threading.Thread(target=run, name="loraplex-load", daemon=True).start()
+    return future
+
+
+async def serve(config: ServerConfig, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    server = GrpcServer(config.host, config.port, max_message_bytes)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        load = _in_daemon_thread(load_runtime, config)
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            # Signalled while loading: the load thread cannot be interrupted; stop listening now
+            # (in `finally`) and let the process exit.
+            log.info("shutdown requested while loading the model")
+            return
+        runtime = load.result()  # raises if loading failed
+        await server.attach(runtime)
+        log.info("serving %s on %s", runtime.loaded.path, server.address)
+        await waiter
+        log.info("shutting down (grace %.1fs)", config.shutdown_grace_seconds)
+    finally:
+        await server.shutdown(config.shutdown_grace_seconds)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class ServerThread:
+    """A GrpcServer for `runtime` on its own event loop in a daemon thread.
+
+        with ServerThread(runtime) as srv:
+            channel = grpc.insecure_channel(srv.address)
+    """
+
+    def __init__(self, runtime: Runtime | None, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self._runtime = runtime
+        self._args = (host, port, max_message_bytes)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loraplex-grpc", daemon=True)
+        self.server: GrpcServer | None = None
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+
+        async def _start() -> GrpcServer:
+            server = GrpcServer(*self._args)
+            await server.start()
+            if self._runtime is not None:
+                await server.attach(self._runtime)
+            return server
+
+        self.server = self._call(_start(), timeout=60)
+        return self
+
+    def attach(self, runtime: Runtime) -> None:
+        self._call(self.server.attach(runtime), timeout=60)
+
+    def stop(self, grace_seconds: float = 0.0) -> None:
+        """Graceful shutdown (engine included), then the loop and its thread end."""
+        if not self._thread.is_alive():
+            return
+        try:
+            if self.server is not None:
+                self._call(self.server.shutdown(grace_seconds), timeout=grace_seconds + 60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
