@@ -17,6 +17,8 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
+
 
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
@@ -43,6 +45,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.arch = loaded.arch
         self.lora_manager = lora_manager
+        self._num_threads = torch.get_num_threads()  # the creating thread's pool size
         model = loaded.model
         self.device = device = next(model.parameters()).device
         # A sequence must fit in the cache on its own, or preemption could never make room for it.
@@ -90,16 +93,27 @@ class Engine:
         seq = Sequence.from_request(request, callback, device=self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                  stop=request.sampling.stop)
-        with self._cv:
-            if not self._accepting:
-                raise EngineStoppedError("the engine is shutting down")
-            if request.request_id in self._live:
-                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
-            if len(self._inbox) + self._waiting_snapshot >= self.config.max_waiting:
-                raise QueueFullError(self.config.max_waiting)
-            self._live[request.request_id] = seq
-            self._inbox.append(seq)
-            self._cv.notify_all()
+        reserved = False
+        if request.adapter_id and self.lora_manager is not None:
+            # Counts the request in flight: its adapter cannot be freed or dropped from the host
+            # tier until the request's finished event (see LoraManager).
+            self.lora_manager.reserve(request.adapter_id)
+            reserved = True
+        try:
+            with self._cv:
+                if not self._accepting:
+                    raise EngineStoppedError("the engine is shutting down")
+                if request.request_id in self._live:
+                    raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+                if len(self._inbox) + self._waiting_snapshot >= self.config.max_waiting:
+                    raise QueueFullError(self.config.max_waiting)
+                self._live[request.request_id] = seq
+                self._inbox.append(seq)
+                self._cv.notify_all()
+        except Exception:
+            if reserved:
+                self.lora_manager.finish(request.adapter_id)
+            raise
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its callback gets a CANCELLED finished event within a step. Unknown
@@ -221,6 +235,8 @@ class Engine:
         if self._live.get(seq.request_id) is not seq:
             return  # already reported (e.g. aborted and failed in the same step)
         self.scheduler.finish(seq)  # frees KV blocks and the adapter slot
+        if seq.adapter_id and self.lora_manager is not None:
+            self.lora_manager.finish(seq.adapter_id)  # pairs with reserve() in submit
         seq.finish_reason = reason
         out = RequestOutput(
             seq.request_id, new_token_ids, text_delta, finished=True, finish_reason=reason,
@@ -255,6 +271,9 @@ class Engine:
 
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # OpenMP's thread count is per OS thread: without this, torch ops issued from this
+        # (non-main) thread ran with a smaller pool and measurably slower on CPU.
+        torch.set_num_threads(self._num_threads)
         while True:
             with self._cv:
                 while not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work()):

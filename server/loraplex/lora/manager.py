@@ -32,6 +32,9 @@ import torch
 from loraplex.config import LoraConfig
 from loraplex.engine.errors import AdapterNotFoundError
 
+from loraplex_kernels import build_lora_meta
+
+from .batch import LoraBatch
 from .errors import AdapterCapacityError, AdapterExistsError
 from .layers import LoraWeights
 from .paths import resolve_under_roots, validate_adapter_id
@@ -120,7 +123,7 @@ class LoraManager:
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None or entry.unloading:
-                raise AdapterNotFoundError(f"adapter_id: no adapter {adapter_id!r} is loaded")
+                raise AdapterNotFoundError(adapter_id)
             entry.unloading = True
             if entry.in_flight == 0:
                 self._free(entry)
@@ -148,19 +151,19 @@ class LoraManager:
         try:
             validate_adapter_id(adapter_id)
         except Exception as exc:
-            raise AdapterNotFoundError(f"adapter_id: {exc}") from exc
+            raise AdapterNotFoundError(adapter_id) from exc
         with self._load_lock(adapter_id):
             with self._lock:
                 entry = self._entries.get(adapter_id)
                 if entry is not None and entry.unloading:
-                    raise AdapterNotFoundError(f"adapter_id: adapter {adapter_id!r} is being unloaded")
+                    raise AdapterNotFoundError(adapter_id)
                 if entry is not None and entry.weights is not None:
                     return
                 source = entry.source if entry is not None else None
             if source is None:
                 root = self.config.adapter_root
                 if not root or not (Path(root) / adapter_id).is_dir():
-                    raise AdapterNotFoundError(f"adapter_id: no adapter {adapter_id!r} is loaded")
+                    raise AdapterNotFoundError(adapter_id)
                 source = resolve_under_roots(Path(root) / adapter_id, self.config.roots)
             weights = self._read(source)
             self._register(adapter_id, source, weights, pinned=False,
@@ -170,7 +173,7 @@ class LoraManager:
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None or entry.unloading or entry.weights is None:
-                raise AdapterNotFoundError(f"adapter_id: no adapter {adapter_id!r} is loaded")
+                raise AdapterNotFoundError(adapter_id)
             entry.in_flight += 1
             self._touch(entry)
 
@@ -203,6 +206,14 @@ class LoraManager:
             entry.in_flight = max(0, entry.in_flight - 1)
             if entry.unloading and entry.in_flight == 0:
                 self._free(entry)
+
+    # The engine's names for the slot calls (engine/scheduler.py, engine/model_runner.py).
+    acquire = acquire_slot
+    release = release_slot
+
+    def build_lora_batch(self, token_slots: torch.Tensor, row_slots: torch.Tensor) -> LoraBatch:
+        """token_slots [T] int64 (-1 = base) -> the step's LoraBatch, kernel metadata included."""
+        return LoraBatch(token_slots=token_slots, meta=build_lora_meta(token_slots, self.slot_ranks))
 
     # ------------------------------------------------------------------ internals
     def _load_lock(self, adapter_id: str) -> threading.Lock:
