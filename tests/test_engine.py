@@ -373,6 +373,12 @@ class FakeLoraManager:
     def exists(self, adapter_id):
         return adapter_id in self.slots
 
+    def reserve(self, adapter_id):
+        self.calls.append(("reserve", adapter_id))
+
+    def finish(self, adapter_id):
+        self.calls.append(("finish", adapter_id))
+
     def acquire(self, adapter_id):
         self.calls.append(("acquire", adapter_id))
         return self.slots[adapter_id]
@@ -399,8 +405,10 @@ def test_adapter_slot_seam(loaded, make_engine):
     n = len(ids)
     assert mgr.batches[0] == ([0] * n + [-1] * n + [1] * n, [0, -1, 1])
     assert mgr.batches[1] == ([0, -1, 1], [0, -1, 1])
-    assert sorted(mgr.calls) == sorted([("acquire", "ad-a"), ("acquire", "ad-b"),
-                                        ("release", "ad-a"), ("release", "ad-b")])
+    assert sorted(mgr.calls) == sorted([("reserve", "ad-a"), ("reserve", "ad-b"),
+                                        ("acquire", "ad-a"), ("acquire", "ad-b"),
+                                        ("release", "ad-a"), ("release", "ad-b"),
+                                        ("finish", "ad-a"), ("finish", "ad-b")])
     assert col.tokens("a") == col.tokens("base") == col.tokens("b")  # no weights: same as base
 
 

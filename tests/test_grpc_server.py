@@ -281,7 +281,9 @@ def test_unknown_adapter_is_not_found(stub):
         assert "no-such-adapter" in err.value.details()
 
 
-def test_adapters_service_is_unimplemented_with_a_message(channel):
+def test_adapters_service_without_a_lora_manager_is_unimplemented_with_a_message(channel):
+    # This server runs start_engine(loaded, ENGINE) with no LoRA manager (`loraplex serve` always
+    # has one; tests/test_adapters_api.py covers the service with it).
     stub = adapters_pb2_grpc.AdaptersStub(channel)
     calls = [(stub.ListAdapters, adapters_pb2.ListAdaptersRequest()),
              (stub.LoadAdapter, adapters_pb2.LoadAdapterRequest(adapter_id="a", path="/tmp/a")),
@@ -290,7 +292,7 @@ def test_adapters_service_is_unimplemented_with_a_message(channel):
         with pytest.raises(grpc.RpcError) as err:
             method(req)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "not implemented" in err.value.details()
+        assert "not enabled on this server" in err.value.details()
 
 
 def test_adapter_info_to_proto():

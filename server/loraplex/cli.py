@@ -1,6 +1,8 @@
 """The `loraplex` command.
 
     loraplex serve [--model PATH] [--host H] [--port P] [--dtype D] [--device D] [engine flags]
+                   [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
+                   [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N] [--max-adapter-bytes B]
     loraplex generate "prompt" [--server HOST:PORT] [--adapter ID] [--max-new-tokens N]
                                [--temperature T] [--chat]      # streams the completion to stdout
     loraplex info [--server HOST:PORT]
@@ -27,9 +29,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # --- serve ---------------------------------------------------------------------------------------
 def _add_serve(sub) -> None:
-    from loraplex.config import EngineConfig, ServerConfig
+    from loraplex.config import EngineConfig, LoraConfig, ServerConfig
 
-    eng, srv = EngineConfig(), ServerConfig()
+    eng, srv, lora = EngineConfig(), ServerConfig(), LoraConfig()
     p = sub.add_parser("serve", help="run the gRPC server",
                        description="Load a model and serve it over gRPC (health and reflection on).")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -55,8 +57,52 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest gRPC message received or sent (default %(default)s)")
+    a = p.add_argument_group("LoRA adapters")
+    a.add_argument("--adapter-root", metavar="DIR",
+                   help="folder of adapter folders: a request for adapter ID loads DIR/ID on demand")
+    a.add_argument("--allowed-adapter-root", metavar="DIR", action="append", default=[],
+                   help="LoadAdapter may also read folders under DIR (repeatable)")
+    a.add_argument("--adapter", metavar="ID=PATH", action="append", default=[],
+                   help="load the PEFT folder PATH as adapter ID at start-up (repeatable); "
+                        "a failure stops start-up")
+    a.add_argument("--max-loras", type=int, default=lora.max_loras,
+                   help="device slots: adapters usable in one step (default %(default)s)")
+    a.add_argument("--max-lora-rank", type=int, default=lora.max_lora_rank,
+                   help="largest adapter rank accepted (slot size, default %(default)s)")
+    a.add_argument("--max-cpu-loras", type=int,
+                   help=f"adapters kept in host memory; beyond it the least recently used idle one is "
+                        f"dropped to disk (default max({lora.max_cpu_loras}, --max-loras))")
+    a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
+                   help="largest adapter file accepted (default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_serve, parser=p)
+
+
+def _preloads(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`--adapter ID=PATH` values -> ((ID, PATH), ...); the folders must exist."""
+    out = []
+    for spec in specs:
+        adapter_id, sep, path = spec.partition("=")
+        if not sep or not adapter_id or not path:
+            raise ValueError(f"adapter: expected ID=PATH, got {spec!r}")
+        if not os.path.isdir(path):
+            raise ValueError(f"adapter: {adapter_id}={path}: {path} is not a folder")
+        out.append((adapter_id, path))
+    return tuple(out)
+
+
+def _lora_config(args):
+    from loraplex.config import LoraConfig
+
+    for name, value in [("adapter_root", args.adapter_root)] + [
+            ("allowed_roots", r) for r in args.allowed_adapter_root]:
+        if value is not None and not os.path.isdir(value):
+            raise ValueError(f"{name}: {value} is not a folder")
+    max_cpu = args.max_cpu_loras if args.max_cpu_loras is not None else max(LoraConfig.max_cpu_loras,
+                                                                           args.max_loras)
+    return LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=max_cpu,
+                      adapter_root=args.adapter_root, allowed_roots=tuple(args.allowed_adapter_root),
+                      max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter))
 
 
 def _server_config(args):
@@ -64,22 +110,22 @@ def _server_config(args):
 
     return ServerConfig(
         host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
+        max_message_bytes=args.max_message_bytes,
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
         engine=EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
                             max_waiting=args.max_waiting),
+        lora=_lora_config(args),
     )
 
 
 def _serve(args) -> int:
     try:
-        config = _server_config(args)
         if args.model is not None and not os.path.isdir(args.model):
             raise ValueError(f"model: {args.model} is not a folder")
-        if args.max_message_bytes < 1:
-            raise ValueError(f"max_message_bytes: must be >= 1, got {args.max_message_bytes}")
+        config = _server_config(args)
     except ValueError as err:
         args.parser.error(str(err))  # exits 2 with the usage line and the message
     import asyncio
@@ -93,9 +139,10 @@ def _serve(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the server never fetches from a hub
     try:
-        asyncio.run(serve(config, max_message_bytes=args.max_message_bytes))
+        asyncio.run(serve(config))
     except (OSError, ValueError, RuntimeError) as err:
-        # Cannot bind, or the model folder is unusable: one line, not a traceback.
+        # Cannot bind, the model folder is unusable or a start-up adapter cannot be loaded: one
+        # line, not a traceback.
         logging.getLogger("loraplex").debug("serve failed", exc_info=True)
         print(f"loraplex serve: error: {err}", file=sys.stderr)
         return 1

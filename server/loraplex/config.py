@@ -36,11 +36,17 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
+# Requests carry prompts (token ids, chat histories) of at most max_model_len tokens and responses
+# their completions: 16 MiB is far above either, yet bounds what one client can make us buffer.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     shutdown_grace_seconds: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message received or sent
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
@@ -50,6 +56,8 @@ class ServerConfig:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds: must be >= 0")
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes: must be >= 1, got {self.max_message_bytes}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class LoraConfig:
     adapter_root: str | None = None  # on-demand loading of <root>/<adapter_id>
     allowed_roots: tuple[str, ...] = ()  # LoadAdapter paths must lie under one of these (or adapter_root)
     max_adapter_bytes: int = 2 * 1024**3  # largest adapter folder accepted
+    # (adapter_id, folder) loaded at start-up (`serve --adapter ID=PATH`). The operator named these
+    # folders, so each one is also an allowed root (for itself only: not its siblings).
+    preload: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
@@ -67,7 +78,19 @@ class LoraConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras: must be >= max_loras (every device adapter is also on the host)")
+        if any(not r for r in self.allowed_roots):
+            raise ValueError("allowed_roots: an allowed root must not be empty")
+        ids = [adapter_id for adapter_id, _ in self.preload]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup is not None:
+            raise ValueError(f"preload: adapter id {dup!r} is given twice")
+        if any(not path for _, path in self.preload):
+            raise ValueError("preload: an adapter folder must not be empty")
+        if len(self.preload) > self.max_cpu_loras:
+            raise ValueError(f"preload: {len(self.preload)} adapters do not fit max_cpu_loras={self.max_cpu_loras}")
 
     @property
     def roots(self) -> tuple[str, ...]:
-        return ((self.adapter_root,) if self.adapter_root else ()) + self.allowed_roots
+        """Folders LoadAdapter may read under: --adapter-root, --allowed-adapter-root, preloads."""
+        return (((self.adapter_root,) if self.adapter_root else ()) + self.allowed_roots
+                + tuple(path for _, path in self.preload))

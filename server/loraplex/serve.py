@@ -1,8 +1,10 @@
 """From a ServerConfig to a running server: load the model, build and warm up the engine, serve.
 
 `serve(config)` is what `loraplex serve` runs: it listens first (health NOT_SERVING), loads the
-model off the event loop so health checks keep being answered, warms up, flips to SERVING, and on
-SIGTERM/SIGINT shuts down gracefully (NOT_SERVING, drain for shutdown_grace_seconds, stop).
+model off the event loop so health checks keep being answered, attaches a LoRA manager (slot
+tensors in every projection) and loads the `--adapter ID=PATH` adapters -- any of them failing
+stops start-up --, warms up, flips to SERVING, and on SIGTERM/SIGINT shuts down gracefully
+(NOT_SERVING, drain for shutdown_grace_seconds, stop).
 
 `ServerThread` runs a server for an already built Runtime on a private event loop in a background
 thread: for tests and for embedding loraplex in another program.
@@ -19,8 +21,8 @@ from pathlib import Path
 import torch
 
 from loraplex.api.generation_servicer import Runtime
-from loraplex.api.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer
-from loraplex.config import EngineConfig, ModelConfig, ServerConfig
+from loraplex.api.grpc_server import GrpcServer
+from loraplex.config import DEFAULT_MAX_MESSAGE_BYTES, EngineConfig, LoraConfig, ModelConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def model_path(config: ModelConfig) -> Path:
 
 
 def load_runtime(config: ServerConfig) -> Runtime:
-    """Load the model, build the engine, warm it up and start its loop (blocking; minutes at most)."""
+    """Load the model and its adapters, build the engine, warm it up and start its loop
+    (blocking; minutes at most). Raises ValueError when a start-up adapter cannot be loaded."""
     from loraplex.model.loader import load_model
 
     device = resolve_device(config.model.device)
@@ -57,16 +60,38 @@ def load_runtime(config: ServerConfig) -> Runtime:
     path = model_path(config.model)
     log.info("loading %s (%s on %s)", path, str(dtype).removeprefix("torch."), device)
     loaded = load_model(path, dtype=dtype, device=device)
-    return start_engine(loaded, config.engine)
+    manager = build_lora_manager(loaded, config.lora)
+    return start_engine(loaded, config.engine, manager)
 
 
-def start_engine(loaded, config: EngineConfig) -> Runtime:
+def build_lora_manager(loaded, config: LoraConfig):
+    """A LoraManager on `loaded`'s model, holding the config's start-up adapters."""
+    from loraplex.lora.errors import AdapterError
+    from loraplex.lora.manager import LoraManager
+    from loraplex.lora.peft_format import AdapterFormatError
+
+    device = next(loaded.model.parameters()).device
+    manager = LoraManager(config, loaded.model, loaded.dtype, device)
+    log.info("LoRA: %d device slots of rank <= %d (%.1f MiB), host tier of %d adapters",
+             config.max_loras, config.max_lora_rank, manager.device_bytes / 2**20, config.max_cpu_loras)
+    for adapter_id, folder in config.preload:
+        try:
+            info = manager.load(adapter_id, folder)
+        except (AdapterError, AdapterFormatError, MemoryError) as err:
+            raise ValueError(f"adapter {adapter_id}={folder}: {err}") from err
+        log.info("adapter %s loaded from %s (rank %d-%d)", adapter_id, info.source, info.min_rank,
+                 info.max_rank)
+    return manager
+
+
+def start_engine(loaded, config: EngineConfig, lora_manager=None) -> Runtime:
+    """Build, warm up and start the engine; `lora_manager` None serves the base model only."""
     from loraplex.engine.engine import Engine
 
-    engine = Engine(loaded, config)
+    engine = Engine(loaded, config, lora_manager=lora_manager)
     engine.warmup()
     engine.start()
-    return Runtime(loaded=loaded, engine=engine)
+    return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager)
 
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:
@@ -97,8 +122,10 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
     return future
 
 
-async def serve(config: ServerConfig, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-    server = GrpcServer(config.host, config.port, max_message_bytes)
+async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> None:
+    """Run until SIGTERM/SIGINT. `max_message_bytes` overrides config.max_message_bytes."""
+    server = GrpcServer(config.host, config.port,
+                        config.max_message_bytes if max_message_bytes is None else max_message_bytes)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

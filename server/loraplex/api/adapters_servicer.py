@@ -1,27 +1,167 @@
-"""The Adapters service. Its messages are final (proto/loraplex/v1/adapters.proto); the server does
-not manage adapters yet, so every call answers UNIMPLEMENTED with a message that says so rather
-than the generic "method not found" a missing service would give.
+"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters over the LoRA manager.
+
+Every manager call runs in a worker thread (loop.run_in_executor): a load reads and validates a
+folder from disk, and even list/unload take the manager's lock, which the engine thread holds while
+it copies weights into a device slot. The event loop (every other RPC) and the engine step loop
+therefore never wait on a disk.
+
+Status codes (details start with the request field, then the manager's own message, which names
+the config field, file or tensor at fault):
+  AdapterPathError   -> INVALID_ARGUMENT  bad id, path outside the roots, path that is not a folder
+                        NOT_FOUND         path inside the roots that does not exist (the proto's
+                                          "missing folder"; outside the roots we never tell)
+  AdapterFormatError -> INVALID_ARGUMENT  unsupported or corrupt PEFT folder
+  AdapterExistsError -> ALREADY_EXISTS    id taken by another folder, or still draining an unload
+  AdapterCapacityError, out of memory -> RESOURCE_EXHAUSTED
+  AdapterNotFoundError -> NOT_FOUND
+A failed load changes nothing the manager reports (it reads outside its lock, registers after).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
 import grpc
+import torch
 
+from loraplex.api import convert
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
+from loraplex.engine.errors import AdapterNotFoundError
+from loraplex.lora.errors import (AdapterCapacityError, AdapterError, AdapterExistsError,
+                                  AdapterPathError)
+from loraplex.lora.paths import validate_adapter_id
+from loraplex.lora.peft_format import AdapterFormatError
 
-NOT_YET = ("adapter management is not implemented in this loraplex version yet: the server serves "
-           "the base model only, and any non-empty adapter_id is answered with NOT_FOUND")
+log = logging.getLogger(__name__)
+
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+NO_MANAGER = ("adapter management is not enabled on this server (it runs without a LoRA manager): "
+              "only the base model is served")
+
+
+class _FolderMissing(Exception):
+    """LoadAdapter named a folder inside the allowed roots that does not exist (NOT_FOUND)."""
+
+
+# The fields of each request that the manager's errors may name as they are.
+LOAD_FIELDS = ("adapter_id", "path")
+GENERATE_FIELDS = ("adapter_id",)
+
+
+def adapter_status(exc: BaseException, request_field: str,
+                   request_fields: tuple[str, ...] = LOAD_FIELDS) -> tuple[grpc.StatusCode, str] | None:
+    """The status for an adapter-side failure, or None when `exc` is not one.
+
+    Details start with a field of the request: the manager's own field when the request has it
+    (`request_fields`), else `request_field` (the folder's field: "path" for LoadAdapter,
+    "adapter_id" for Generate) followed by the manager's message, which names the config field,
+    file or tensor at fault.
+    """
+    if isinstance(exc, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, f"adapter_id: {exc}"
+    if isinstance(exc, _FolderMissing):
+        return grpc.StatusCode.NOT_FOUND, f"path: {exc}"
+    if isinstance(exc, AdapterExistsError):
+        return grpc.StatusCode.ALREADY_EXISTS, _prefixed(exc, request_field, request_fields)
+    if isinstance(exc, AdapterCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _prefixed(exc, request_field, request_fields)
+    if isinstance(exc, AdapterPathError):
+        return grpc.StatusCode.INVALID_ARGUMENT, _prefixed(exc, request_field, request_fields)
+    if isinstance(exc, AdapterFormatError):
+        return (grpc.StatusCode.INVALID_ARGUMENT,
+                f"{request_field}: not a servable PEFT adapter: {exc}")
+    if isinstance(exc, _OUT_OF_MEMORY):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{request_field}: out of memory while loading the adapter: {exc}")
+    return None
+
+
+def _prefixed(exc: AdapterError, request_field: str, request_fields: tuple[str, ...]) -> str:
+    """The manager's message, led by `request_field` when it names no field of the request."""
+    message = str(exc)
+    return message if exc.field in request_fields else f"{request_field}: {message}"
+
+
+def _inside_missing(path: str, roots: tuple[str, ...]) -> bool:
+    real = Path(path).expanduser().resolve(strict=False)
+    for root in roots:
+        real_root = Path(root).expanduser().resolve(strict=False)
+        if real == real_root or real_root in real.parents:
+            return not real.exists()
+    return False
+
+
+def _load_blocking(manager: Any, adapter_id: str, path: str, pinned: bool) -> Any:
+    """manager.load, telling a missing folder (NOT_FOUND) from a bad one (worker thread)."""
+    try:
+        return manager.load(adapter_id, path, pinned=pinned)
+    except AdapterPathError as err:
+        if err.field == "path" and _inside_missing(path, manager.config.roots):
+            raise _FolderMissing(f"{path} does not exist") from err
+        raise
+
+
+async def run_adapter_call(context: grpc.aio.ServicerContext, request_field: str,
+                           request_fields: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a worker thread; adapter failures abort the RPC with their status."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, functools.partial(fn, *args))
+    except Exception as exc:  # noqa: BLE001 - mapped below or re-raised
+        status = adapter_status(exc, request_field, request_fields)
+        if status is None:
+            raise
+        if status[0] is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            log.warning("adapter call refused: %s", status[1])
+        await context.abort(*status)
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, runtime: Any = None):
+        self.runtime = runtime  # generation_servicer.Runtime; None while the model loads
+
+    async def _manager(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.runtime is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        if self.runtime.lora_manager is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MANAGER)
+        return self.runtime.lora_manager
+
+    @staticmethod
+    async def _check_id(adapter_id: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            validate_adapter_id(adapter_id)
+        except AdapterPathError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest,
                           context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"LoadAdapter: {NOT_YET}")
+        manager = await self._manager(context)
+        await self._check_id(request.adapter_id, context)
+        if not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path: must not be empty")
+        info = await run_adapter_call(context, "path", LOAD_FIELDS, _load_blocking, manager,
+                                      request.adapter_id, request.path, request.pinned)
+        log.info("adapter %s loaded from %s (%s, rank %d-%d, %d bytes)", info.adapter_id, info.source,
+                 info.tier.value, info.min_rank, info.max_rank, info.nbytes)
+        return adapters_pb2.LoadAdapterResponse(adapter=convert.adapter_info_to_proto(info))
 
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"UnloadAdapter: {NOT_YET}")
+        manager = await self._manager(context)
+        await self._check_id(request.adapter_id, context)
+        await run_adapter_call(context, "adapter_id", GENERATE_FIELDS, manager.unload, request.adapter_id)
+        log.info("adapter %s unloaded (freed once its running requests finish)", request.adapter_id)
+        return adapters_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"ListAdapters: {NOT_YET}")
+        manager = await self._manager(context)
+        infos = await run_adapter_call(context, "adapter_id", GENERATE_FIELDS, manager.list)
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter_info_to_proto(i) for i in sorted(infos, key=lambda i: i.adapter_id)])

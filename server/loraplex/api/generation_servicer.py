@@ -3,6 +3,11 @@
 Threading: handlers run on the server's asyncio loop; the engine calls our callback from its own
 thread, so each request gets an `_Outputs` queue fed through loop.call_soon_threadsafe.
 
+Adapters: a request naming an adapter first makes sure its weights are on the host tier
+(`LoraManager.ensure_available`, in a worker thread: it may read the folder from --adapter-root or
+re-read one dropped to disk), then submits; the engine's submit reserves it so it cannot be dropped
+again until the request ends.
+
 Cancellation: when the client cancels or its deadline passes, grpc.aio cancels the handler task;
 the CancelledError surfaces at `await outputs.get()` and the `finally` aborts the request in the
 engine, which frees its KV blocks within a step. A done-callback on the RPC context does the same
@@ -19,11 +24,18 @@ from typing import Any, AsyncIterator
 import grpc
 
 from loraplex.api import convert
+from loraplex.api.adapters_servicer import GENERATE_FIELDS, run_adapter_call
 from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
-from loraplex.engine.request import FinishReason, InvalidRequestError, RequestOutput
+from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
+from loraplex.lora.errors import AdapterPathError
+from loraplex.lora.paths import validate_adapter_id
 
 log = logging.getLogger(__name__)
+
+# ensure_available -> submit is not atomic: under host-tier pressure another adapter's load may drop
+# ours back to disk in between (it is idle until submit reserves it). Each retry re-reads it.
+_SUBMIT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class Runtime:
 
     loaded: Any  # loraplex.model.loader.LoadedModel
     engine: Any  # loraplex.engine.engine.Engine
+    lora_manager: Any = None  # loraplex.lora.manager.LoraManager; None = base model only
 
 
 class _Outputs:
@@ -72,7 +85,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         outputs = _Outputs(asyncio.get_running_loop())
         try:
-            engine.submit(req, outputs)
+            await self._submit(rt, req, outputs, context)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except AdapterNotFoundError as err:
@@ -102,6 +115,33 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     return
         finally:
             abort_if_running()
+
+    @staticmethod
+    async def _submit(rt: Runtime, req: Request, outputs: _Outputs,
+                      context: grpc.aio.ServicerContext) -> None:
+        """engine.submit, after bringing the request's adapter onto the host tier."""
+        manager = rt.lora_manager
+        if not req.adapter_id or manager is None:
+            rt.engine.submit(req, outputs)  # no manager: the engine answers NOT_FOUND for an adapter
+            return
+        try:
+            validate_adapter_id(req.adapter_id)  # before it can name a folder under --adapter-root
+        except AdapterPathError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        for attempt in range(1, _SUBMIT_ATTEMPTS + 1):
+            await run_adapter_call(context, "adapter_id", GENERATE_FIELDS, manager.ensure_available,
+                                   req.adapter_id)
+            try:
+                rt.engine.submit(req, outputs)
+                return
+            except AdapterNotFoundError:
+                if not manager.exists(req.adapter_id):
+                    raise  # unloaded meanwhile: NOT_FOUND
+                if attempt == _SUBMIT_ATTEMPTS:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"adapter_id: {req.adapter_id!r} was dropped from the host tier before the request "
+                        f"could start, {attempt} times (too many adapters in use for max_cpu_loras); retry")
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:

@@ -22,12 +22,11 @@ from loraplex.api.adapters_servicer import AdaptersServicer
 from loraplex.api.generation_servicer import GenerationServicer, Runtime
 from loraplex.api.health import Health
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.config import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-# Requests carry prompts (token ids, chat histories) of at most max_model_len tokens and responses
-# their completions: 16 MiB is far above either, yet bounds what one client can make us buffer.
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcServer", "SERVICE_NAMES"]
 
 SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
@@ -48,9 +47,10 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ])
         self.generation = GenerationServicer()
+        self.adapters = AdaptersServicer()
         self.health = Health()
         generation_pb2_grpc.add_GenerationServicer_to_server(self.generation, self._server)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(), self._server)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(self.adapters, self._server)
         self.health.add_to_server(self._server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -80,6 +80,7 @@ class GrpcServer:
     async def attach(self, runtime: Runtime) -> None:
         """Start serving `runtime` (its engine started and warmed up)."""
         self.generation.runtime = runtime
+        self.adapters.runtime = runtime
         await self.health.set_serving(True)
 
     async def shutdown(self, grace_seconds: float) -> None:

@@ -237,8 +237,15 @@ class LoraManager:
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is not None and entry.unloading:
-                self._free(entry, force=True)
-                entry = None
+                # Requests still run on the unloaded weights (an unloading entry always has some:
+                # the last finish() frees it). Their device slot, slot_users and in_flight are keyed
+                # by this id, so replacing the entry now would hand their slot to other adapters
+                # mid-generation and let their finish() decrement the new entry's counts.
+                if source_kind == "api":
+                    raise AdapterExistsError(
+                        "adapter_id", f"{adapter_id!r} is being unloaded and {entry.in_flight} request(s) "
+                        "still use it; load it again once they have finished")
+                raise AdapterNotFoundError(adapter_id)
             if entry is not None and entry.source != source:
                 raise AdapterExistsError("adapter_id", f"{adapter_id!r} is already loaded from {entry.source}")
             if entry is None or entry.weights is None:
