@@ -154,7 +154,8 @@ def slow_steps(monkeypatch, engine, delay: float) -> None:
 def test_load_list_generate(srv, dirs):
     before = time.time()
     info = load(srv, "poet", dirs.library / "qv_r4")
-    expected_bytes = 4 * sum(t.numel() for t in load_file(dirs.library / "qv_r4" / "adapter_model.safetensors").values())
+    saved = load_file(dirs.library / "qv_r4" / "adapter_model.safetensors")
+    expected_bytes = 4 * sum(t.numel() for t in saved.values())
     assert (info.adapter_id, info.source, list(info.target_modules)) == \
         ("poet", str((dirs.library / "qv_r4").resolve()), ["q_proj", "v_proj"])
     assert (info.min_rank, info.max_rank, info.bytes) == (4, 4, expected_bytes)  # float32 serving dtype

@@ -17,10 +17,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex import cli
+from loraplex.api.pb.loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
 from loraplex.api.pb.loraplex.v1 import generation_pb2 as pb, generation_pb2_grpc
-from loraplex.config import EngineConfig
+from loraplex.config import EngineConfig, LoraConfig
 from loraplex.model.loader import load_model
-from loraplex.serve import ServerThread, start_engine
+from loraplex.serve import ServerThread, build_lora_manager, start_engine
+from tests.fixtures.adapters import make_peft_adapter
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,11 +109,68 @@ def test_info(server, capsys, tiny_model_dir):
     assert "max_model_len: 256" in out
 
 
-def test_adapters_commands_report_unimplemented(server, capsys):
+def test_adapters_commands_without_a_lora_manager_report_unimplemented(server, capsys):
     for argv in (["adapters", "list"], ["adapters", "load", "poet", "/tmp/poet", "--pinned"],
                  ["adapters", "unload", "poet"]):
         assert cli.main(argv + ["--server", server.address]) == 1
         assert "UNIMPLEMENTED" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("cli_adapters")
+    make_peft_adapter(tiny_model_dir, root / "poet", "patterns_r6", seed=1)
+    make_peft_adapter(tiny_model_dir, root / "chef", "qv_r4", seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_model_dir, adapter_root):
+    loaded = load_model(tiny_model_dir, dtype=torch.float32, device="cpu")
+    manager = build_lora_manager(loaded, LoraConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=4,
+                                                    allowed_roots=(str(adapter_root),)))
+    srv = ServerThread(start_engine(loaded, ENGINE, manager)).start()
+    yield srv
+    srv.stop()
+
+
+def test_adapters_load_list_generate_unload(lora_server, adapter_root, capsys):
+    addr = ["--server", lora_server.address]
+    assert cli.main(["adapters", "load", "poet", str(adapter_root / "poet"), "--pinned", *addr]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("poet\ttier=host\trank=2-6\t") and "pinned=true" in line
+    assert f"source={(adapter_root / 'poet').resolve()}" in line
+    assert "modules=q_proj,k_proj,o_proj,down_proj" in line
+    assert cli.main(["adapters", "load", "chef", str(adapter_root / "chef"), *addr]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["generate", "Once upon a time", "--adapter", "poet", "--max-new-tokens", "6",
+                     "--temperature", "0", *addr]) == 0
+    with grpc.insecure_channel(lora_server.address) as ch:
+        expected = generation_pb2_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+            adapter_id="poet", prompt="Once upon a time",
+            sampling=pb.SamplingParams(max_new_tokens=6, temperature=0.0)))
+    assert capsys.readouterr().out == expected.text + "\n"
+
+    assert cli.main(["adapters", "list", *addr]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["chef", "poet"]  # sorted by id
+    assert "tier=device" in lines[1] and "rank=4" in lines[0]
+
+    assert cli.main(["adapters", "unload", "chef", *addr]) == 0
+    assert capsys.readouterr().out == "unloaded chef\n"
+    assert cli.main(["adapters", "list", *addr]) == 0
+    assert [ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()] == ["poet"]
+
+
+def test_adapters_errors_exit_1_with_status(lora_server, adapter_root, tmp_path, capsys):
+    addr = ["--server", lora_server.address]
+    assert cli.main(["adapters", "load", "../x", str(adapter_root / "chef"), *addr]) == 1
+    assert "INVALID_ARGUMENT: adapter_id:" in capsys.readouterr().err
+    assert cli.main(["adapters", "load", "x", str(tmp_path), *addr]) == 1  # outside the roots
+    assert "INVALID_ARGUMENT: path:" in capsys.readouterr().err
+    assert cli.main(["adapters", "unload", "never-loaded", *addr]) == 1
+    assert "NOT_FOUND: adapter_id:" in capsys.readouterr().err
 
 
 BAD_SERVE_FLAGS = [
@@ -127,6 +186,14 @@ BAD_SERVE_FLAGS = [
     (["--shutdown-grace", "-1"], "shutdown_grace_seconds"),
     (["--model", "/no/such/folder"], "model"),
     (["--max-message-bytes", "0"], "max_message_bytes"),
+    (["--max-loras", "0"], "max_loras"),
+    (["--max-lora-rank", "0"], "max_lora_rank"),
+    (["--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+    (["--max-adapter-bytes", "0"], "max_adapter_bytes"),
+    (["--adapter-root", "/no/such/folder"], "adapter_root"),
+    (["--allowed-adapter-root", "/no/such/folder"], "allowed_roots"),
+    (["--adapter", "poet"], "ID=PATH"),
+    (["--adapter", "poet=/no/such/folder"], "adapter"),
 ]
 
 
@@ -152,12 +219,18 @@ def test_console_script_rejects_bad_flags():
     assert "max_waiting: must be >= 1" in res.stderr
 
 
-def test_serve_process_end_to_end(tiny_model_dir):
-    """`loraplex serve` in its own process: SERVING after load, answers, exits 0 on SIGTERM."""
+def test_serve_process_end_to_end(tiny_model_dir, adapter_root, tmp_path):
+    """`loraplex serve` in its own process: start-up adapters loaded, SERVING after load, answers
+    (with an adapter too, one loaded on demand from --adapter-root), exits 0 on SIGTERM."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ondemand = tmp_path / "root"
+    ondemand.mkdir()
+    os.symlink(adapter_root / "chef", ondemand / "chef-od")  # a link inside the root, to a root
     proc = subprocess.Popen(
         [str(SCRIPT), "serve", "--model", str(tiny_model_dir), "--port", "0", "--dtype", "float32",
-         "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--shutdown-grace", "1"],
+         "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--shutdown-grace", "1",
+         "--adapter", f"poet={adapter_root / 'poet'}", "--adapter-root", str(ondemand),
+         "--allowed-adapter-root", str(adapter_root), "--max-loras", "2", "--max-lora-rank", "8"],
         stderr=subprocess.PIPE, text=True, env=env)
     try:
         address = None
@@ -176,6 +249,14 @@ def test_serve_process_end_to_end(tiny_model_dir):
             resp = generation_pb2_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
                 prompt="hello", sampling=pb.SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)))
             assert len(resp.token_ids) == 5
+            adapters = adapters_pb2_grpc.AdaptersStub(ch).ListAdapters(apb.ListAdaptersRequest()).adapters
+            assert [(a.adapter_id, a.source, a.max_rank) for a in adapters] == \
+                [("poet", str((adapter_root / "poet").resolve()), 6)]
+            for adapter_id in ("poet", "chef-od"):
+                resp = generation_pb2_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+                    prompt="hello", adapter_id=adapter_id,
+                    sampling=pb.SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)))
+                assert len(resp.token_ids) == 5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -191,3 +272,14 @@ def test_serve_with_an_unusable_model_folder_exits_1(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "loraplex serve: error:" in err and "architectures" in err, err
+
+
+def test_serve_stops_when_a_start_up_adapter_is_unusable(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    rc = cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", "--dtype", "float32",
+                   "--device", "cpu", "--num-kv-blocks", "16", "--adapter", f"bad={bad}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "loraplex serve: error: adapter bad=" in err and "use_dora" in err, err

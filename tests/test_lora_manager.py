@@ -112,14 +112,12 @@ def test_pinned_adapter_is_never_evicted(tiny_model_dir, adapter_root):
     run_request(mgr, "c")  # evicts b, not p
     assert tiers(mgr) == {"p": Tier.DEVICE, "a": Tier.HOST, "b": Tier.HOST, "c": Tier.DEVICE}
     assert slot_owners(mgr)[p_slot] == "p"
-    # Pin a too (loading the same folder again only upgrades the pin): once both slots hold pinned
-    # adapters, nothing can be evicted and c, idle as it is, cannot come back.
-    assert mgr.load("a", adapter_root / "a", pinned=True).pinned
-    run_request(mgr, "a")  # evicts c, the only unpinned one
-    mgr.reserve("c")
-    assert mgr.acquire("c") is None
-    assert sorted(o for o in slot_owners(mgr)) == ["a", "p"]
-    mgr.finish("c")
+    # Pinning a too would leave no slot for unpinned adapters (c could never run again): refused,
+    # and nothing changes.
+    before = mgr.list()
+    with pytest.raises(AdapterCapacityError, match="pinned"):
+        mgr.load("a", adapter_root / "a", pinned=True)
+    assert mgr.list() == before and not dict((i.adapter_id, i.pinned) for i in before)["a"]
 
 
 def test_slot_in_use_is_never_evicted(tiny_model_dir, adapter_root):
@@ -255,7 +253,7 @@ def test_host_tier_limit_drops_the_lru_idle_adapter_and_reloads_it(tiny_model_di
 
 
 def test_host_tier_never_drops_pinned_or_in_flight_adapters(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2, max_cpu_loras=2)
     load_all(mgr, adapter_root, "ab", pinned="a")
     mgr.reserve("b")  # waiting request: b must stay on the host tier
     before = mgr.list()

@@ -5,18 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Kept in step with loraplex.model.quantize.METHODS (not imported: config stays free of torch).
+QUANTIZE_CHOICES = ("auto", "none", "nf4", "fp4", "int8")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # HF folder; None = embedded default model (SmolLM2-135M-Instruct)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on CPU and CUDA)
     device: str = "auto"  # auto | cpu | cuda
     cache_dir: str | None = None  # where the default model is converted to; None = ~/.cache/loraplex
+    # bitsandbytes quantization of the base projections: auto (nf4 on CUDA, none on CPU where bf16
+    # matmuls are faster), none, nf4, fp4, int8. Whether the method runs here is checked at start-up
+    # (model/quantize.py check_available), not here: a config may be built on another machine.
+    quantize: str = "auto"
+    quant_compute_dtype: str = "auto"  # 4-bit matmul dtype: auto (= dtype) | float32 | bfloat16 | float16
+    double_quant: bool = False  # 4-bit: also quantize the block scales (~0.4 bit/param less)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: unknown value {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: unknown value {self.device!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize: unknown value {self.quantize!r}; available: {list(QUANTIZE_CHOICES)}")
+        if self.quant_compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"quant_compute_dtype: unknown value {self.quant_compute_dtype!r}; "
+                             "available: ['auto', 'float32', 'bfloat16', 'float16']")
+        if self.double_quant and self.quantize not in ("auto", "nf4", "fp4"):
+            raise ValueError(f"double_quant: only applies to 4-bit quantization (nf4, fp4), not {self.quantize!r}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence as Seq
 
 import torch
 
@@ -26,7 +27,7 @@ from loraplex.engine.detokenizer import IncrementalDetokenizer, check_finish
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (FinishReason, InvalidRequestError, OutputCallback, Request,
-                                     RequestOutput, SamplingParams)
+                                     RequestOutput, SamplingParams, Timings)
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
@@ -39,9 +40,33 @@ log = logging.getLogger(__name__)
 _BLOCKED_POLL_SECONDS = 0.01
 
 
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What observers learn about one request when it ends (once per request)."""
+    request_id: str
+    adapter_id: str  # "" = base model
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+    inter_token_gaps: tuple[float, ...]  # seconds between consecutive generated tokens
+
+
+class EngineObserver(Protocol):
+    """Metrics and request logs hook in here. Both calls run on the engine thread: keep them
+    cheap, never block, never raise (an observer that raises is logged and skipped)."""
+
+    def on_step(self, num_seqs: int, num_tokens: int, distinct_adapters: int) -> None: ...
+
+    def on_finish(self, req: FinishedRequest) -> None: ...
+
+
 class Engine:
-    def __init__(self, loaded: Any, config: EngineConfig, lora_manager: Any = None):
+    def __init__(self, loaded: Any, config: EngineConfig, lora_manager: Any = None,
+                 observers: Seq[EngineObserver] = ()):
         self.config = config
+        # Observers are fixed at construction: the step reads a tuple, never a lock.
+        self._observers = tuple(observers)
         self.tokenizer = loaded.tokenizer
         self.arch = loaded.arch
         self.lora_manager = lora_manager
@@ -93,6 +118,9 @@ class Engine:
         seq = Sequence.from_request(request, callback, device=self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                  stop=request.sampling.stop)
+        # Token arrival times, for inter-token latency: one list append per token, only when
+        # someone observes (None otherwise; _on_token checks it).
+        seq.token_times = [] if self._observers else None
         reserved = False
         if request.adapter_id and self.lora_manager is not None:
             # Counts the request in flight: its adapter cannot be freed or dropped from the host
@@ -184,6 +212,8 @@ class Engine:
             for seq, message in batch.failed:
                 self._finish(seq, FinishReason.ERROR, error=message)
             if batch.seqs:
+                if self._observers:  # before the run: a client that got its last token sees it
+                    self._notify_step(batch)
                 self._execute(batch)
         with self._cv:
             self._waiting_snapshot = self.scheduler.num_waiting
@@ -217,6 +247,9 @@ class Engine:
             seq.append_token(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            times = getattr(seq, "token_times", None)
+            if times is not None:
+                times.append(now)
             is_eos = token in self.eos_token_ids and not seq.sampling.ignore_eos
             delta = "" if is_eos else seq.detokenizer.add_token(token)
             reason = check_finish(token, seq.num_generated, seq.num_tokens, seq.sampling,
@@ -247,7 +280,31 @@ class Engine:
                 del self._live[seq.request_id]
             self._finished_total[reason.value] += 1
             self._cv.notify_all()  # shutdown() waits for _live to empty
+        if self._observers:  # before delivery: a client that saw the end sees it counted
+            self._notify_finish(seq, out)
         self._deliver(seq, out)
+
+    # --- observers (engine thread; once per step / once per finished request) ------------------
+    def _notify_step(self, batch: ScheduledBatch) -> None:
+        adapters = {s.adapter_id for s in batch.seqs}
+        adapters.discard("")  # the base model is not an adapter
+        for obs in self._observers:
+            try:
+                obs.on_step(len(batch.seqs), batch.num_tokens, len(adapters))
+            except Exception:
+                log.exception("engine observer %r failed in on_step", obs)
+
+    def _notify_finish(self, seq: Sequence, out: RequestOutput) -> None:
+        times = getattr(seq, "token_times", None) or ()
+        summary = FinishedRequest(
+            request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=out.finish_reason,
+            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            timings=out.timings, inter_token_gaps=tuple(b - a for a, b in zip(times, times[1:])))
+        for obs in self._observers:
+            try:
+                obs.on_finish(summary)
+            except Exception:
+                log.exception("engine observer %r failed in on_finish", obs)
 
     @staticmethod
     def _deliver(seq: Sequence, out: RequestOutput) -> None:

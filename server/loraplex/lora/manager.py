@@ -108,6 +108,8 @@ class LoraManager:
         with self._load_lock(adapter_id):
             with self._lock:
                 entry = self._entries.get(adapter_id)
+                if pinned and not (entry is not None and entry.pinned):
+                    self._check_pin_room()
                 if entry is not None and not entry.unloading:
                     if entry.source != real:
                         raise AdapterExistsError(
@@ -117,6 +119,15 @@ class LoraManager:
                         return self._info(entry)
             weights = self._read(real)  # slow; outside the lock, nothing changed if it raises
             return self._register(adapter_id, real, weights, pinned, source_kind="api")
+
+    def _check_pin_room(self) -> None:
+        # Pinned adapters never leave their device slot; keep one slot for everyone else, or
+        # requests for any unpinned adapter would wait forever.
+        pinned = sum(1 for e in self._entries.values() if e.pinned and not e.unloading)
+        if pinned + 1 > self.config.max_loras - 1:
+            raise AdapterCapacityError(
+                "pinned", f"at most {self.config.max_loras - 1} adapters may be pinned "
+                f"(max_loras {self.config.max_loras} minus one slot kept for unpinned adapters)")
 
     def unload(self, adapter_id: str) -> None:
         """New requests get NOT_FOUND at once; memory is freed when the last running one ends."""

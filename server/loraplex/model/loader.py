@@ -5,6 +5,11 @@ target dtype/device, and then filled tensor by tensor straight from the memory-m
 safetensors files, so peak memory is one model plus one tensor, never two models.
 Loading is strict: a checkpoint tensor we have no place for, or a parameter the checkpoint does
 not provide, is an error naming the tensor.
+
+With a QuantSpec (quantize.py), each projection's `.base` is swapped for a shapes-only placeholder
+before materialising, so its float weight is never allocated in the model; when the checkpoint
+tensor(s) of a projection have been read, they are quantized into a bitsandbytes layer and the
+float copy is dropped: peak memory is the quantized model plus one float layer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from loraplex.model.arch import ArchConfig
 from loraplex.model.linear import Projection
 from loraplex.model.llama import LlamaForCausalLM
+from loraplex.model.quantize import QuantSpec, quantize_linear
 
 # Checkpoint tensors that carry no weights of ours (old HF exports saved RoPE buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -33,6 +39,7 @@ class LoadedModel:
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     path: Path
     dtype: torch.dtype
+    quant: QuantSpec = QuantSpec()  # method "none": plain nn.Linear projections
 
     @property
     def device(self) -> torch.device:
@@ -81,10 +88,39 @@ def checkpoint_targets(model: LlamaForCausalLM) -> dict[str, nn.Parameter]:
     return targets
 
 
+class _PendingLinear(nn.Module):
+    """Placeholder for a projection's base until its weight is read and quantized: holds no tensor,
+    so materialising the model does not allocate the float weight (its shapes are checked below)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_shape = tuple(linear.weight.shape)  # [out, in]
+        self.has_bias = linear.bias is not None
+        self.pieces: dict[str, torch.Tensor] = {}  # "weight" / "bias" read so far
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("projection used before its weights were loaded")
+
+
+def _install_pending(model: LlamaForCausalLM) -> dict[str, tuple[Projection, _PendingLinear]]:
+    """Replace every projection's base by a _PendingLinear; HF tensor prefix -> (projection, pending)."""
+    pending = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Projection):
+            m.base = _PendingLinear(m.base)
+            pending[name] = (m, m.base)
+    return pending
+
+
 @torch.no_grad()
-def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
-    """Copy every checkpoint tensor into its parameter (casting dtype, moving device) in place."""
+def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | None = None,
+                 pending: dict[str, tuple[Projection, _PendingLinear]] | None = None) -> None:
+    """Copy every checkpoint tensor into its parameter (casting dtype, moving device) in place.
+
+    With `pending` (from _install_pending), projection weights are quantized by `quant` instead:
+    each projection becomes a bitsandbytes layer as soon as its weight (and bias) are read."""
     targets = checkpoint_targets(model)
+    pending = pending or {}
     seen: set[str] = set()
     tied = model.arch.tie_word_embeddings
     for file in files:
@@ -94,6 +130,13 @@ def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
                     continue
                 if tied and name == "lm_head.weight":
                     # Tied checkpoints may still carry a copy; HF ties it to the embedding anyway.
+                    continue
+                prefix, _, leaf = name.rpartition(".")
+                if prefix in pending and leaf in ("weight", "bias"):
+                    if name in seen:
+                        raise ValueError(f"weight {name!r} appears in more than one file")
+                    _read_pending(name, f.get_tensor(name), *pending[prefix], model, quant)
+                    seen.add(name)
                     continue
                 target = targets.get(name)
                 if target is None:
@@ -107,10 +150,42 @@ def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
                                      f"expected {tuple(target.shape)}")
                 target.copy_(tensor)  # casts to the model dtype and moves to its device
                 seen.add(name)
-    missing = sorted(set(targets) - seen)
+    missing = sorted((set(targets) | _pending_names(pending)) - seen)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"missing weight(s) {missing[:5]}{more} in checkpoint")
+
+
+def _pending_names(pending: dict[str, tuple[Projection, _PendingLinear]]) -> set[str]:
+    return {f"{prefix}.{leaf}" for prefix, (_, p) in pending.items()
+            for leaf in (("weight", "bias") if p.has_bias else ("weight",))}
+
+
+def _read_pending(name: str, tensor: torch.Tensor, proj: Projection, p: _PendingLinear,
+                  model: LlamaForCausalLM, quant: QuantSpec) -> None:
+    """Keep one tensor of a pending projection; quantize the projection once it is complete."""
+    leaf = name.rpartition(".")[2]
+    expected = p.weight_shape if leaf == "weight" else p.weight_shape[:1]
+    if leaf == "bias" and not p.has_bias:
+        raise ValueError(f"unexpected weight {name!r}: {model.arch.architecture} has no bias there")
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, expected {expected}")
+    # Cast to the model dtype first: the same float values an unquantized model would hold.
+    p.pieces[leaf] = tensor.to(model.dtype)
+    if "weight" in p.pieces and (not p.has_bias or "bias" in p.pieces):
+        proj.base = quantize_linear(p.pieces["weight"], p.pieces.get("bias"), quant, model.device)
+        p.pieces.clear()  # drop the float copy: only the quantized layer stays
+
+
+def _refuse_prequantized(path: Path) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise ValueError(
+            f"{path}: config.json has a quantization_config (quant_method={method!r}): already-quantized "
+            "checkpoints are not supported yet; load the float checkpoint and pass --quantize "
+            "nf4|fp4|int8 to quantize it at load time")
 
 
 def build_empty_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
@@ -122,17 +197,29 @@ def build_empty_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> LoadedModel:
-    """Load the HF folder at `path` as our LlamaForCausalLM in `dtype` on `device`."""
+               device: torch.device | str = "cpu", quant: QuantSpec | None = None) -> LoadedModel:
+    """Load the HF folder at `path` as our LlamaForCausalLM in `dtype` on `device`.
+
+    `quant` (method nf4|fp4|int8) quantizes the projections while loading; check the method with
+    quantize.check_available first to get the message listing what runs on this machine."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    quant = quant or QuantSpec()
     if not dtype.is_floating_point:
         raise ValueError(f"dtype: must be a floating point dtype, got {dtype}")
     arch = read_arch(path)
+    _refuse_prequantized(path)
     files = safetensors_files(path)
-    model = build_empty_model(arch, dtype, device)
-    load_weights(model, files)
+    if quant.enabled:
+        model = LlamaForCausalLM(arch, dtype=dtype, device="meta")
+        pending = _install_pending(model)  # before to_empty: projection weights never allocated
+        model.to_empty(device=device)
+        model.rebuild_buffers()
+        load_weights(model, files, quant, pending)
+    else:
+        model = build_empty_model(arch, dtype, device)
+        load_weights(model, files)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, path=path, dtype=dtype)
+    return LoadedModel(model=model, arch=arch, tokenizer=tokenizer, path=path, dtype=dtype, quant=quant)
