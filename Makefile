@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loraplex-installed
 
-.PHONY: install serve test proto proto-check bench clean
+.PHONY: install serve test test-deps proto proto-check bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/loraplex serve $(ARGS)
 
-test: $(STAMP)
+# promtool + prometheus (Debian package) for tests/test_metrics.py and
+# tests/test_prometheus_integration.py; they skip with a reason where neither is installable.
+test-deps:
+	command -v promtool >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } || echo "prometheus not installed: its tests will skip"
+
+test: $(STAMP) test-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(ARGS)
 
 proto: $(STAMP)

@@ -75,6 +75,14 @@ def _add_serve(sub) -> None:
     a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
                    help="largest adapter file accepted (default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default=srv.log_format, choices=["text", "json"],
+                   help="log lines (one per finished request among them) as text or JSON objects")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--metrics-port", type=int, default=srv.metrics_port,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; 0 = any free port)")
+    m.add_argument("--metrics-top-adapters", type=int, default=srv.metrics_top_adapters,
+                   help="adapters that get their own `adapter` label, the first N to finish a request; "
+                        "the rest count under adapter=\"other\" (default %(default)s)")
     p.set_defaults(func=_serve, parser=p)
 
 
@@ -111,6 +119,8 @@ def _server_config(args):
     return ServerConfig(
         host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
         max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port, metrics_top_adapters=args.metrics_top_adapters,
+        log_format=args.log_format,
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
         engine=EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                             max_num_seqs=args.max_num_seqs,
@@ -136,7 +146,9 @@ def _serve(args) -> int:
         resolve_device(config.model.device)
     except ValueError as err:
         args.parser.error(str(err))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loraplex.api.request_log import configure_logging
+
+    configure_logging(config.log_format, args.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the server never fetches from a hub
     try:
         asyncio.run(serve(config))

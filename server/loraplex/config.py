@@ -67,10 +67,19 @@ class ServerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
+    metrics_port: int | None = None  # Prometheus http://host:PORT/metrics; None = off, 0 = any free port
+    metrics_top_adapters: int = 10  # adapters with their own `adapter` label; the rest count as "other"
+    log_format: str = "text"  # text | json: every log line, incl. one per finished request
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None and not (0 <= self.metrics_port < 65536):
+            raise ValueError(f"metrics_port: must be in [0, 65535], got {self.metrics_port}")
+        if self.metrics_top_adapters < 0:
+            raise ValueError(f"metrics_top_adapters: must be >= 0, got {self.metrics_top_adapters}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format: expected text or json, got {self.log_format!r}")
         if self.shutdown_grace_seconds < 0:
             raise ValueError("shutdown_grace_seconds: must be >= 0")
         if self.max_message_bytes < 1:

@@ -50,9 +50,11 @@ def model_path(config: ModelConfig) -> Path:
     return Path(ensure_default_model(config.cache_dir))
 
 
-def load_runtime(config: ServerConfig) -> Runtime:
+def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
     """Load the model and its adapters, build the engine, warm it up and start its loop
-    (blocking; minutes at most). Raises ValueError when a start-up adapter cannot be loaded."""
+    (blocking; minutes at most). Raises ValueError when a start-up adapter cannot be loaded.
+    `metrics` (api.metrics.LoraplexMetrics) observes the engine and reads its state at scrape time."""
+    from loraplex.api.request_log import RequestLogger
     from loraplex.model.loader import load_model
 
     device = resolve_device(config.model.device)
@@ -61,7 +63,11 @@ def load_runtime(config: ServerConfig) -> Runtime:
     log.info("loading %s (%s on %s)", path, str(dtype).removeprefix("torch."), device)
     loaded = load_model(path, dtype=dtype, device=device)
     manager = build_lora_manager(loaded, config.lora)
-    return start_engine(loaded, config.engine, manager)
+    observers = [RequestLogger()] + ([metrics] if metrics is not None else [])
+    runtime = start_engine(loaded, config.engine, manager, observers=observers, metrics=metrics)
+    if metrics is not None:
+        metrics.bind(runtime.engine, manager, loaded.model)
+    return runtime
 
 
 def build_lora_manager(loaded, config: LoraConfig):
@@ -84,14 +90,14 @@ def build_lora_manager(loaded, config: LoraConfig):
     return manager
 
 
-def start_engine(loaded, config: EngineConfig, lora_manager=None) -> Runtime:
+def start_engine(loaded, config: EngineConfig, lora_manager=None, observers=(), metrics=None) -> Runtime:
     """Build, warm up and start the engine; `lora_manager` None serves the base model only."""
     from loraplex.engine.engine import Engine
 
-    engine = Engine(loaded, config, lora_manager=lora_manager)
+    engine = Engine(loaded, config, lora_manager=lora_manager, observers=observers)
     engine.warmup()
     engine.start()
-    return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager)
+    return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager, metrics=metrics)
 
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:
@@ -127,12 +133,22 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
     server = GrpcServer(config.host, config.port,
                         config.max_message_bytes if max_message_bytes is None else max_message_bytes)
     await server.start()
+    metrics, metrics_http = None, None
+    if config.metrics_port is not None:
+        from loraplex.api.metrics import LoraplexMetrics, start_metrics_server
+
+        metrics = LoraplexMetrics(top_adapters=config.metrics_top_adapters)
+        try:  # before the model load: a taken port fails in a second, not after minutes
+            metrics_http, _ = start_metrics_server(config.metrics_port, config.host, metrics.registry)
+        except OSError:
+            await server.shutdown(0)
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        load = _in_daemon_thread(load_runtime, config)
+        load = _in_daemon_thread(load_runtime, config, metrics)
         waiter = asyncio.ensure_future(stop.wait())
         await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -147,6 +163,8 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
         log.info("shutting down (grace %.1fs)", config.shutdown_grace_seconds)
     finally:
         await server.shutdown(config.shutdown_grace_seconds)
+        if metrics_http is not None:
+            metrics_http.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

@@ -45,6 +45,7 @@ class Runtime:
     loaded: Any  # loraplex.model.loader.LoadedModel
     engine: Any  # loraplex.engine.engine.Engine
     lora_manager: Any = None  # loraplex.lora.manager.LoraManager; None = base model only
+    metrics: Any = None  # loraplex.api.metrics.LoraplexMetrics; None = metrics off
 
 
 class _Outputs:
@@ -77,24 +78,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[RequestOutput]:
         """Submit the request and yield its engine events, the finished one last."""
         rt = await self._require_runtime(context)
+        try:
+            req, outputs = await self._accept(rt, request, context)
+        except BaseException:
+            if rt.metrics is not None and context.code() is not None:  # aborted before the engine
+                rt.metrics.record_rejected(context.code().name)  # loraplex_requests_rejected_total
+            raise
         engine = rt.engine
-        try:
-            req = convert.request_from_proto(request, rt.loaded.tokenizer, rt.loaded.arch.vocab_size,
-                                             engine.max_model_len, engine.config.max_new_tokens_cap)
-        except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        outputs = _Outputs(asyncio.get_running_loop())
-        try:
-            await self._submit(rt, req, outputs, context)
-        except InvalidRequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except AdapterNotFoundError as err:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter_id: {err}")
-        except QueueFullError as err:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except EngineStoppedError as err:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-
         finished = False
 
         def abort_if_running(_context: Any = None) -> None:
@@ -115,6 +105,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     return
         finally:
             abort_if_running()
+
+    async def _accept(self, rt: Runtime, request: generation_pb2.GenerateRequest,
+                      context: grpc.aio.ServicerContext) -> tuple[Request, _Outputs]:
+        """Convert and submit; refusals abort the RPC with their status."""
+        engine = rt.engine
+        try:
+            req = convert.request_from_proto(request, rt.loaded.tokenizer, rt.loaded.arch.vocab_size,
+                                             engine.max_model_len, engine.config.max_new_tokens_cap)
+        except InvalidRequestError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        outputs = _Outputs(asyncio.get_running_loop())
+        try:
+            await self._submit(rt, req, outputs, context)
+        except InvalidRequestError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except AdapterNotFoundError as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter_id: {err}")
+        except QueueFullError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except EngineStoppedError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        return req, outputs
 
     @staticmethod
     async def _submit(rt: Runtime, req: Request, outputs: _Outputs,
