@@ -47,9 +47,9 @@ QUESTIONS = (
 ROWS = ((None, 0), ("qkvo_r8", 1), ("all_r4_rslora", 2), ("patterns_r8", 3), ("qkvo_r8", 0))
 NEW_TOKENS = 16
 BLOCK_SIZE = 16
-# 30 layers of float32 with logits up to ~30: rounding between two implementations stays ~1e-4;
+# 30 layers of float32 with logits up to ~40: rounding between the two implementations measured < 1e-4;
 # a wrong scale/rank/target moves logits by whole units (MIN_LORA_EFFECT).
-ATOL = 2e-3
+ATOL = 5e-4
 MIN_LORA_EFFECT = 0.5
 
 

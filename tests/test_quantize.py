@@ -6,11 +6,21 @@ fp4 and int8 on CPU), our loader quantizes the tiny Llama's projections at load 
   transformers loading the same folder with BitsAndBytesConfig (same quant type / compute dtype)
   with the PEFT adapter on top, row by row;
 - the engine's greedy tokens for a mixed-adapter batch equal transformers+PEFT generate's.
-Both sides quantize the same float32 weights with the same bitsandbytes functions, so 4-bit
-weights are bit-identical and only matmul rounding differs. int8 (LLM.int8()) differs more: the
-outlier columns (|x| > 6) are chosen per matmul call from the whole batch, and our flat batch holds
-other sequences than transformers' one-sequence call, so a few columns go through int8 instead of
-float16 on one side; the tolerance for int8 is set from that (measured max ~1e-2 on logits ~15).
+Both sides quantize the same float32 weights with the same bitsandbytes functions, so the 4-bit
+weights are bit-identical (checked) and a base-only sequence gives bit-identical logits. But on a
+CPU with AVX512-BF16, bitsandbytes' 4-bit forward repacks the weight on first use and computes
+in bfloat16 whatever compute_dtype says: the activations are rounded to bfloat16. Then a float32
+rounding difference upstream (our LoRA kernel vs PEFT's two matmuls, paged vs eager attention)
+flips some bfloat16 roundings and grows to bfloat16-level differences in the logits (measured up
+to ~0.13 on logits of magnitude ~15, i.e. ~2 bfloat16 ulps; mean ~1e-3). The tolerance is set
+from that, plus a mean bound, and greedy tokens must still be identical (second test).
+int8 (LLM.int8()) adds one more effect: the outlier columns (|x| > 6) are chosen per matmul call
+from the whole batch, and our flat batch holds other sequences than transformers' one-sequence
+call, so some columns take the int8 path on one side and float16 on the other (measured max 0.87
+on the mixed batch, 0.62 on a base-only batch of 4; with threshold 0 the same batch matches to
+1e-5, so it is the outlier choice, not our code). The mixed-batch tests therefore run int8 with
+int8_threshold=0.0 on both sides (pure int8, batch-independent) under a float32-level tolerance,
+and test_int8_single_sequences_match_tightly checks the default threshold 6.0 one sequence at a time.
 
 Hidden size 128 / intermediate 256: every weight is a whole number of 64-element 4-bit blocks.
 """
@@ -39,9 +49,10 @@ KINDS = ("qv_r4", "all_r8_rslora", "patterns_r6")
 BLOCK_SIZE = 4
 # (adapter kind or None, prompt length) in flat-batch order: base rows between adapter rows.
 ROWS = (("all_r8_rslora", 7), (None, 5), ("qv_r4", 9), ("patterns_r6", 4), (None, 3), ("qv_r4", 6))
-# |ours - transformers| on float32 logits of magnitude ~15: 4-bit weights are identical on both sides
-# (measured max ~2e-5), int8 sees batch-dependent outlier columns (see module docstring).
-ATOL = {"nf4": 5e-4, "fp4": 5e-4, "int8": 5e-2}
+# |ours - transformers| on float32 logits of magnitude ~15: bfloat16-level (see module docstring).
+ATOL = {"nf4": 0.3, "fp4": 0.3, "int8": 1e-3}
+INT8_SINGLE_ATOL = 1e-3
+MEAN_ATOL = 1e-2
 MIN_QUANT_EFFECT = 1e-2  # quantization must really change the logits vs the float model
 
 
@@ -59,11 +70,15 @@ def qmodel(tmp_path_factory):
     return base, root / "adapters"
 
 
-def hf_quantized(base, method: str, compute: torch.dtype = torch.float32, adapter=None):
+def spec_for(method: str, threshold: float = 0.0) -> QuantSpec:
+    return QuantSpec(method, torch.float32, int8_threshold=threshold)
+
+
+def hf_quantized(base, method: str, compute: torch.dtype = torch.float32, adapter=None, threshold: float = 0.0):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if method == "int8":
-        qc = BitsAndBytesConfig(load_in_8bit=True)
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
     else:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_compute_dtype=compute)
     m = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=qc, device_map="cpu",
@@ -94,7 +109,7 @@ def manager_for(loaded, adapters):
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_mixed_adapter_logits_match_transformers_bnb_peft(qmodel, method):
     base, adapters = qmodel
-    loaded = load_model(base, torch.float32, "cpu", QuantSpec(method, torch.float32))
+    loaded = load_model(base, torch.float32, "cpu", spec_for(method))
     manager, slots = manager_for(loaded, adapters)
     vocab = loaded.arch.vocab_size
     rng = random.Random(7)
@@ -113,12 +128,40 @@ def test_mixed_adapter_logits_match_transformers_bnb_peft(qmodel, method):
     want = {id(s): logits_of(refs[k], p) for s, (k, _), p in zip(seqs, ROWS, prompts)}
     want_rows = torch.stack([want[id(s)][pos] for s, pos in rows])  # [T, vocab]
     err = (ours - want_rows).abs().max().item()
+    mean_err = (ours - want_rows).abs().mean().item()
+    print(f"{method}: max |ours - transformers+bnb+PEFT| = {err:.3g}, mean {mean_err:.3g}")
     assert err < ATOL[method], f"{method}: max |ours - transformers+bnb+PEFT| = {err:.3g}"
+    assert mean_err < MEAN_ATOL, f"{method}: mean |ours - transformers+bnb+PEFT| = {mean_err:.3g}"
+    # Base-only rows see no LoRA rounding difference upstream of the quantized matmuls ... but still
+    # attention's: bounded by the same tolerance. The next token choice must agree on every row.
+    assert torch.equal(ours.argmax(-1), want_rows.argmax(-1)), f"{method}: a greedy choice differs"
     # The test could not fail if quantization were silently skipped: compare with the float model.
     floating = load_model(base, torch.float32, "cpu")
     float_logits = floating.model(batch, KVCache.allocate(arch.num_layers, 64, BLOCK_SIZE, arch.num_kv_heads,
                                                           arch.head_dim, torch.float32, "cpu"))
     assert (float_logits - ours).abs().max().item() > MIN_QUANT_EFFECT, f"{method} did not change the model"
+
+
+@pytest.mark.skipif("int8" not in CPU_METHODS, reason="int8 does not run on this CPU")
+def test_int8_single_sequences_match_tightly(qmodel):
+    """One sequence per step: the same outlier columns on both sides, so float32-level agreement."""
+    base, adapters = qmodel
+    loaded = load_model(base, torch.float32, "cpu", spec_for("int8", threshold=6.0))
+    manager, slots = manager_for(loaded, adapters)
+    arch = loaded.arch
+    rng = random.Random(11)
+    for kind in (None, *KINDS):
+        prompt = [rng.randrange(arch.vocab_size) for _ in range(9)]
+        seq = PagedSeq(list(prompt))
+        batch, _ = make_step(BlockPool(16, BLOCK_SIZE, seed=2), [(seq, len(prompt))], logits="all")
+        slot = torch.tensor([-1 if kind is None else slots[kind]])
+        batch.lora = manager.build_lora_batch(slot.repeat(len(prompt)), slot)
+        kv = KVCache.allocate(arch.num_layers, 16, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, torch.float32, "cpu")
+        ours = loaded.model(batch, kv)
+        want = logits_of(hf_quantized(base, "int8", adapter=None if kind is None else adapters / kind,
+                                      threshold=6.0), prompt)
+        err = (ours - want).abs().max().item()
+        assert err < INT8_SINGLE_ATOL, f"int8 / {kind or 'base'}: max |ours - transformers+bnb+PEFT| = {err:.3g}"
 
 
 def engine_greedy(loaded, manager, prompts_by_kind, max_new_tokens):
@@ -154,7 +197,7 @@ def engine_greedy(loaded, manager, prompts_by_kind, max_new_tokens):
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_mixed_adapter_greedy_tokens_match(qmodel, method):
     base, adapters = qmodel
-    loaded = load_model(base, torch.float32, "cpu", QuantSpec(method, torch.float32))
+    loaded = load_model(base, torch.float32, "cpu", spec_for(method))
     manager, _ = manager_for(loaded, adapters)
     tok = loaded.tokenizer
     texts = ["The quick brown fox", "What is the capital of France?", "Once upon a time", "def main():"]
@@ -173,6 +216,12 @@ def test_mixed_adapter_greedy_tokens_match(qmodel, method):
         assert tokens == want, f"{method} / {kind or 'base'}: ours {tokens} vs transformers {want}"
 
 
+def _layer_bytes(layer) -> int:
+    from loraplex.model.linear import Projection
+
+    return projection_bytes(torch.nn.ModuleList([Projection(layer, layer.in_features, layer.out_features)]))
+
+
 def test_nf4_bytes_at_most_0_3x_float16(qmodel):
     base, _ = qmodel
     loaded = load_model(base, torch.float32, "cpu", QuantSpec("nf4"))
@@ -182,7 +231,14 @@ def test_nf4_bytes_at_most_0_3x_float16(qmodel):
     linear_fp16 = float16_bytes(loaded.arch, projections_only=True)
     assert linear <= 0.3 * linear_fp16, f"nf4 projections {linear} B vs float16 {linear_fp16} B"
     double = load_model(base, torch.float32, "cpu", QuantSpec("nf4", double_quant=True))
-    assert projection_bytes(double.model) < linear  # quantized scales: smaller still
+    assert double.model.model.layers[0].mlp.up_proj.base.weight.quant_state.nested
+    # Double quantization saves 3 of the 4 bytes per 64-weight block but adds a 1 KiB code table
+    # per layer: it pays from ~22k blocks (a 1024x1408 layer), not on the tiny model.
+    from loraplex.model.quantize import quantize_linear
+    w = torch.randn(2048, 2048) * 0.02
+    single_b = _layer_bytes(quantize_linear(w, None, QuantSpec("nf4"), "cpu"))
+    double_b = _layer_bytes(quantize_linear(w, None, QuantSpec("nf4", double_quant=True), "cpu"))
+    assert double_b < single_b <= 0.3 * w.numel() * 2
     # Whole model: float parts counted too, and float16_bytes counts every parameter.
     plain = load_model(base, torch.float16, "cpu")
     assert quantized_bytes(plain.model) == float16_bytes(plain.arch)

@@ -43,12 +43,18 @@ class QuantSpec:
     method: str = "none"
     compute_dtype: torch.dtype | None = None
     double_quant: bool = False  # 4-bit only: quantize the per-block absmax scales too (QLoRA)
+    # int8 only: LLM.int8() sends activation columns with |x| > threshold through a float16 matmul.
+    # Those columns are picked per call from the whole flat batch, so with a threshold > 0 a
+    # sequence's logits depend (slightly) on what else is in the batch; 0.0 = pure int8, batch-independent.
+    int8_threshold: float = INT8_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"quantize: unknown method {self.method!r}; expected one of {list(METHODS)}")
         if self.compute_dtype is not None and self.compute_dtype not in _COMPUTE_DTYPES.values():
             raise ValueError(f"quant_compute_dtype: {self.compute_dtype} is not one of {list(_COMPUTE_DTYPES)}")
+        if self.int8_threshold < 0:
+            raise ValueError(f"int8_threshold: must be >= 0, got {self.int8_threshold}")
 
     @property
     def enabled(self) -> bool:
@@ -138,7 +144,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: Quant
                                          compress_statistics=spec.double_quant).to(device)
     elif spec.method == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
-                                    threshold=INT8_THRESHOLD, device="meta")
+                                    threshold=spec.int8_threshold, device="meta")
         # Int8Params quantizes (row-wise absmax -> CB int8 + SCB scales) when moved to the device.
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False,
                                          has_fp16_weights=False).to(device)
@@ -157,9 +163,9 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor a module keeps resident: parameters, buffers and bitsandbytes' quant state."""
+    """The weight tensors a module keeps resident: parameters and bitsandbytes' quant state.
+    Buffers (RoPE tables) are derived, not weights: not counted."""
     yield from module.parameters(recurse=False)
-    yield from module.buffers(recurse=False)
     weight = getattr(module, "weight", None)
     qs = getattr(weight, "quant_state", None)  # 4-bit: absmax [+ nested absmax/code], code
     while qs is not None:
