@@ -252,6 +252,16 @@ def test_host_tier_limit_drops_the_lru_idle_adapter_and_reloads_it(tiny_model_di
         assert float(w.scales[slot]) == pytest.approx(module.scale)
 
 
+def test_an_adapter_brought_back_from_disk_is_not_the_next_host_victim(tiny_model_dir, adapter_root):
+    # ensure_available runs just before the request reserves the adapter; if the reload kept its
+    # old timestamp, any other load in between would drop it straight back to disk.
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
+    load_all(mgr, adapter_root, "abc")  # a -> disk
+    mgr.ensure_available("a")  # b -> disk; c is now the least recently loaded or used
+    mgr.load("d", adapter_root / "d")
+    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DISK, "c": Tier.DISK, "d": Tier.HOST}
+
+
 def test_host_tier_never_drops_pinned_or_in_flight_adapters(tiny_model_dir, adapter_root):
     mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2, max_cpu_loras=2)
     load_all(mgr, adapter_root, "ab", pinned="a")

@@ -271,6 +271,9 @@ class LoraManager:
             else:
                 entry.weights = weights
                 entry.pinned = entry.pinned or pinned
+                # Brought back for a request about to reserve it: with its old timestamp it would
+                # be the next host-tier victim, dropped again by any load before that reserve.
+                entry.last_used_mono = time.monotonic()
             self.stats.loads[source_kind] = self.stats.loads.get(source_kind, 0) + 1
             return self._info(entry)
 
