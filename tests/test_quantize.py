@@ -243,6 +243,8 @@ def test_nf4_bytes_at_most_0_3x_float16(qmodel):
     plain = load_model(base, torch.float16, "cpu")
     assert quantized_bytes(plain.model) == float16_bytes(plain.arch)
     assert quantized_bytes(loaded.model) < quantized_bytes(load_model(base, torch.float32, "cpu").model)
+    from loraplex.model.quantize import memory_summary
+    assert memory_summary(loaded).startswith("quantize=nf4: base weights ")
 
 
 def test_unknown_method_is_refused_with_the_choices():
@@ -301,3 +303,15 @@ def test_cuda_quantized_logits_match_transformers(qmodel, method):
         want = ref(input_ids=torch.tensor([prompt], device="cuda")).logits[0].float().cpu()
     assert (ours - want).abs().max().item() < 0.25  # bfloat16 logits ~15: a few ulps
     assert (ours.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_spec_from_config_resolves_flags():
+    from loraplex.model.quantize import spec_from_config
+
+    spec = spec_from_config(ModelConfig(quantize="nf4", quant_compute_dtype="float32", double_quant=True), "cpu")
+    assert spec == QuantSpec("nf4", torch.float32, double_quant=True)
+    assert spec_from_config(ModelConfig(quantize="int8"), "cpu") == QuantSpec("int8")
+    assert spec_from_config(ModelConfig(), "cpu").method == "none"  # auto on CPU
+    with pytest.raises(QuantizationUnavailableError, match="available here"):
+        spec_from_config(ModelConfig(quantize="fp4"), "cuda") if not torch.cuda.is_available() else \
+            check_available("nf4", "mps")

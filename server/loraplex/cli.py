@@ -41,6 +41,14 @@ def _add_serve(sub) -> None:
                    help="weight/compute dtype (auto: bfloat16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when available, else cpu")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
+                   help="bitsandbytes quantization of the base projections (embeddings/lm_head stay "
+                        "unquantized); auto: nf4 on CUDA, none on CPU (saves memory there but is not "
+                        "reliably faster than bfloat16; see benchmarks/results/quantize_cpu.md)")
+    p.add_argument("--quant-compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the 4-bit matmuls (auto: --dtype)")
+    p.add_argument("--double-quant", action="store_true",
+                   help="4-bit: also quantize the block scales (~0.4 bit per weight less)")
     p.add_argument("--num-kv-blocks", type=int, default=eng.num_kv_blocks, help="KV cache size in blocks")
     p.add_argument("--block-size", type=int, default=eng.block_size, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=eng.max_num_seqs, help="sequences per step")
@@ -121,7 +129,9 @@ def _server_config(args):
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port, metrics_top_adapters=args.metrics_top_adapters,
         log_format=args.log_format,
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                          quantize=args.quantize, quant_compute_dtype=args.quant_compute_dtype,
+                          double_quant=args.double_quant),
         engine=EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -140,10 +150,12 @@ def _serve(args) -> int:
         args.parser.error(str(err))  # exits 2 with the usage line and the message
     import asyncio
 
+    from loraplex.model.quantize import resolve_method
     from loraplex.serve import resolve_device, serve
 
     try:
-        resolve_device(config.model.device)
+        # A --quantize method this machine cannot run is a usage error listing what can run.
+        resolve_method(config.model.quantize, resolve_device(config.model.device))
     except ValueError as err:
         args.parser.error(str(err))
     from loraplex.api.request_log import configure_logging

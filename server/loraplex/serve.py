@@ -56,12 +56,17 @@ def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
     `metrics` (api.metrics.LoraplexMetrics) observes the engine and reads its state at scrape time."""
     from loraplex.api.request_log import RequestLogger
     from loraplex.model.loader import load_model
+    from loraplex.model.quantize import memory_summary, spec_from_config
 
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype)
+    # Resolves --quantize auto and stops start-up (QuantizationUnavailableError, a ValueError)
+    # with the list of methods that run here, before any weight is read.
+    quant = spec_from_config(config.model, device)
     path = model_path(config.model)
-    log.info("loading %s (%s on %s)", path, str(dtype).removeprefix("torch."), device)
-    loaded = load_model(path, dtype=dtype, device=device)
+    log.info("loading %s (%s on %s, quantize=%s)", path, str(dtype).removeprefix("torch."), device, quant.method)
+    loaded = load_model(path, dtype=dtype, device=device, quant=quant)
+    log.info("%s", memory_summary(loaded))
     manager = build_lora_manager(loaded, config.lora)
     observers = [RequestLogger()] + ([metrics] if metrics is not None else [])
     runtime = start_engine(loaded, config.engine, manager, observers=observers, metrics=metrics)

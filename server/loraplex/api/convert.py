@@ -147,8 +147,11 @@ def response_to_proto(outputs: list[RequestOutput]) -> generation_pb2.GenerateRe
 
 
 def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
+    from loraplex.model.quantize import quantized_bytes
+
     model = loaded.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Counts bitsandbytes' quant state (absmax, code, SCB) too, which model.parameters() misses.
+    weight_bytes = quantized_bytes(model)
     device = next(model.parameters()).device
     return generation_pb2.ModelInfo(
         model_name=loaded.path.name,
@@ -158,7 +161,7 @@ def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
         device=str(device),
         max_model_len=engine.max_model_len,
         vocab_size=loaded.arch.vocab_size,
-        quantization="none",
+        quantization=loaded.quant.method,  # "none" | "nf4" | "fp4" | "int8"
         base_weight_bytes=weight_bytes,
         loraplex_version=loraplex.__version__,
         max_new_tokens_cap=engine.config.max_new_tokens_cap,

@@ -177,6 +177,20 @@ def _read_pending(name: str, tensor: torch.Tensor, proj: Projection, p: _Pending
         p.pieces.clear()  # drop the float copy: only the quantized layer stays
 
 
+def _return_freed_memory() -> None:
+    """Hand the float copies freed while quantizing back to the OS. Each one is a few MiB, below
+    glibc's mmap threshold, so they live on the heap and glibc keeps them (measured on the default
+    model: +435 MiB private RSS after an nf4 load, +164 MiB after malloc_trim). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _refuse_prequantized(path: Path) -> None:
     cfg = json.loads((path / "config.json").read_text())
     qc = cfg.get("quantization_config")
@@ -217,6 +231,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         model.to_empty(device=device)
         model.rebuild_buffers()
         load_weights(model, files, quant, pending)
+        _return_freed_memory()
     else:
         model = build_empty_model(arch, dtype, device)
         load_weights(model, files)

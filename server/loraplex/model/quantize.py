@@ -32,8 +32,9 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float1
 INT8_THRESHOLD = 6.0
 
 
-class QuantizationUnavailableError(RuntimeError):
-    """The requested --quantize method cannot run on this machine (the message lists what can)."""
+class QuantizationUnavailableError(ValueError):
+    """The requested --quantize method cannot run on this machine (the message lists what can).
+    A ValueError, so start-up code that reports bad flags as usage errors reports this one too."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ def quantization_for(platform: str) -> tuple[str, ...]:
 
 
 def resolve_method(requested: str, device: torch.device | str) -> str:
-    """'auto' -> nf4 on CUDA when available, none on CPU (bf16 AMX matmuls beat 4-bit dequantize there:
-    see benchmarks/results/quantize_cpu.md); anything else is checked and returned."""
+    """'auto' -> nf4 on CUDA when available; none on CPU: there quantization saves memory (nf4 base
+    weights 0.42x of float16 on the default model) but was not reliably faster than bfloat16 (AMX)
+    and changes the model's greedy outputs, so it is opt-in (benchmarks/results/quantize_cpu.md).
+    Anything else is checked and returned."""
     platform = _platform_of(device)
     if requested == "auto":
         return "nf4" if platform == "cuda" and "nf4" in quantization_for(platform) else "none"
@@ -113,11 +116,28 @@ def check_available(method: str, platform: str) -> None:
     """Raise ValueError for an unknown method, QuantizationUnavailableError if it cannot run here."""
     if method not in METHODS:
         raise ValueError(f"quantize: unknown method {method!r}; expected auto or one of {list(METHODS)}")
+    if method == "none":
+        return  # runs everywhere; no need to import and probe bitsandbytes (seconds)
     available = quantization_for(platform)
     if method not in available:
         hint = "" if len(available) > 1 else " (is bitsandbytes installed? `pip install bitsandbytes`)"
         raise QuantizationUnavailableError(
             f"quantize={method!r} cannot run on {platform}; available here: {list(available)}{hint}")
+
+
+def spec_from_config(model_config, device: torch.device | str) -> QuantSpec:
+    """QuantSpec for a ModelConfig (quantize, quant_compute_dtype, double_quant) on `device`:
+    'auto' resolved, availability checked (QuantizationUnavailableError lists what runs here)."""
+    method = resolve_method(model_config.quantize, device)
+    return QuantSpec(method, compute_dtype_from_name(model_config.quant_compute_dtype),
+                     double_quant=model_config.double_quant and method in _FOUR_BIT)
+
+
+def memory_summary(loaded) -> str:
+    """One start-up log line: method, resident base weight bytes and the float16 equivalent."""
+    resident, fp16 = quantized_bytes(loaded.model), float16_bytes(loaded.arch)
+    return (f"quantize={loaded.quant.method}: base weights {resident / 2**20:.1f} MiB resident "
+            f"({resident / fp16:.2f}x of {fp16 / 2**20:.1f} MiB in float16)")
 
 
 @torch.no_grad()
