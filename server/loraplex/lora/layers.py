@@ -20,6 +20,10 @@ class LoraWeights:
         self.A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)  # [slots, R, in]
         self.B = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)  # [slots, out, R]
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [slots]
+        # Slots whose adapter targets this module. A step whose adapters all skip this module
+        # (e.g. q,k,v,o adapters at gate/up/down) then costs nothing here instead of a kernel
+        # call on zero weights; plain Python ints, so the check needs no device sync.
+        self._filled: set[int] = set()
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Write one adapter's weights for this module into `slot` (None: the adapter skips it)."""
@@ -27,7 +31,9 @@ class LoraWeights:
         self.B[slot].zero_()
         if A is None or B is None:
             self.scales[slot] = 0.0
+            self._filled.discard(slot)
             return
+        self._filled.add(slot)
         r = A.shape[0]  # A: [r, in], B: [out, r]
         self.A[slot, :r].copy_(A, non_blocking=True)
         self.B[slot, :, :r].copy_(B, non_blocking=True)
@@ -38,6 +44,9 @@ class LoraWeights:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
         """y [T, out] += per-token LoRA delta of x [T, in]; lora is the step's LoraBatch."""
+        filled = self._filled
+        if not any(s in filled for b in lora.meta.buckets for s in b.group_slot_ids):
+            return  # every adapter of this step leaves this module alone: its delta is zero
         add_lora(y, x, self.A, self.B, self.scales, lora.meta)
 
     @property
