@@ -15,6 +15,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
 from loraplex.model.loader import load_model
+from tests.fixtures.collector import Collector
 
 WAIT = 60.0  # generous: CI machines are slow and shared
 
@@ -45,50 +46,6 @@ def make_engine(loaded):
     yield make
     for eng in engines:
         eng.shutdown(0)
-
-
-class Collector:
-    """Thread-safe callback sink: every event per request, and a wait for finished events."""
-
-    def __init__(self):
-        self.events = defaultdict(list)
-        self.cv = threading.Condition()
-
-    def __call__(self, out):
-        with self.cv:
-            self.events[out.request_id].append(out)
-            self.cv.notify_all()
-
-    def finished(self, rid):
-        ev = self.events.get(rid, [])
-        return bool(ev) and ev[-1].finished
-
-    def wait(self, rids, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while not all(self.finished(r) for r in rids):
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting for {[r for r in rids if not self.finished(r)]}"
-                self.cv.wait(left)
-
-    def wait_tokens(self, rid, n, timeout=WAIT):
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while sum(len(e.new_token_ids) for e in self.events.get(rid, [])) < n:
-                left = deadline - time.monotonic()
-                assert left > 0, f"{rid} produced fewer than {n} tokens"
-                self.cv.wait(left)
-
-    def tokens(self, rid):
-        return [t for e in self.events[rid] for t in e.new_token_ids]
-
-    def text(self, rid):
-        return "".join(e.text_delta for e in self.events[rid])
-
-    def final(self, rid):
-        ev = self.events[rid]
-        assert sum(e.finished for e in ev) == 1 and ev[-1].finished, "exactly one finished event, last"
-        return ev[-1]
 
 
 def prompt(loaded, text="The quick brown fox jumps over the lazy dog."):

@@ -14,7 +14,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import Request, SamplingParams
 from loraplex.model.loader import load_model
-from tests.test_engine import Collector
+from tests.fixtures.collector import Collector
 
 PROMPTS = [
     "Once",

@@ -12,8 +12,6 @@ import json
 import logging
 import shutil
 import subprocess
-import threading
-from collections import defaultdict
 
 import pytest
 import torch
@@ -28,8 +26,8 @@ from loraplex.engine.request import Request, SamplingParams
 from loraplex.lora.manager import LoraManager
 from loraplex.model.loader import load_model
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.collector import Collector
 
-WAIT = 60.0
 NEW_TOKENS = 4
 ADAPTERS = [f"ad{i}" for i in range(5)]
 TOP_N = 2
@@ -50,28 +48,6 @@ def engine_config(**kw) -> EngineConfig:
                 max_model_len=128, max_new_tokens_cap=64, max_waiting=64)
     base.update(kw)
     return EngineConfig(**base)
-
-
-class Sink:
-    """Callback collecting every event; wait() blocks until the given requests finished."""
-
-    def __init__(self):
-        self.events = defaultdict(list)
-        self.cv = threading.Condition()
-
-    def __call__(self, out):
-        with self.cv:
-            self.events[out.request_id].append(out)
-            self.cv.notify_all()
-
-    def final(self, rid):
-        return self.events[rid][-1]
-
-    def wait(self, rids):
-        with self.cv:
-            ok = self.cv.wait_for(lambda: all(self.events[r] and self.events[r][-1].finished
-                                              for r in rids), WAIT)
-        assert ok, "requests did not finish"
 
 
 def scrape(registry) -> dict[str, list]:
@@ -134,7 +110,7 @@ def run(tiny_model_dir, adapter_root):
                     observers=[metrics, RequestLogger(req_logger)])
     metrics.bind(engine, manager, loaded.model)
     engine.start()
-    sink = Sink()
+    sink = Collector()
     jobs = [("b0", ""), ("b1", "")] + [(f"r{n}", n) for n in ADAPTERS[1:]]
     prompts = {}
     try:
@@ -287,7 +263,7 @@ def test_running_waiting_and_kv_gauges(loaded_plain):
     metrics = LoraplexMetrics(registry)
     engine = Engine(loaded_plain, engine_config(max_num_seqs=2), observers=[metrics])
     metrics.bind(engine, None, loaded_plain.model)
-    sink = Sink()
+    sink = Collector()
     for i in range(3):
         engine.submit(Request(f"w{i}", prompt(i, 6), SamplingParams(max_new_tokens=50)), sink)
     fams = scrape(registry)
@@ -330,7 +306,7 @@ def test_broken_observer_does_not_break_the_engine(loaded_plain):
 
     engine = Engine(loaded_plain, engine_config(), observers=[Broken()])
     engine.start()
-    sink = Sink()
+    sink = Collector()
     try:
         engine.submit(Request("x", prompt(0, 5), sampling()), sink)
         sink.wait(["x"])
