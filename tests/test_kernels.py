@@ -50,19 +50,23 @@ def _case_id(c):
     return "T{}-{}x{}-a{}-{}-{}{}".format(*c[:6], "-prefill" if c[6] else "")
 
 
-def _run_cpu(case, grouped=None):
+def _run_cpu(case, grouped=None, rank_major=False):
     y = case.y0.clone()
-    add_lora_cpu(y, case.x, case.A, case.B, case.scales, case.meta(), grouped=grouped)
+    # rank_major: B as the [slots, out, R] view of a contiguous [slots, R, out] tensor, the layout
+    # lora/layers.py keeps slots in; same values, other strides.
+    B = case.B.transpose(1, 2).contiguous().transpose(1, 2) if rank_major else case.B
+    add_lora_cpu(y, case.x, case.A, B, case.scales, case.meta(), grouped=grouped)
     return y
 
 
+@pytest.mark.parametrize("layout", ["out_major", "rank_major"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SWEEP, ids=_case_id)
-def test_cpu_matches_reference(shape, dtype, strategy):
+def test_cpu_matches_reference(shape, dtype, strategy, layout):
     T, d_in, d_out, n, pop, rank_mode, prefill = shape
     case = make_case(T, d_in, d_out, n, pop, rank_mode, dtype=dtype, prefill=prefill, seed=T + n)
-    res = compare(_run_cpu(case, STRATEGIES[strategy]), case, expected(case))
+    res = compare(_run_cpu(case, STRATEGIES[strategy], layout == "rank_major"), case, expected(case))
     assert res["untouched"], "a row with idx = -1 was modified"
     assert res["err"] <= TOLERANCE[dtype], res
 
@@ -122,10 +126,20 @@ def test_rank_changes_result():
     assert not torch.allclose(_run_cpu(case), _run_cpu(wider))
 
 
-def test_mixed_dtypes_bf16_activations_fp32_weights():
+@pytest.mark.parametrize("rank_major", [False, True])
+def test_mixed_dtypes_bf16_activations_fp32_weights(rank_major):
+    """The CPU slot layout of a bfloat16 model (slot_weight_dtype): float32 rank-major weights."""
     case = make_case(33, 576, 576, 5, "uniform", "mixed", dtype=torch.bfloat16, weight_dtype=torch.float32, seed=2)
-    res = compare(_run_cpu(case), case, expected(case))
+    res = compare(_run_cpu(case, rank_major=rank_major), case, expected(case))
     assert res["untouched"] and res["err"] <= TOLERANCE[torch.bfloat16], res
+
+
+def test_slot_weight_dtype_per_backend():
+    assert K.slot_weight_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert K.slot_weight_dtype(torch.float16, "cpu") == torch.float32
+    assert K.slot_weight_dtype(torch.float32, "cpu") == torch.float32
+    assert K.slot_weight_dtype(torch.bfloat16, "triton") == torch.bfloat16
+    assert K.slot_weight_dtype(torch.bfloat16, "reference") == torch.bfloat16
 
 
 def test_strided_views_fused_slice():

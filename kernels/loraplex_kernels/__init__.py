@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .backend import BACKENDS, current_impl, default_backend, get_backend, set_backend
+from .backend import BACKENDS, current_impl, default_backend, get_backend, set_backend, slot_weight_dtype
 from .meta import LoraMeta, RankBucket, build_lora_meta
 
 __all__ = [
     "BACKENDS", "LoraMeta", "RankBucket", "add_lora", "build_lora_meta", "default_backend",
-    "get_backend", "set_backend",
+    "get_backend", "set_backend", "slot_weight_dtype",
 ]
 
 

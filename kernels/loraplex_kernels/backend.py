@@ -28,6 +28,21 @@ def default_backend() -> str:
     return "cpu"
 
 
+def slot_weight_dtype(model_dtype: torch.dtype, backend: str | None = None) -> torch.dtype:
+    """The dtype to keep adapter slot weights (A, B) in for `backend` (default: the selected one).
+
+    cpu: float32. The CPU backend's work on decode shapes is a handful of tiny matmuls and gathers
+    whose cost is fixed overhead, not FLOPs; on CPUs without AMX a bfloat16 [32, 576] x [576, 8]
+    bmm costs ~3-4x a float32 one (benchmarks/results/kernels_cpu.md), which outweighs casting x
+    and the delta. Upcasting bf16/fp16 adapter weights is exact, so results only gain precision.
+    The price is twice the slot memory of bfloat16. Other backends compute in the model's dtype.
+    """
+    name = backend if backend is not None else get_backend()
+    if name == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return model_dtype
+
+
 def load_impl(name: str) -> Callable:
     """The add_lora implementation of backend `name` (imports triton for "triton")."""
     if name == "reference":

@@ -44,6 +44,7 @@ GEMM_START_S = {2: 20e-6, 4: 5e-6, 8: 5e-6}
 COPY_BYTES_PER_S = 5e9  # cold weights through index_select, and through a GEMM
 EMPTY_GROUP_S = 2e-6  # grouped_mm's cost per empty group (float32 and bfloat16 alike)
 COMPACT: bool | None = None  # force the compaction choice (benchmarks); None = cost model
+PREFER_GROUPED: bool | None = None  # force the strategy of add_lora calls (benchmarks); None = cost model
 
 
 def _aligned(n: int, dtype: torch.dtype) -> bool:
@@ -78,12 +79,12 @@ def compact_slots(bucket: RankBucket, num_slots: int, width: int, d_io: int, dty
     return 2 * empty * EMPTY_GROUP_S > copy_bytes / COPY_BYTES_PER_S
 
 
-def _strides_aligned(A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Can grouped_mm read A/B's slot matrices in place (e.g. not with a max_rank of 12 in bf16)?"""
+def _strides_aligned(A: torch.Tensor, Bt: torch.Tensor) -> bool:
+    """Can grouped_mm read A/Bt's slot matrices in place (e.g. not with a max_rank of 12 in bf16)?"""
     size = A.dtype.itemsize
-    return A.stride(2) == 1 and B.stride(2) == 1 and all(
-        (st * size) % 16 == 0 for st in (A.stride(0), A.stride(1), B.stride(0), B.stride(1))
-    ) and A.data_ptr() % 16 == 0 and B.data_ptr() % 16 == 0
+    return A.stride(2) == 1 and Bt.stride(2) == 1 and all(
+        (st * size) % 16 == 0 for st in (A.stride(0), A.stride(1), Bt.stride(0), Bt.stride(1))
+    ) and A.data_ptr() % 16 == 0 and Bt.data_ptr() % 16 == 0
 
 
 def _row_coef(bucket: RankBucket, scales: torch.Tensor, width: int) -> torch.Tensor:
@@ -94,11 +95,12 @@ def _row_coef(bucket: RankBucket, scales: torch.Tensor, width: int) -> torch.Ten
     return coef
 
 
-def _bucket_delta(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+def _bucket_delta(xs: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scales: torch.Tensor,
                   bucket: RankBucket, prefer_grouped: bool | None = None) -> torch.Tensor:
-    """The bucket's LoRA delta for its rows. xs: [R_b, in] (rows in sorted order) -> [R_b, out]."""
+    """The bucket's LoRA delta for its rows. xs: [R_b, in] (rows in sorted order) -> [R_b, out].
+    A: [slots, R, in]; Bt: [slots, R, out], B with its rank first (a view, see add_lora_cpu)."""
     width = min(bucket.rank, A.shape[1])
-    d_in, d_out = A.shape[2], B.shape[1]
+    d_in, d_out = A.shape[2], Bt.shape[2]
     grouped = use_grouped(bucket, width, d_in, d_out, xs.dtype, prefer_grouped)
     coef = _row_coef(bucket, scales, width)  # [R_b, 1] or [R_b, w], float32
     # In-place mul by a float32 coef computes in float32 and rounds once to v's dtype: the scale
@@ -106,20 +108,22 @@ def _bucket_delta(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: to
     if bucket.num_groups == 1:  # one slot (a lone request, or one adapter): two plain GEMMs on views
         s = bucket.group_slot_ids[0]
         v = (xs @ A[s, :width].T).mul_(coef)  # [R_b, w]
-        return v @ B[s, :, :width].T  # [R_b, out]
+        return v @ Bt[s, :width]  # [R_b, out]
     if grouped:
-        if not _strides_aligned(A, B) or compact_slots(bucket, A.shape[0], width, d_in + d_out, xs.dtype):
+        if not _strides_aligned(A, Bt) or compact_slots(bucket, A.shape[0], width, d_in + d_out, xs.dtype):
             a = A[:, :width].index_select(0, bucket.group_slots)  # [n_b, w, in]
-            b = B[:, :, :width].index_select(0, bucket.group_slots)  # [n_b, out, w]
+            bt = Bt[:, :width].index_select(0, bucket.group_slots)  # [n_b, w, out]
             offs = bucket.group_offs
         else:  # every slot is a group (most empty): no copy of the weights at all
-            a, b, offs = A[:, :width], B[:, :, :width], bucket.slot_offs
+            a, bt, offs = A[:, :width], Bt[:, :width], bucket.slot_offs
         v = F.grouped_mm(xs, a.transpose(1, 2), offs=offs).mul_(coef)  # [R_b, w]
-        return F.grouped_mm(v, b.transpose(1, 2), offs=offs)  # [R_b, out]
+        return F.grouped_mm(v, bt, offs=offs)  # [R_b, out]
+    # A slot's first w rows of A (and of Bt) are one contiguous block: each row's gather is a
+    # plain memcpy (a [out, w] slice of a [out, R] B would be out strided pieces, ~8x slower).
     a = A[:, :width].index_select(0, bucket.row_slots)  # [R_b, w, in]
-    b = B[:, :, :width].index_select(0, bucket.row_slots)  # [R_b, out, w]
+    bt = Bt[:, :width].index_select(0, bucket.row_slots)  # [R_b, w, out]
     v = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2)).mul_(coef.unsqueeze(1))  # [R_b, 1, w]
-    return torch.bmm(v, b.transpose(1, 2)).squeeze(1)  # [R_b, out]
+    return torch.bmm(v, bt).squeeze(1)  # [R_b, out]
 
 
 @torch.no_grad()
@@ -128,16 +132,20 @@ def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
     """y [T, out] += LoRA delta of x [T, in] (contract in loraplex_kernels.__init__).
 
     `grouped` prefers one strategy for every bucket (benchmarks/tests; unaligned shapes still
-    gather); None picks per bucket.
+    gather); None picks per bucket. B [slots, out, R] is read as Bt = B.transpose(1, 2): fastest
+    when B is that transpose of a contiguous [slots, R, out] tensor (lora/layers.py stores it so).
     """
     if not meta.has_lora:
         return
+    if grouped is None:
+        grouped = PREFER_GROUPED
+    Bt = B.transpose(1, 2)  # [slots, R, out]
     dtype = A.dtype
     xs = x.index_select(0, meta.sorted_token_ids)  # [R, in], rows sorted by (bucket, slot)
     if xs.dtype != dtype:
         xs = xs.to(dtype)
     parts = [
-        _bucket_delta(xs[bk.row_start:bk.row_end], A, B, scales, bk, grouped) for bk in meta.buckets
+        _bucket_delta(xs[bk.row_start:bk.row_end], A, Bt, scales, bk, grouped) for bk in meta.buckets
     ]  # [R_b, out] each; buckets are consecutive row ranges of the sorted order
     delta = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, out]
     if delta.dtype != y.dtype:

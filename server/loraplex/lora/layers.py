@@ -5,6 +5,12 @@ the A/B matrices of all slots stacked, so one `add_lora` call serves every adapt
 Rows of A (columns of B) beyond an adapter's rank for this module stay zero: an adapter whose
 rank_pattern gives this module a smaller rank than its maximum, or that does not target this module
 at all, then contributes exactly nothing here, whatever rank the kernel metadata carries.
+
+Layout: B is kept rank-major, Bt [slots, R, out], and handed to the kernel as the [slots, out, R]
+view the contract names: one slot's first r ranks are then one contiguous block, which the CPU
+backend gathers with a memcpy per row (a [out, r] column slice of [out, R] is `out` strided pieces,
+~8x slower), and Triton reads B rows along `out` coalesced. The dtype is the backend's choice
+(loraplex_kernels.slot_weight_dtype): float32 on CPU, the model's dtype elsewhere.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ class LoraWeights:
     def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)  # [slots, R, in]
-        self.B = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)  # [slots, out, R]
+        self.Bt = torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device)  # [slots, R, out]
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [slots]
         # Slots whose adapter targets this module. A step whose adapters all skip this module
         # (e.g. q,k,v,o adapters at gate/up/down) then costs nothing here instead of a kernel
@@ -28,7 +34,7 @@ class LoraWeights:
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Write one adapter's weights for this module into `slot` (None: the adapter skips it)."""
         self.A[slot].zero_()
-        self.B[slot].zero_()
+        self.Bt[slot].zero_()
         if A is None or B is None:
             self.scales[slot] = 0.0
             self._filled.discard(slot)
@@ -36,11 +42,16 @@ class LoraWeights:
         self._filled.add(slot)
         r = A.shape[0]  # A: [r, in], B: [out, r]
         self.A[slot, :r].copy_(A, non_blocking=True)
-        self.B[slot, :, :r].copy_(B, non_blocking=True)
+        self.Bt[slot, :r].copy_(B.T, non_blocking=True)
         self.scales[slot] = scale
 
     def clear_slot(self, slot: int) -> None:
         self.set_slot(slot, None, None, 0.0)
+
+    @property
+    def B(self) -> torch.Tensor:
+        """[slots, out, R]: the kernel contract's B, a view of Bt."""
+        return self.Bt.transpose(1, 2)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
         """y [T, out] += per-token LoRA delta of x [T, in]; lora is the step's LoraBatch."""
@@ -51,4 +62,4 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.scales))
+        return sum(t.numel() * t.element_size() for t in (self.A, self.Bt, self.scales))

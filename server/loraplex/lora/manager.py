@@ -32,7 +32,7 @@ import torch
 from loraplex.config import LoraConfig
 from loraplex.engine.errors import AdapterNotFoundError
 
-from loraplex_kernels import build_lora_meta
+from loraplex_kernels import build_lora_meta, slot_weight_dtype
 
 from .batch import LoraBatch
 from .errors import AdapterCapacityError, AdapterExistsError
@@ -93,9 +93,12 @@ class LoraManager:
         # Adapter max rank per slot: the kernel metadata's rank (work per token ∝ this).
         self.slot_ranks = torch.zeros(config.max_loras, dtype=torch.int32)  # [slots], host
         self._modules: dict[tuple[int, str], LoraWeights] = {}
+        # Slot weights in the kernel backend's dtype (float32 on CPU, see slot_weight_dtype); the
+        # host tier keeps adapters in the model's dtype and slot writes upcast, exactly.
+        self.slot_dtype = slot_weight_dtype(dtype)
         for layer_idx, name, proj in model.iter_projections():
             w = LoraWeights(config.max_loras, config.max_lora_rank, proj.in_features,
-                            proj.out_features, dtype, device)
+                            proj.out_features, self.slot_dtype, device)
             proj.lora_weights = w
             self._modules[(layer_idx, name)] = w
         self.base_shapes = BaseShapes.from_model(model)
