@@ -175,6 +175,9 @@ def write_report(path: Path, results: dict, args, started: float) -> str:
               "- 'requests = none's tokens': greedy outputs identical to the unquantized run; quantization "
               "changes the model, so divergence is expected, not a bug (equivalence with transformers' "
               "bitsandbytes models is tested in tests/test_quantize.py).",
+              "- 'load s' includes quantizing the float checkpoint at load time. A folder that transformers "
+              "saved already quantized (BitsAndBytesConfig + save_pretrained) loads as it is, with no "
+              "quantization step (model/prequantized.py, tested in tests/test_prequantized.py); not measured here.",
               "", "## Run", "",
               f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
               f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, "

@@ -271,16 +271,6 @@ def test_unavailable_method_lists_what_is_available(monkeypatch):
     assert resolve_method("auto", "cpu") == "none"  # CPU default: see benchmarks/results/quantize_cpu.md
 
 
-def test_prequantized_folder_is_refused(qmodel, tmp_path):
-    base, _ = qmodel
-    saved = tmp_path / "nf4_saved"
-    hf_quantized(base, "nf4").save_pretrained(saved)
-    for f in base.glob("tokenizer*"):
-        (saved / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(ValueError, match=r"quantization_config \(quant_method='bitsandbytes'\).*--quantize"):
-        load_model(saved, torch.float32, "cpu")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ("nf4", "fp4", "int8"))
 def test_cuda_quantized_logits_match_transformers(qmodel, method):

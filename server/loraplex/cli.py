@@ -3,8 +3,11 @@
     loraplex serve [--model PATH] [--host H] [--port P] [--dtype D] [--device D] [engine flags]
                    [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
                    [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N] [--max-adapter-bytes B]
+                   [--admin-token-file F] [--generation-token-file F] [--tls-cert F --tls-key F]
+                   [--tls-client-ca F] [request limit flags]
     loraplex generate "prompt" [--server HOST:PORT] [--adapter ID] [--max-new-tokens N]
                                [--temperature T] [--chat]      # streams the completion to stdout
+    (every client command also takes [--token T | --token-file F] [--tls-ca F [--tls-cert F --tls-key F]])
     loraplex info [--server HOST:PORT]
     loraplex adapters load ID PATH [--pinned] | unload ID | list   [--server HOST:PORT]
     loraplex convert-default [--cache-dir DIR]
@@ -29,9 +32,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 # --- serve ---------------------------------------------------------------------------------------
 def _add_serve(sub) -> None:
-    from loraplex.config import EngineConfig, LoraConfig, ServerConfig
+    from loraplex.config import EngineConfig, LoraConfig, RequestLimits, ServerConfig
 
-    eng, srv, lora = EngineConfig(), ServerConfig(), LoraConfig()
+    eng, srv, lora, lim = EngineConfig(), ServerConfig(), LoraConfig(), RequestLimits()
     p = sub.add_parser("serve", help="run the gRPC server",
                        description="Load a model and serve it over gRPC (health and reflection on).")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -82,6 +85,39 @@ def _add_serve(sub) -> None:
                         f"dropped to disk (default max({lora.max_cpu_loras}, --max-loras))")
     a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
                    help="largest adapter file accepted (default %(default)s)")
+    s = p.add_argument_group("security (see README: Running it exposed safely)")
+    s.add_argument("--admin-token-file", metavar="FILE",
+                   help="file holding the bearer token LoadAdapter/UnloadAdapter require "
+                        "(`authorization: Bearer <token>` metadata)")
+    s.add_argument("--admin-token", metavar="TOKEN",
+                   help="the admin token itself; visible to every local user in `ps`: prefer --admin-token-file")
+    s.add_argument("--generation-token-file", metavar="FILE",
+                   help="file holding the bearer token Generate/GenerateStream/GetModelInfo/ListAdapters "
+                        "require (the admin token is accepted too); default: those calls are open")
+    s.add_argument("--generation-token", metavar="TOKEN",
+                   help="the generation token itself; visible in `ps`: prefer --generation-token-file")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate chain (needs --tls-key)")
+    s.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", metavar="FILE",
+                   help="require every client to present a certificate signed by this PEM CA (mutual TLS)")
+    r = p.add_argument_group("request limits (a request over one gets INVALID_ARGUMENT, a full server "
+                             "RESOURCE_EXHAUSTED)")
+    r.add_argument("--max-prompt-chars", type=int, default=lim.max_prompt_chars,
+                   help="characters of prompt text or message contents, checked before tokenizing "
+                        "(default 0 = 32 x max-model-len)")
+    r.add_argument("--max-messages", type=int, default=lim.max_messages,
+                   help="messages in one chat request (default %(default)s)")
+    r.add_argument("--max-stop-strings", type=int, default=lim.max_stop_strings,
+                   help="stop strings per request (default %(default)s)")
+    r.add_argument("--max-stop-chars", type=int, default=lim.max_stop_chars,
+                   help="characters in one stop string (default %(default)s)")
+    r.add_argument("--max-request-id-chars", type=int, default=lim.max_request_id_chars,
+                   help="characters in a client-chosen request_id (default %(default)s)")
+    r.add_argument("--max-concurrent-requests", type=int, default=lim.max_concurrent_requests,
+                   help="Generate/GenerateStream calls in progress server-wide (default %(default)s)")
+    r.add_argument("--max-streams-per-connection", type=int, default=lim.max_streams_per_connection,
+                   help="HTTP/2 streams one client connection may hold open; more wait on the client "
+                        "(default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default=srv.log_format, choices=["text", "json"],
                    help="log lines (one per finished request among them) as text or JSON objects")
@@ -121,12 +157,46 @@ def _lora_config(args):
                       max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter))
 
 
+def read_token_file(name: str, path: str) -> str:
+    """The token in `path`, surrounding whitespace (a trailing newline) stripped; never echoed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(64 * 1024).strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{name}: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not token:
+        raise ValueError(f"{name}: {path} is empty")
+    return token
+
+
+def _token(args, name: str) -> str | None:
+    """--NAME-token or --NAME-token-file (not both) -> the token or None."""
+    value, path = getattr(args, f"{name}_token"), getattr(args, f"{name}_token_file")
+    if value is not None and path is not None:
+        raise ValueError(f"{name}_token: give --{name}-token or --{name}-token-file, not both")
+    return read_token_file(f"{name}_token_file", path) if path is not None else value
+
+
+def _security_configs(args):
+    from loraplex.config import AuthConfig, RequestLimits, TlsConfig
+
+    auth = AuthConfig(admin_token=_token(args, "admin"), generation_token=_token(args, "generation"))
+    tls = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    limits = RequestLimits(max_prompt_chars=args.max_prompt_chars, max_messages=args.max_messages,
+                           max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                           max_request_id_chars=args.max_request_id_chars,
+                           max_concurrent_requests=args.max_concurrent_requests,
+                           max_streams_per_connection=args.max_streams_per_connection)
+    return auth, tls, limits
+
+
 def _server_config(args):
     from loraplex.config import EngineConfig, ModelConfig, ServerConfig
 
+    auth, tls, limits = _security_configs(args)
     return ServerConfig(
         host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
-        max_message_bytes=args.max_message_bytes,
+        max_message_bytes=args.max_message_bytes, auth=auth, tls=tls, limits=limits,
         metrics_port=args.metrics_port, metrics_top_adapters=args.metrics_top_adapters,
         log_format=args.log_format,
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
@@ -174,10 +244,26 @@ def _serve(args) -> int:
 
 
 # --- clients -------------------------------------------------------------------------------------
-def _channel(address: str):
+def _channel(args):
+    """A channel to --server: TLS when --tls-ca is given (with a client certificate when
+    --tls-cert/--tls-key are), plaintext otherwise."""
     import grpc
 
-    return grpc.insecure_channel(address)
+    if args.tls_ca is None:
+        if args.tls_cert is not None or args.tls_key is not None:
+            raise ValueError("--tls-cert/--tls-key need --tls-ca")
+        return grpc.insecure_channel(args.server)
+    from loraplex.api.tls import channel_credentials
+
+    return grpc.secure_channel(args.server, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
+
+
+def _metadata(args) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <token>` from --token / --token-file, or nothing."""
+    if args.token is not None and args.token_file is not None:
+        raise ValueError("give --token or --token-file, not both")
+    token = read_token_file("token_file", args.token_file) if args.token_file is not None else args.token
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -193,12 +279,20 @@ def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
             details = err.details() if hasattr(err, "details") else str(err)
             print(f"error: {code}: {details}", file=sys.stderr)
             return 1
+        except ValueError as err:  # a client flag (token file, TLS file) that cannot be used
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     return wrapper
 
 
 def _add_server_flag(p) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server (default %(default)s)")
+    p.add_argument("--token", help="bearer token to send (visible in `ps`: prefer --token-file)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token to send")
+    p.add_argument("--tls-ca", metavar="FILE", help="connect over TLS, trusting this PEM CA")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
 
 
 def _add_generate(sub) -> None:
@@ -231,9 +325,10 @@ def _generate(args) -> int:
         if getattr(args, name) is not None:
             setattr(req.sampling, name, getattr(args, name))
     req.sampling.stop.extend(args.stop)
-    with _channel(args.server) as channel:
+    with _channel(args) as channel:
         last = None
-        for chunk in generation_pb2_grpc.GenerationStub(channel).GenerateStream(req, timeout=args.timeout):
+        for chunk in generation_pb2_grpc.GenerationStub(channel).GenerateStream(req, timeout=args.timeout,
+                                                                                metadata=_metadata(args)):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()  # tokens appear as they come
             last = chunk
@@ -256,8 +351,9 @@ def _add_info(sub) -> None:
 def _info(args) -> int:
     from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
 
-    with _channel(args.server) as channel:
-        info = generation_pb2_grpc.GenerationStub(channel).GetModelInfo(generation_pb2.GetModelInfoRequest())
+    with _channel(args) as channel:
+        info = generation_pb2_grpc.GenerationStub(channel).GetModelInfo(generation_pb2.GetModelInfoRequest(),
+                                                                        metadata=_metadata(args))
     for field in info.DESCRIPTOR.fields:
         value = getattr(info, field.name)
         if field.is_repeated:
@@ -295,9 +391,9 @@ def _print_adapter(a) -> None:
 def _adapters_load(args) -> int:
     from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
 
-    with _channel(args.server) as channel:
+    with _channel(args) as channel:
         resp = adapters_pb2_grpc.AdaptersStub(channel).LoadAdapter(adapters_pb2.LoadAdapterRequest(
-            adapter_id=args.adapter_id, path=args.path, pinned=args.pinned))
+            adapter_id=args.adapter_id, path=args.path, pinned=args.pinned), metadata=_metadata(args))
     _print_adapter(resp.adapter)
     return 0
 
@@ -305,9 +401,9 @@ def _adapters_load(args) -> int:
 def _adapters_unload(args) -> int:
     from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
 
-    with _channel(args.server) as channel:
+    with _channel(args) as channel:
         adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(
-            adapters_pb2.UnloadAdapterRequest(adapter_id=args.adapter_id))
+            adapters_pb2.UnloadAdapterRequest(adapter_id=args.adapter_id), metadata=_metadata(args))
     print(f"unloaded {args.adapter_id}")
     return 0
 
@@ -315,8 +411,9 @@ def _adapters_unload(args) -> int:
 def _adapters_list(args) -> int:
     from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
 
-    with _channel(args.server) as channel:
-        resp = adapters_pb2_grpc.AdaptersStub(channel).ListAdapters(adapters_pb2.ListAdaptersRequest())
+    with _channel(args) as channel:
+        resp = adapters_pb2_grpc.AdaptersStub(channel).ListAdapters(adapters_pb2.ListAdaptersRequest(),
+                                                                    metadata=_metadata(args))
     for a in resp.adapters:
         _print_adapter(a)
     return 0

@@ -57,6 +57,93 @@ class EngineConfig:
 # their completions: 16 MiB is far above either, yet bounds what one client can make us buffer.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+# A prompt's text is refused before tokenizing when it has more than this many characters per
+# token of max_model_len (when RequestLimits.max_prompt_chars is 0 = auto). English averages ~4
+# characters per token and whitespace-heavy code rarely reaches 10: 32 never refuses a prompt that
+# would fit, yet a 16 MiB string is refused without paying for its tokenization.
+AUTO_PROMPT_CHARS_PER_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one Generate request checked before any work (each breach: INVALID_ARGUMENT naming
+    the field), and on how many generation RPCs run at once (breach: RESOURCE_EXHAUSTED)."""
+
+    max_prompt_chars: int = 0  # prompt text / all message contents; 0 = auto (32 x max_model_len)
+    max_messages: int = 1024  # messages in one chat
+    max_stop_strings: int = 16  # sampling.stop entries; every one is searched after every token
+    max_stop_chars: int = 256  # characters in one stop string
+    max_request_id_chars: int = 256  # client-chosen request ids end up in logs and metrics
+    # Generate/GenerateStream RPCs in progress server-wide (queued, running or still being
+    # converted); the engine's max_waiting bounds its queue, this bounds everything before it.
+    max_concurrent_requests: int = 512
+    # HTTP/2 streams one connection may hold open; further calls wait on the client's side.
+    max_streams_per_connection: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_chars < 0:
+            raise ValueError(f"max_prompt_chars: must be >= 0 (0 = auto), got {self.max_prompt_chars}")
+        for name in ("max_messages", "max_stop_strings", "max_stop_chars", "max_request_id_chars",
+                     "max_concurrent_requests", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def prompt_chars(self, max_model_len: int) -> int:
+        """The prompt character limit in force for a server of `max_model_len` tokens."""
+        return self.max_prompt_chars or AUTO_PROMPT_CHARS_PER_TOKEN * max_model_len
+
+
+def _check_token(name: str, token: str | None) -> None:
+    # The message never shows the token: a config error may end up in a log.
+    if token is None:
+        return
+    if not token:
+        raise ValueError(f"{name}: must not be empty")
+    # gRPC metadata values must be printable ASCII; a space would split "Bearer <token>".
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(f"{name}: must be printable ASCII without spaces")
+    if len(token) < 16:
+        raise ValueError(f"{name}: must have at least 16 characters (e.g. `openssl rand -hex 32`)")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens (`authorization: Bearer <token>` metadata). repr=False: a config printed to a
+    log or a traceback never shows them."""
+
+    admin_token: str | None = field(default=None, repr=False)  # LoadAdapter / UnloadAdapter
+    generation_token: str | None = field(default=None, repr=False)  # Generation + ListAdapters
+
+    def __post_init__(self) -> None:
+        _check_token("admin_token", self.admin_token)
+        _check_token("generation_token", self.generation_token)
+
+    @property
+    def enabled(self) -> bool:
+        return self.admin_token is not None or self.generation_token is not None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files; whether they exist and parse is checked at start-up (api/tls.py)."""
+
+    cert: str | None = None  # server certificate chain
+    key: str | None = None  # its private key
+    client_ca: str | None = None  # set: every client must present a certificate signed by it
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls_cert and tls_key: give both or neither")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("tls_client_ca: needs tls_cert and tls_key (client certificates only exist over TLS)")
+        for name in ("cert", "key", "client_ca"):
+            if getattr(self, name) == "":
+                raise ValueError(f"tls_{name}: must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -70,6 +157,9 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus http://host:PORT/metrics; None = off, 0 = any free port
     metrics_top_adapters: int = 10  # adapters with their own `adapter` label; the rest count as "other"
     log_format: str = "text"  # text | json: every log line, incl. one per finished request
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536):

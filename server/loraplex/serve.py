@@ -22,7 +22,8 @@ import torch
 
 from loraplex.api.generation_servicer import Runtime
 from loraplex.api.grpc_server import GrpcServer
-from loraplex.config import DEFAULT_MAX_MESSAGE_BYTES, EngineConfig, LoraConfig, ModelConfig, ServerConfig
+from loraplex.config import (DEFAULT_MAX_MESSAGE_BYTES, AuthConfig, EngineConfig, LoraConfig, ModelConfig,
+                             RequestLimits, ServerConfig, TlsConfig)
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,10 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
 
 async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> None:
     """Run until SIGTERM/SIGINT. `max_message_bytes` overrides config.max_message_bytes."""
+    # Raises ValueError (before the model load) when a TLS file cannot be used.
     server = GrpcServer(config.host, config.port,
-                        config.max_message_bytes if max_message_bytes is None else max_message_bytes)
+                        config.max_message_bytes if max_message_bytes is None else max_message_bytes,
+                        limits=config.limits, auth=config.auth, tls=config.tls)
     await server.start()
     metrics, metrics_http = None, None
     if config.metrics_port is not None:
@@ -163,7 +166,9 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
             return
         runtime = load.result()  # raises if loading failed
         await server.attach(runtime)
-        log.info("serving %s on %s", runtime.loaded.path, server.address)
+        log.info("serving %s on %s (%s, %s)", runtime.loaded.path, server.address,
+                 "TLS" if server.tls else "plaintext",
+                 "bearer tokens" if config.auth.enabled else "no authentication")
         await waiter
         log.info("shutting down (grace %.1fs)", config.shutdown_grace_seconds)
     finally:
@@ -182,9 +187,11 @@ class ServerThread:
     """
 
     def __init__(self, runtime: Runtime | None, host: str = "127.0.0.1", port: int = 0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, limits: RequestLimits | None = None,
+                 auth: AuthConfig | None = None, tls: TlsConfig | None = None):
         self._runtime = runtime
         self._args = (host, port, max_message_bytes)
+        self._kwargs = dict(limits=limits, auth=auth, tls=tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loraplex-grpc", daemon=True)
         self.server: GrpcServer | None = None
@@ -200,7 +207,7 @@ class ServerThread:
         self._thread.start()
 
         async def _start() -> GrpcServer:
-            server = GrpcServer(*self._args)
+            server = GrpcServer(*self._args, **self._kwargs)
             await server.start()
             if self._runtime is not None:
                 await server.attach(self._runtime)

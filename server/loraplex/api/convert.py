@@ -12,6 +12,7 @@ from typing import Any
 
 import loraplex
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, generation_pb2
+from loraplex.config import RequestLimits
 from loraplex.engine.request import (FinishReason, InvalidRequestError, Request, RequestOutput,
                                      SamplingParams, Timings)
 
@@ -100,8 +101,40 @@ def prompt_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab
     return ids
 
 
+def check_limits(req: generation_pb2.GenerateRequest, limits: RequestLimits, max_model_len: int) -> None:
+    """The size bounds of `limits` (see config.RequestLimits), checked before any tokenizing: a
+    16 MiB prompt must cost a length check, not a tokenizer run."""
+    if len(req.request_id) > limits.max_request_id_chars:
+        raise InvalidRequestError("request_id", f"{len(req.request_id)} characters; at most "
+                                                f"{limits.max_request_id_chars} (max_request_id_chars)")
+    stop = req.sampling.stop
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequestError("sampling.stop", f"{len(stop)} stop strings; at most "
+                                                   f"{limits.max_stop_strings} (max_stop_strings)")
+    i, longest = max(enumerate(len(s) for s in stop), key=lambda p: p[1], default=(0, 0))
+    if longest > limits.max_stop_chars:
+        raise InvalidRequestError(f"sampling.stop[{i}]", f"{longest} characters; at most "
+                                                         f"{limits.max_stop_chars} (max_stop_chars)")
+    which = req.WhichOneof("input")
+    max_chars = limits.prompt_chars(max_model_len)
+    if which == "prompt" and len(req.prompt) > max_chars:
+        raise InvalidRequestError("prompt", f"{len(req.prompt)} characters; at most {max_chars} "
+                                            f"(max_prompt_chars)")
+    if which == "messages":
+        messages = req.messages.messages
+        if len(messages) > limits.max_messages:
+            raise InvalidRequestError("messages", f"{len(messages)} messages; at most "
+                                                  f"{limits.max_messages} (max_messages)")
+        total = sum(len(m.content) for m in messages)
+        if total > max_chars:
+            raise InvalidRequestError("messages", f"{total} characters of content; at most {max_chars} "
+                                                  f"(max_prompt_chars)")
+
+
 def request_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab_size: int,
-                       max_model_len: int, max_new_tokens_cap: int) -> Request:
+                       max_model_len: int, max_new_tokens_cap: int,
+                       limits: RequestLimits | None = None) -> Request:
+    check_limits(req, limits or RequestLimits(), max_model_len)
     sampling = sampling_from_proto(req.sampling, max_new_tokens_cap)
     ids = prompt_from_proto(req, tokenizer, vocab_size, max_model_len)
     return Request(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
@@ -147,7 +180,7 @@ def response_to_proto(outputs: list[RequestOutput]) -> generation_pb2.GenerateRe
 
 
 def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
-    from loraplex.model.quantize import quantized_bytes
+    from loraplex.model.quantize import float16_weight_bytes, quantized_bytes
 
     model = loaded.model
     # Counts bitsandbytes' quant state (absmax, code, SCB) too, which model.parameters() misses.
@@ -166,6 +199,7 @@ def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
         loraplex_version=loraplex.__version__,
         max_new_tokens_cap=engine.config.max_new_tokens_cap,
         eos_token_ids=sorted(engine.eos_token_ids),
+        float16_weight_bytes=float16_weight_bytes(model),  # quantized layers at their logical shape
     )
 
 

@@ -26,6 +26,7 @@ import grpc
 from loraplex.api import convert
 from loraplex.api.adapters_servicer import GENERATE_FIELDS, run_adapter_call
 from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
+from loraplex.config import RequestLimits
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
 from loraplex.lora.errors import AdapterPathError
@@ -66,8 +67,9 @@ class _Outputs:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, runtime: Runtime | None = None):
+    def __init__(self, runtime: Runtime | None = None, limits: RequestLimits | None = None):
         self.runtime = runtime  # None while the model loads: RPCs answer UNAVAILABLE
+        self.limits = limits or RequestLimits()  # per-request bounds checked by convert
 
     async def _require_runtime(self, context: grpc.aio.ServicerContext) -> Runtime:
         if self.runtime is None:
@@ -99,7 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finished = True
                     if out.finish_reason is FinishReason.ERROR:
                         log.error("request %s failed: %s", out.request_id, out.error)
-                        await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                        await context.abort(grpc.StatusCode.INTERNAL,
+                                            f"generation failed for request {out.request_id}: {out.error}")
                 yield out
                 if finished:
                     return
@@ -112,7 +115,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         engine = rt.engine
         try:
             req = convert.request_from_proto(request, rt.loaded.tokenizer, rt.loaded.arch.vocab_size,
-                                             engine.max_model_len, engine.config.max_new_tokens_cap)
+                                             engine.max_model_len, engine.config.max_new_tokens_cap,
+                                             self.limits)
         except InvalidRequestError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         outputs = _Outputs(asyncio.get_running_loop())

@@ -10,6 +10,10 @@ With a QuantSpec (quantize.py), each projection's `.base` is swapped for a shape
 before materialising, so its float weight is never allocated in the model; when the checkpoint
 tensor(s) of a projection have been read, they are quantized into a bitsandbytes layer and the
 float copy is dropped: peak memory is the quantized model plus one float layer.
+
+A folder saved already quantized by transformers + bitsandbytes (config.json has a
+quantization_config) is loaded as it is (prequantized.py): the projections' quantized tensors are
+collected while streaming the checkpoint and become bitsandbytes layers without dequantizing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from torch import nn
 from loraplex.model.arch import ArchConfig
 from loraplex.model.linear import Projection
 from loraplex.model.llama import LlamaForCausalLM
+from loraplex.model.prequantized import (check_checkpoint_keys, install_layers, is_known_piece, projection_piece,
+                                         read_folder_quantization, spec_for_folder)
 from loraplex.model.quantize import QuantSpec, quantize_linear
 
 # Checkpoint tensors that carry no weights of ours (old HF exports saved RoPE buffers).
@@ -114,11 +120,15 @@ def _install_pending(model: LlamaForCausalLM) -> dict[str, tuple[Projection, _Pe
 
 @torch.no_grad()
 def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | None = None,
-                 pending: dict[str, tuple[Projection, _PendingLinear]] | None = None) -> None:
+                 pending: dict[str, tuple[Projection, _PendingLinear]] | None = None,
+                 prequantized: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Copy every checkpoint tensor into its parameter (casting dtype, moving device) in place.
 
     With `pending` (from _install_pending), projection weights are quantized by `quant` instead:
-    each projection becomes a bitsandbytes layer as soon as its weight (and bias) are read."""
+    each projection becomes a bitsandbytes layer as soon as its weight (and bias) are read.
+    With `prequantized` (a dict, filled here), the checkpoint is already quantized: every tensor of
+    a pending projection (weight, bias, quant state) is kept as read, by projection then piece
+    name, for prequantized.install_layers."""
     targets = checkpoint_targets(model)
     pending = pending or {}
     seen: set[str] = set()
@@ -130,6 +140,15 @@ def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | 
                     continue
                 if tied and name == "lm_head.weight":
                     # Tied checkpoints may still carry a copy; HF ties it to the embedding anyway.
+                    continue
+                if prequantized is not None and (hit := projection_piece(name, pending)) is not None:
+                    if name in seen:
+                        raise ValueError(f"weight {name!r} appears in more than one file")
+                    if not is_known_piece(hit[1]):
+                        raise ValueError(f"unexpected weight {name!r} in {file.name}: not a bitsandbytes "
+                                         "weight, bias or quantization state")
+                    prequantized.setdefault(hit[0], {})[hit[1]] = f.get_tensor(name)  # stays quantized
+                    seen.add(name)
                     continue
                 prefix, _, leaf = name.rpartition(".")
                 if prefix in pending and leaf in ("weight", "bias"):
@@ -191,15 +210,9 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _refuse_prequantized(path: Path) -> None:
-    cfg = json.loads((path / "config.json").read_text())
-    qc = cfg.get("quantization_config")
-    if qc is not None:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise ValueError(
-            f"{path}: config.json has a quantization_config (quant_method={method!r}): already-quantized "
-            "checkpoints are not supported yet; load the float checkpoint and pass --quantize "
-            "nf4|fp4|int8 to quantize it at load time")
+def _keys(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        return list(f.keys())
 
 
 def build_empty_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
@@ -215,17 +228,30 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     """Load the HF folder at `path` as our LlamaForCausalLM in `dtype` on `device`.
 
     `quant` (method nf4|fp4|int8) quantizes the projections while loading; check the method with
-    quantize.check_available first to get the message listing what runs on this machine."""
+    quantize.check_available first to get the message listing what runs on this machine.
+    A folder already quantized with bitsandbytes is loaded as it is; `quant` must then ask for
+    "auto" (`requested`; None means auto) or the folder's method (prequantized.spec_for_folder)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    quant = quant or QuantSpec()
+    quant = quant or QuantSpec(requested="auto")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype: must be a floating point dtype, got {dtype}")
     arch = read_arch(path)
-    _refuse_prequantized(path)
+    folder = read_folder_quantization(path)  # None for a float checkpoint
     files = safetensors_files(path)
-    if quant.enabled:
+    if folder is not None:
+        quant = spec_for_folder(folder, quant, device, path)  # refuses a conflicting --quantize
+        model = LlamaForCausalLM(arch, dtype=dtype, device="meta")
+        pending = _install_pending(model)  # the projections' layers are built from the quantized tensors
+        model.to_empty(device=device)
+        model.rebuild_buffers()
+        names = [n for file in files for n in _keys(file)]
+        check_checkpoint_keys(names, set(pending))
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        load_weights(model, files, quant, pending, prequantized=pieces)
+        install_layers(pending, pieces, quant, folder, dtype, torch.device(device))
+    elif quant.enabled:
         model = LlamaForCausalLM(arch, dtype=dtype, device="meta")
         pending = _install_pending(model)  # before to_empty: projection weights never allocated
         model.to_empty(device=device)

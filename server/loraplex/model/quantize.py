@@ -14,12 +14,16 @@ never resident. Which methods run depends on the platform: `quantization_for(pla
 bitsandbytes once with a tiny layer (bitsandbytes >= 0.48 runs all of nf4/fp4/int8 on CPU; a
 machine without bitsandbytes can only run "none"). `check_available` stops start-up with a message
 listing what is available instead of failing at the first forward.
+
+A folder saved already quantized (transformers + BitsAndBytesConfig) is not re-quantized: its layers
+are built from the saved tensors (prequantized.py) and its method replaces --quantize auto.
+`float16_weight_bytes(model)` is what the loaded base weights would take in float16 (ModelInfo).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -48,8 +52,16 @@ class QuantSpec:
     # Those columns are picked per call from the whole flat batch, so with a threshold > 0 a
     # sequence's logits depend (slightly) on what else is in the batch; 0.0 = pure int8, batch-independent.
     int8_threshold: float = INT8_THRESHOLD
+    # The raw --quantize value ("auto" or a method) when built from flags; "" = `method` was asked for
+    # (a spec built in code). A folder that is already quantized compares it with its own method
+    # (prequantized.py): "auto" takes the folder's, another method is refused.
+    requested: str = field(default="", compare=False)
+    # True when the weights came quantized in the folder (prequantized.py), not quantized at load.
+    prequantized: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.requested not in ("", "auto", *METHODS):
+            raise ValueError(f"quantize: unknown value {self.requested!r}; expected auto or one of {list(METHODS)}")
         if self.method not in METHODS:
             raise ValueError(f"quantize: unknown method {self.method!r}; expected one of {list(METHODS)}")
         if self.compute_dtype is not None and self.compute_dtype not in _COMPUTE_DTYPES.values():
@@ -130,13 +142,15 @@ def spec_from_config(model_config, device: torch.device | str) -> QuantSpec:
     'auto' resolved, availability checked (QuantizationUnavailableError lists what runs here)."""
     method = resolve_method(model_config.quantize, device)
     return QuantSpec(method, compute_dtype_from_name(model_config.quant_compute_dtype),
-                     double_quant=model_config.double_quant and method in _FOUR_BIT)
+                     double_quant=model_config.double_quant and method in _FOUR_BIT,
+                     requested=model_config.quantize)
 
 
 def memory_summary(loaded) -> str:
     """One start-up log line: method, resident base weight bytes and the float16 equivalent."""
-    resident, fp16 = quantized_bytes(loaded.model), float16_bytes(loaded.arch)
-    return (f"quantize={loaded.quant.method}: base weights {resident / 2**20:.1f} MiB resident "
+    resident, fp16 = quantized_bytes(loaded.model), float16_weight_bytes(loaded.model)
+    source = " (quantized in the folder)" if loaded.quant.prequantized else ""
+    return (f"quantize={loaded.quant.method}{source}: base weights {resident / 2**20:.1f} MiB resident "
             f"({resident / fp16:.2f}x of {fp16 / 2**20:.1f} MiB in float16)")
 
 
@@ -195,6 +209,9 @@ def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
                 yield t
         qs = getattr(qs, "state2", None)  # double quantization: the scales' own quant state
     scb = getattr(weight, "SCB", None)  # int8: per-row scales
+    if not isinstance(scb, torch.Tensor):
+        # Linear8bitLt's first forward moves CB/SCB from the weight into module.state.
+        scb = getattr(getattr(module, "state", None), "SCB", None)
     if isinstance(scb, torch.Tensor):
         yield scb
 
@@ -235,3 +252,26 @@ def float16_bytes(arch, projections_only: bool = False) -> int:
     if projections_only:
         return sum(p.numel() * 2 for m in meta.modules() if isinstance(m, Projection) for p in m.base.parameters())
     return sum(p.numel() * 2 for p in meta.parameters())
+
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: a 4-bit weight by its quant_state.shape [out, in] (its storage
+    packs two weights per byte); anything else (int8 [out, in], float) by its own shape."""
+    qs = getattr(param, "quant_state", None)
+    shape = getattr(qs, "shape", None)
+    return shape.numel() if shape is not None else param.numel()
+
+
+def float16_weight_bytes(model: nn.Module) -> int:
+    """Bytes the loaded model's base weights would take in float16: 2 bytes per parameter, quantized
+    projections counted by their logical shape. Same value whatever the quantization (and equal to
+    float16_bytes(arch)); tied weights count once; LoRA slots are not modules: not counted."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += _logical_numel(p)
+    return total * 2
