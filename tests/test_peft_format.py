@@ -498,7 +498,7 @@ def test_rank_above_max_rank(adapters):
 
 def test_file_larger_than_max_bytes(adapters):
     size = (adapters["lora_q_v"] / SAFETENSORS_NAME).stat().st_size
-    refused(adapters["lora_q_v"], SAFETENSORS_NAME, "max_bytes", max_bytes=size - 1)
+    refused(adapters["lora_q_v"], SAFETENSORS_NAME, "max_adapter_bytes", max_bytes=size - 1)
     assert read_adapter(adapters["lora_q_v"], BASE, MAX_RANK, max_bytes=size).file_bytes == size
 
 

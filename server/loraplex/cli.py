@@ -47,7 +47,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "nf4", "fp4", "int8"],
                    help="bitsandbytes quantization of the base projections (embeddings/lm_head stay "
                         "unquantized); auto: nf4 on CUDA, none on CPU (saves memory there but is not "
-                        "reliably faster than bfloat16; see benchmarks/results/quantize_cpu.md)")
+                        "reliably faster than bfloat16; see benchmarks/results/quantize_cpu.md). A folder saved "
+                        "already bitsandbytes-quantized uses its own method (auto or that method)")
     p.add_argument("--quant-compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the 4-bit matmuls (auto: --dtype)")
     p.add_argument("--double-quant", action="store_true",

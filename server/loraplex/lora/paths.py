@@ -20,7 +20,7 @@ def validate_adapter_id(adapter_id: str) -> str:
     if not _ID_RE.match(adapter_id or "") or ".." in adapter_id:
         raise AdapterPathError(
             "adapter_id",
-            f"{adapter_id!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators, no '..')")
+            f"{adapter_id[:64]!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators, no '..')")
     return adapter_id
 
 

@@ -609,7 +609,7 @@ def read_adapter(path: str | os.PathLike[str], base: BaseShapes, max_rank: int,
         weights_name, weights_path = BIN_NAME, _resolve_inside(root, folder, BIN_NAME)
     if weights_path is None:
         raise AdapterFormatError(SAFETENSORS_NAME, f"missing from {str(path)!r} (and no legacy {BIN_NAME})")
-    weights_bytes = _read_bytes(weights_path, weights_name, max_bytes, "max_bytes")
+    weights_bytes = _read_bytes(weights_path, weights_name, max_bytes, "max_adapter_bytes")
     tensors = _decode_tensors(weights_name, weights_bytes)
     if not tensors:
         raise AdapterFormatError(weights_name, "contains no tensors (empty adapter)")
