@@ -13,7 +13,7 @@ from .backend import BACKENDS, current_impl, default_backend, get_backend, set_b
 from .meta import LoraMeta, RankBucket, build_lora_meta
 
 __all__ = [
-    "BACKENDS", "LoraMeta", "RankBucket", "add_lora", "build_lora_meta", "default_backend",
+    "BACKENDS", "LoraMeta", "RankBucket", "add_lora", "add_lora_multi", "build_lora_meta", "default_backend",
     "get_backend", "set_backend", "slot_weight_dtype",
 ]
 
@@ -40,6 +40,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     """
     if not meta.has_lora:  # no-LoRA fast path: one attribute read
         return
+    _check(y, x, A, B, scales, meta)
+    current_impl()(y, x, A, B, scales, meta)
+
+
+def _check(y, x, A, B, scales, meta) -> None:
     T = meta.num_tokens
     if x.shape[0] != T or y.shape[0] != T:
         raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not have the meta's {T} rows")
@@ -52,4 +57,34 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         raise ValueError(f"A has {slots} slots, meta {meta.num_slots}, scales {tuple(scales.shape)}")
     if meta.max_rank > max_rank:
         raise ValueError(f"an active slot has rank {meta.max_rank} > A's max_rank {max_rank}")
-    current_impl()(y, x, A, B, scales, meta)
+
+
+def add_lora_multi(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                   scales: torch.Tensor, meta: LoraMeta, members: tuple[int, ...] | None = None) -> None:
+    """add_lora for M projections that read the same x (q/k/v, gate/up), in one pass where the
+    backend fuses it:
+
+        # A: [slots, R, M, in]  member m's A is A[:, :, m] (ranks interleaved: the first w ranks
+        #                       of every member are one contiguous block per slot)
+        # Bs[m]: [slots, out_m, R]   ys[m]: [T, out_m]   scales: [slots, M] float32
+        for m in members (default: all):
+            add_lora(ys[m], x, A[:, :, m], Bs[m], scales[:, m], meta)
+
+    The CPU backend shrinks x once against all members' A (one matmul of width M * w instead of
+    M of width w) and expands per member; other backends run the loop above.
+    """
+    if not meta.has_lora:
+        return
+    members = tuple(range(A.shape[2])) if members is None else members
+    if A.dim() != 4 or len(ys) != A.shape[2] or len(Bs) != A.shape[2] or scales.shape != (A.shape[0], A.shape[2]):
+        raise ValueError(f"A {tuple(A.shape)} must be [slots, R, M, in] with M = len(ys) = len(Bs) = "
+                         f"{len(ys)}/{len(Bs)}, scales {tuple(scales.shape)} [slots, M]")
+    if get_backend() != "cpu":
+        for m in members:
+            add_lora(ys[m], x, A[:, :, m], Bs[m], scales[:, m], meta)
+        return
+    from .cpu import add_lora_multi_cpu
+
+    for m in members:  # the single op's shape checks, per member (cheap: no data is touched)
+        _check(ys[m], x, A[:, :, m], Bs[m], scales[:, m], meta)
+    add_lora_multi_cpu(ys, x, A, Bs, scales, meta, members)

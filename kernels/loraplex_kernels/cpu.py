@@ -79,12 +79,12 @@ def compact_slots(bucket: RankBucket, num_slots: int, width: int, d_io: int, dty
     return 2 * empty * EMPTY_GROUP_S > copy_bytes / COPY_BYTES_PER_S
 
 
-def _strides_aligned(A: torch.Tensor, Bt: torch.Tensor) -> bool:
-    """Can grouped_mm read A/Bt's slot matrices in place (e.g. not with a max_rank of 12 in bf16)?"""
-    size = A.dtype.itemsize
-    return A.stride(2) == 1 and Bt.stride(2) == 1 and all(
-        (st * size) % 16 == 0 for st in (A.stride(0), A.stride(1), Bt.stride(0), Bt.stride(1))
-    ) and A.data_ptr() % 16 == 0 and Bt.data_ptr() % 16 == 0
+def _strides_aligned(*mats: torch.Tensor) -> bool:
+    """Can grouped_mm read these [slots, rows, cols] matrices in place (e.g. not with a max_rank
+    of 12 in bf16)? Last dim contiguous, other strides and the base 16-byte aligned."""
+    size = mats[0].dtype.itemsize
+    return all(m.stride(2) == 1 and (m.stride(0) * size) % 16 == 0 and (m.stride(1) * size) % 16 == 0
+               and m.data_ptr() % 16 == 0 for m in mats)
 
 
 def _row_coef(bucket: RankBucket, scales: torch.Tensor, width: int) -> torch.Tensor:
@@ -95,38 +95,112 @@ def _row_coef(bucket: RankBucket, scales: torch.Tensor, width: int) -> torch.Ten
     return coef
 
 
-def _bucket_delta(xs: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scales: torch.Tensor,
-                  bucket: RankBucket, prefer_grouped: bool | None = None) -> torch.Tensor:
-    """The bucket's LoRA delta for its rows. xs: [R_b, in] (rows in sorted order) -> [R_b, out].
-    A: [slots, R, in]; Bt: [slots, R, out], B with its rank first (a view, see add_lora_cpu)."""
-    width = min(bucket.rank, A.shape[1])
-    d_in, d_out = A.shape[2], Bt.shape[2]
-    grouped = use_grouped(bucket, width, d_in, d_out, xs.dtype, prefer_grouped)
-    coef = _row_coef(bucket, scales, width)  # [R_b, 1] or [R_b, w], float32
-    # In-place mul by a float32 coef computes in float32 and rounds once to v's dtype: the scale
-    # is applied at full precision without a cast round-trip (fewer ops on the decode path).
-    if bucket.num_groups == 1:  # one slot (a lone request, or one adapter): two plain GEMMs on views
-        s = bucket.group_slot_ids[0]
-        v = (xs @ A[s, :width].T).mul_(coef)  # [R_b, w]
-        return v @ Bt[s, :width]  # [R_b, out]
-    if grouped:
-        if not _strides_aligned(A, Bt) or compact_slots(bucket, A.shape[0], width, d_in + d_out, xs.dtype):
-            a = A[:, :width].index_select(0, bucket.group_slots)  # [n_b, w, in]
-            bt = Bt[:, :width].index_select(0, bucket.group_slots)  # [n_b, w, out]
-            offs = bucket.group_offs
-        else:  # every slot is a group (most empty): no copy of the weights at all
-            a, bt, offs = A[:, :width], Bt[:, :width], bucket.slot_offs
-        v = F.grouped_mm(xs, a.transpose(1, 2), offs=offs).mul_(coef)  # [R_b, w]
-        return F.grouped_mm(v, bt, offs=offs)  # [R_b, out]
-    # A slot's first w rows of A (and of Bt) are one contiguous block: each row's gather is a
-    # plain memcpy (a [out, w] slice of a [out, R] B would be out strided pieces, ~8x slower).
-    a = A[:, :width].index_select(0, bucket.row_slots)  # [R_b, w, in]
-    bt = Bt[:, :width].index_select(0, bucket.row_slots)  # [R_b, w, out]
-    v = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2)).mul_(coef.unsqueeze(1))  # [R_b, 1, w]
-    return torch.bmm(v, bt).squeeze(1)  # [R_b, out]
+class _Weights:
+    """How one bucket reads its slots' weights: one slot's views, all slots in place, the
+    bucket's slots compacted, or one copy per row (see the module docstring)."""
+
+    def __init__(self, bucket: RankBucket, mode: str):
+        self.bucket, self.mode = bucket, mode
+
+    def take(self, W: torch.Tensor) -> torch.Tensor:
+        """W [slots, k, n] -> the bucket's operand: [k, n] (single), [slots | n_b | R_b, k, n]."""
+        bk = self.bucket
+        if self.mode == "single":
+            return W[bk.group_slot_ids[0]]
+        if self.mode == "all":
+            return W
+        return W.index_select(0, bk.group_slots if self.mode == "compact" else bk.row_slots)
+
+    def mm(self, v: torch.Tensor, W: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Every row of v [R_b, k] times its own slot's W [slots, k, n] -> [R_b, n]; with
+        `transposed`, W is [slots, n, k] and its transpose is used (gathered first, then viewed
+        transposed: a gather of the transposed view would be a strided copy)."""
+        w = self.take(W)
+        if transposed:
+            w = w.transpose(-2, -1)
+        if self.mode == "single":
+            return v @ w
+        if self.mode == "rows":
+            return torch.bmm(v.unsqueeze(1), w).squeeze(1)
+        offs = self.bucket.slot_offs if self.mode == "all" else self.bucket.group_offs
+        return F.grouped_mm(v, w, offs=offs)
+
+
+def _mode(bucket: RankBucket, width: int, d_in: int, d_outs: list[int], dtype: torch.dtype,
+          num_slots: int, aligned: bool, prefer_grouped: bool | None, member_width: int) -> str:
+    if bucket.num_groups == 1:  # one slot (a lone request, or one adapter): plain GEMMs on views
+        return "single"
+    # grouped_mm wants 16-byte rows in every operand: each member's [R_b, w] expand input too
+    # (a max_lora_rank of 6 gives w = 6 while the shrink's M * w = 12 is aligned).
+    if not all(_aligned(n, dtype) for n in (member_width, *d_outs)):
+        return "rows"
+    if not use_grouped(bucket, width, d_in, sum(d_outs), dtype, prefer_grouped):
+        return "rows"
+    if not aligned or compact_slots(bucket, num_slots, width, d_in + sum(d_outs), dtype):
+        return "compact"
+    return "all"  # every slot is a group (most of them empty): no copy of the weights at all
+
+
+def _bucket_deltas(xs: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], scales: torch.Tensor,
+                   members: tuple[int, ...], bucket: RankBucket, prefer_grouped: bool | None
+                   ) -> list[torch.Tensor]:
+    """One bucket's LoRA deltas for its rows, per member: xs [R_b, in] (sorted rows) ->
+    [R_b, out_m] for m in members. A [slots, R, M, in] (rank-interleaved, see add_lora_multi_cpu),
+    Bts[m] [slots, R, out_m], scales [slots, M]."""
+    num_slots, max_rank, num_members, d_in = A.shape
+    width = min(bucket.rank, max_rank)
+    # The first `width` ranks of every member are one contiguous block per slot: a view.
+    a = A[:, :width].reshape(num_slots, width * num_members, d_in)  # [slots, w*M, in]
+    bts = [Bts[m][:, :width] for m in members]  # [slots, w, out_m] each
+    d_outs = [bt.shape[2] for bt in bts]
+    mode = _mode(bucket, width * num_members, d_in, d_outs, xs.dtype, num_slots,
+                 _strides_aligned(a, *bts), prefer_grouped, width)
+    how = _Weights(bucket, mode)
+    v = how.mm(xs, a, transposed=True)  # [R_b, w*M]: row t's x times its slot's A, all members
+    v = v.view(-1, width, num_members)  # [R_b, w, M]
+    out = []
+    for m, bt in zip(members, bts):
+        # Out of place: scales (and the rank mask) in float32, and a contiguous [R_b, w] operand.
+        vm = v[:, :, m] * _row_coef(bucket, scales[:, m], width)  # [R_b, w]
+        if vm.dtype != xs.dtype:
+            vm = vm.to(xs.dtype)
+        out.append(how.mm(vm, bt))  # [R_b, out_m]
+    return out
 
 
 @torch.no_grad()
+def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                       scales: torch.Tensor, meta: LoraMeta, members: tuple[int, ...] | None = None,
+                       grouped: bool | None = None) -> None:
+    """ys[m] [T, out_m] += LoRA delta of member m for x [T, in], for M projections of one x
+    (q/k/v, gate/up) in one pass: one shrink for all members, then one expand per member.
+
+    A [slots, R, M, in]: member m's A is A[:, :, m] (ranks interleaved, so that the first w ranks
+    of all members are contiguous); Bs[m] [slots, out_m, R]; scales [slots, M]. `members`: the
+    members to compute (default all; others are left alone).
+    """
+    if not meta.has_lora:
+        return
+    if grouped is None:
+        grouped = PREFER_GROUPED
+    members = tuple(range(A.shape[2])) if members is None else members
+    if not members:
+        return
+    Bts = [B.transpose(1, 2) for B in Bs]  # [slots, R, out_m] each
+    xs = x.index_select(0, meta.sorted_token_ids)  # [R, in], rows sorted by (bucket, slot)
+    if xs.dtype != A.dtype:
+        xs = xs.to(A.dtype)
+    parts = [
+        _bucket_deltas(xs[bk.row_start:bk.row_end], A, Bts, scales, members, bk, grouped)
+        for bk in meta.buckets
+    ]  # per bucket, per member [R_b, out_m]; buckets are consecutive row ranges of the sorted order
+    for i, m in enumerate(members):
+        delta = parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts])  # [R, out_m]
+        if delta.dtype != ys[m].dtype:
+            delta = delta.to(ys[m].dtype)
+        ys[m].index_add_(0, meta.sorted_token_ids, delta)
+
+
 def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  scales: torch.Tensor, meta: LoraMeta, grouped: bool | None = None) -> None:
     """y [T, out] += LoRA delta of x [T, in] (contract in loraplex_kernels.__init__).
@@ -134,20 +208,6 @@ def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
     `grouped` prefers one strategy for every bucket (benchmarks/tests; unaligned shapes still
     gather); None picks per bucket. B [slots, out, R] is read as Bt = B.transpose(1, 2): fastest
     when B is that transpose of a contiguous [slots, R, out] tensor (lora/layers.py stores it so).
+    The one-member case of add_lora_multi_cpu.
     """
-    if not meta.has_lora:
-        return
-    if grouped is None:
-        grouped = PREFER_GROUPED
-    Bt = B.transpose(1, 2)  # [slots, R, out]
-    dtype = A.dtype
-    xs = x.index_select(0, meta.sorted_token_ids)  # [R, in], rows sorted by (bucket, slot)
-    if xs.dtype != dtype:
-        xs = xs.to(dtype)
-    parts = [
-        _bucket_delta(xs[bk.row_start:bk.row_end], A, Bt, scales, bk, grouped) for bk in meta.buckets
-    ]  # [R_b, out] each; buckets are consecutive row ranges of the sorted order
-    delta = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, out]
-    if delta.dtype != y.dtype:
-        delta = delta.to(y.dtype)
-    y.index_add_(0, meta.sorted_token_ids, delta)
+    add_lora_multi_cpu([y], x, A.unsqueeze(2), [B], scales.unsqueeze(1), meta, grouped=grouped)

@@ -22,10 +22,18 @@ from loraplex_kernels import add_lora
 
 class LoraWeights:
     def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)  # [slots, R, in]
+                 dtype: torch.dtype, device: torch.device | str,
+                 A: torch.Tensor | None = None, scales: torch.Tensor | None = None, group=None):
+        """`A`/`scales`/`group`: this module is a member of a LoraGroup (lora/group.py), whose
+        storage these views point into; None: standalone, with its own storage."""
+        if A is None:
+            A = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
+        if scales is None:
+            scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.A = A  # [slots, R, in] (a strided view for a group member)
         self.Bt = torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device)  # [slots, R, out]
-        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [slots]
+        self.scales = scales  # [slots] float32
+        self.group = group  # LoraGroup | None: projections reading the same x, applied together
         # Slots whose adapter targets this module. A step whose adapters all skip this module
         # (e.g. q,k,v,o adapters at gate/up/down) then costs nothing here instead of a kernel
         # call on zero weights; plain Python ints, so the check needs no device sync.
@@ -53,12 +61,15 @@ class LoraWeights:
         """[slots, out, R]: the kernel contract's B, a view of Bt."""
         return self.Bt.transpose(1, 2)
 
+    def targeted(self, lora) -> bool:
+        """Does any adapter of this step target this module? (else its delta is exactly zero)"""
+        filled = self._filled
+        return any(s in filled for b in lora.meta.buckets for s in b.group_slot_ids)
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
         """y [T, out] += per-token LoRA delta of x [T, in]; lora is the step's LoraBatch."""
-        filled = self._filled
-        if not any(s in filled for b in lora.meta.buckets for s in b.group_slot_ids):
-            return  # every adapter of this step leaves this module alone: its delta is zero
-        add_lora(y, x, self.A, self.B, self.scales, lora.meta)
+        if self.targeted(lora):
+            add_lora(y, x, self.A, self.B, self.scales, lora.meta)
 
     @property
     def nbytes(self) -> int:

@@ -36,6 +36,7 @@ from loraplex_kernels import build_lora_meta, slot_weight_dtype
 
 from .batch import LoraBatch
 from .errors import AdapterCapacityError, AdapterExistsError
+from .group import LoraGroup
 from .layers import LoraWeights
 from .paths import resolve_under_roots, validate_adapter_id
 from .peft_format import AdapterWeights, BaseShapes, read_adapter
@@ -80,6 +81,10 @@ class _Entry:
     last_used_mono: float = field(default_factory=time.monotonic)
 
 
+# Projections of one layer that read the same input; their LoRA deltas are computed together.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 class LoraManager:
     def __init__(self, config: LoraConfig, model: torch.nn.Module, dtype: torch.dtype,
                  device: torch.device | str):
@@ -96,11 +101,27 @@ class LoraManager:
         # Slot weights in the kernel backend's dtype (float32 on CPU, see slot_weight_dtype); the
         # host tier keeps adapters in the model's dtype and slot writes upcast, exactly.
         self.slot_dtype = slot_weight_dtype(dtype)
-        for layer_idx, name, proj in model.iter_projections():
-            w = LoraWeights(config.max_loras, config.max_lora_rank, proj.in_features,
-                            proj.out_features, self.slot_dtype, device)
-            proj.lora_weights = w
-            self._modules[(layer_idx, name)] = w
+        projections = {(layer_idx, name): proj for layer_idx, name, proj in model.iter_projections()}
+        for key, proj in projections.items():
+            if key in self._modules:
+                continue
+            # q/k/v and gate/up read the same input: their weights form a group applied in one
+            # pass (lora/group.py); o and down (and any set a model lacks) stand alone.
+            layer_idx, name = key
+            names = next((g for g in FUSED_GROUPS if name in g), (name,))
+            keys = [(layer_idx, n) for n in names]
+            members = [projections.get(k) for k in keys]
+            if len(names) > 1 and all(p is not None for p in members):
+                group = LoraGroup(config.max_loras, config.max_lora_rank, proj.in_features,
+                                  [p.out_features for p in members], self.slot_dtype, device)
+                weights = group.members
+            else:
+                keys, members = [key], [proj]
+                weights = [LoraWeights(config.max_loras, config.max_lora_rank, proj.in_features,
+                                       proj.out_features, self.slot_dtype, device)]
+            for k, p, w in zip(keys, members, weights):
+                p.lora_weights = w
+                self._modules[k] = w
         self.base_shapes = BaseShapes.from_model(model)
         self.stats = _Counters()
 

@@ -38,3 +38,19 @@ class Projection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def project_all(projections: tuple[Projection, ...], x: torch.Tensor, lora: Any = None) -> list[torch.Tensor]:
+    """[p(x, lora) for p in projections] for projections that read the same x (q/k/v, gate/up):
+    when their LoRA weights form one group (lora/group.py) the deltas are added in one pass."""
+    ys = [p.base(x) for p in projections]  # [T, out_p] each
+    if lora is None:
+        return ys
+    group = getattr(projections[0].lora_weights, "group", None)
+    if group is not None and [p.lora_weights for p in projections] == group.members:
+        group.apply(ys, x, lora)
+        return ys
+    for p, y in zip(projections, ys):
+        if p.lora_weights is not None:
+            p.lora_weights.apply(y, x, lora)
+    return ys
