@@ -1,4 +1,4 @@
-"""Quantized base model on CPU: none / int8 / nf4 / fp4 side by side on the default model.
+"""Quantized base model on CPU: none / int8 / nf4 / fp4 / nf4+emb side by side on the default model.
 
 Each method runs in its own subprocess (a clean process, so its peak RSS is its own): load the
 embedded SmolLM2-135M-Instruct with `--quantize METHOD` semantics (loader.load_model + QuantSpec),
@@ -7,6 +7,8 @@ concurrent streams (closed loop, greedy, EOS ignored, requests spread over the a
 base model). Reported per method: resident bytes of the base weights (quantized projections +
 float embeddings/norms) vs the same weights in float16, the projections alone, load time, peak
 process RSS, generated tokens/s, and how many requests' greedy tokens equal the unquantized run's.
+Variant "nf4+emb" is nf4 with --quantize-embeddings: the embedding table (= SmolLM2's tied lm_head)
+in 4 bits too.
 
     .venv/bin/python benchmarks/bench_quantize.py                 # all methods that run here, ~5 min
     .venv/bin/python benchmarks/bench_quantize.py --methods none,nf4 --max-new-tokens 16
@@ -41,6 +43,17 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
              "Give me a short recipe for pancakes.", "How do I reverse a list in Python?",
              "Tell me a fun fact about octopuses."]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBEDDINGS_SUFFIX = "+emb"  # a variant: METHOD+emb = METHOD with --quantize-embeddings
+
+
+def method_of(variant: str) -> str:
+    return variant.removesuffix(EMBEDDINGS_SUFFIX)
+
+
+def spec_of(variant: str):
+    from loraplex.model.quantize import QuantSpec
+
+    return QuantSpec(method_of(variant), embeddings=variant.endswith(EMBEDDINGS_SUFFIX))
 
 
 def _rss_peak_bytes() -> int:
@@ -77,15 +90,14 @@ def child(args) -> None:
     from loraplex.lora.manager import LoraManager
     from loraplex.model.default_model import ensure_default_model
     from loraplex.model.loader import load_model
-    from loraplex.model.quantize import (QuantSpec, check_available, float16_bytes, projection_bytes,
-                                         quantized_bytes)
+    from loraplex.model.quantize import check_available, float16_bytes, projection_bytes, quantized_bytes
 
     dtype = torch.bfloat16
     model_dir = ensure_default_model(args.cache_dir, progress=False)
     rss_before = _rss_peak_bytes()
     t0 = time.perf_counter()
-    check_available(args.child, "cpu")
-    loaded = load_model(model_dir, dtype, "cpu", QuantSpec(args.child))
+    check_available(method_of(args.child), "cpu")
+    loaded = load_model(model_dir, dtype, "cpu", spec_of(args.child))
     load_s = time.perf_counter() - t0
     rss_after_load = _rss_peak_bytes()
     anon_after_load = _rss_anon_bytes()
@@ -133,7 +145,7 @@ def _mib(b: float) -> str:
 def write_report(path: Path, results: dict, args, started: float) -> str:
     import bitsandbytes
 
-    lines = ["# Quantized base model on CPU: none / int8 / nf4 / fp4", "",
+    lines = ["# Quantized base model on CPU: none / int8 / nf4 / fp4 / nf4+emb", "",
              f"Model: SmolLM2-135M-Instruct (embedded default), dtype bfloat16 (4-bit compute dtype = bfloat16). "
              f"{args.streams} concurrent streams (closed loop), {args.requests} requests of {args.max_new_tokens} "
              f"new tokens (greedy, EOS ignored), spread over the base model and {args.adapters_n} random rank-{args.rank} "
@@ -159,8 +171,12 @@ def write_report(path: Path, results: dict, args, started: float) -> str:
     lines += ["", "## Notes", "",
               "- Base weights = everything resident in the model (quantized projections with their "
               "quant state, plus embeddings/norms kept in bfloat16; SmolLM2 ties lm_head to the embedding). "
-              f"Embedding + norms are {share:.0%} of SmolLM2-135M's float16 weights and are never "
-              "quantized (as in transformers), so whole-model savings are smaller than the projections'.",
+              f"Embedding + norms are {share:.0%} of SmolLM2-135M's float16 weights and are not "
+              "quantized by default (as in transformers), so whole-model savings are smaller than the projections'.",
+              "- 'nf4+emb' = nf4 with `--quantize-embeddings`: the 49152x576 embedding table (SmolLM2's tied "
+              "lm_head) is kept in nf4 as well (model/quantized_embedding.py): lookups dequantize only the "
+              "step's rows, the tied lm_head multiplies from the same 4-bit storage (bitsandbytes' CPU path "
+              "dequantizes it 4096 vocab rows at a time, every step). Only the norms stay in bfloat16.",
               "- Peak RSS includes torch, transformers, bitsandbytes (~450 MiB before loading), the KV cache, "
               f"and the pages of the memory-mapped checkpoint ({_mib(ckpt)} MiB of safetensors, float32) "
               "that were read: the file is read tensor by tensor, but its pages count in RSS until the "
@@ -192,7 +208,8 @@ def write_report(path: Path, results: dict, args, started: float) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="none,int8,nf4,fp4")
+    p.add_argument("--methods", default="none,int8,nf4,fp4,nf4+emb",
+                   help="comma-separated: none, int8, nf4, fp4, or METHOD+emb (4-bit, with --quantize-embeddings)")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -222,7 +239,7 @@ def main(argv=None) -> int:
     args.model_dir = str(model_dir)
     results: dict = {}
     for method in args.methods.split(","):
-        if method not in available:
+        if method_of(method) not in available:
             results[method] = f"not available on CPU (available: {list(available)})"
             continue
         try:

@@ -21,6 +21,9 @@ class ModelConfig:
     quantize: str = "auto"
     quant_compute_dtype: str = "auto"  # 4-bit matmul dtype: auto (= dtype) | float32 | bfloat16 | float16
     double_quant: bool = False  # 4-bit: also quantize the block scales (~0.4 bit/param less)
+    # 4-bit only: keep the embedding table (and lm_head, tied or not) in 4 bits too. Off by default:
+    # transformers/PEFT keep them in 16 bits (model/quantized_embedding.py).
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -34,6 +37,9 @@ class ModelConfig:
                              "available: ['auto', 'float32', 'bfloat16', 'float16']")
         if self.double_quant and self.quantize not in ("auto", "nf4", "fp4"):
             raise ValueError(f"double_quant: only applies to 4-bit quantization (nf4, fp4), not {self.quantize!r}")
+        if self.quantize_embeddings and self.quantize not in ("nf4", "fp4"):
+            raise ValueError(f"quantize_embeddings: needs a 4-bit method, --quantize nf4 or fp4 (got "
+                             f"{self.quantize!r}); the embedding table is kept in the projections' 4-bit format")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from loraplex.model.arch import ArchConfig
 from loraplex.model.attention import AttentionPlan, paged_attention, write_kv
 from loraplex.model.forward_batch import ForwardBatch
 from loraplex.model.kv_cache import KVCache
-from loraplex.model.linear import Projection
+from loraplex.model.linear import Projection, project_all
 from loraplex.model.norm import RMSNorm
 from loraplex.model.rope import RotaryEmbedding, apply_rotary
 
@@ -55,9 +55,10 @@ class Attention(nn.Module):
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
         lora = batch.lora
-        q = self.q_proj(x, lora).view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x, lora).view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
-        v = self.v_proj(x, lora).view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        q, k, v = project_all((self.q_proj, self.k_proj, self.v_proj), x, lora)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -78,7 +79,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: Any) -> torch.Tensor:
         # SwiGLU: down(silu(gate(x)) * up(x)), [T, hidden] -> [T, intermediate] -> [T, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        gate, up = project_all((self.gate_proj, self.up_proj), x, lora)  # [T, intermediate] each
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -129,8 +131,18 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, batch, kv, plan, cos_sin)
         # Only the rows that get sampled reach the final norm and the (large) vocab projection.
         x = self.model.norm(x.index_select(0, batch.logits_indices))  # [S, hidden]
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()  # [S, vocab]
+        return self.output_logits(x).float()  # [S, vocab]
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head: [S, hidden] -> [S, vocab]. Untied: the lm_head module (nn.Linear or a
+        bitsandbytes Linear4bit). Tied: the embedding table; a 4-bit table (quantized_embedding.py,
+        --quantize-embeddings) multiplies from its own packed storage, with no float copy."""
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        embed = self.model.embed_tokens
+        if isinstance(embed, nn.Embedding):
+            return F.linear(x, embed.weight)
+        return embed.project(x)
 
     def iter_projections(self) -> Iterator[tuple[int, str, Projection]]:
         """(layer_idx, short_name, Projection) for every LoRA-targetable linear, in layer order."""
@@ -143,10 +155,11 @@ class LlamaForCausalLM(nn.Module):
         """Recompute non-persistent buffers (RoPE tables) after materialising from meta."""
         self.model.rotary_emb.build_tables()
 
+    # From the final norm, not the embedding: with --quantize-embeddings the table is 4-bit (uint8).
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype

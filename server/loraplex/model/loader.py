@@ -11,6 +11,10 @@ before materialising, so its float weight is never allocated in the model; when 
 tensor(s) of a projection have been read, they are quantized into a bitsandbytes layer and the
 float copy is dropped: peak memory is the quantized model plus one float layer.
 
+With QuantSpec.embeddings (--quantize-embeddings, 4-bit), the embedding table (and an untied
+lm_head) get the same treatment: a placeholder until their checkpoint tensor is read, then a 4-bit
+table (quantized_embedding.py) / Linear4bit; their float copy is never resident either.
+
 A folder saved already quantized by transformers + bitsandbytes (config.json has a
 quantization_config) is loaded as it is (prequantized.py): the projections' quantized tensors are
 collected while streaming the checkpoint and become bitsandbytes layers without dequantizing.
@@ -19,7 +23,7 @@ collected while streaming the checkpoint and become bitsandbytes layers without 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ from loraplex.model.linear import Projection
 from loraplex.model.llama import LlamaForCausalLM
 from loraplex.model.prequantized import (check_checkpoint_keys, install_layers, is_known_piece, projection_piece,
                                          read_folder_quantization, spec_for_folder)
-from loraplex.model.quantize import QuantSpec, quantize_linear
+from loraplex.model.quantize import QuantSpec, quantize_embedding, quantize_linear
 
 # Checkpoint tensors that carry no weights of ours (old HF exports saved RoPE buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -108,6 +112,46 @@ class _PendingLinear(nn.Module):
         raise RuntimeError("projection used before its weights were loaded")
 
 
+class _PendingTable(nn.Module):
+    """Placeholder for the embedding table / untied lm_head under --quantize-embeddings: holds no
+    tensor until the checkpoint's is read and quantized (its float copy is then dropped)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.weight_shape = shape  # [vocab, hidden]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("embedding / lm_head used before its weights were loaded")
+
+
+_EMBED = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+
+
+def _install_pending_tables(model: LlamaForCausalLM) -> dict[str, _PendingTable]:
+    """Replace the embedding table (and an untied lm_head) by placeholders; checkpoint name -> placeholder."""
+    arch = model.arch
+    tables = {_EMBED: _PendingTable((arch.vocab_size, arch.hidden_size))}
+    model.model.embed_tokens = tables[_EMBED]
+    if model.lm_head is not None:  # tied: the lm_head IS the (4-bit) embedding table
+        tables[_LM_HEAD] = _PendingTable((arch.vocab_size, arch.hidden_size))
+        model.lm_head = tables[_LM_HEAD]
+    return tables
+
+
+def _read_table(name: str, tensor: torch.Tensor, shape: tuple[int, int], model: LlamaForCausalLM,
+                quant: QuantSpec) -> None:
+    """Quantize a pending table as soon as it is read: the embedding into a 4-bit table that also
+    serves a tied lm_head, an untied lm_head into its own Linear4bit."""
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)}, expected {shape}")
+    weight = tensor.to(model.dtype)  # the float values an unquantized model would hold
+    if name == _EMBED:
+        model.model.embed_tokens = quantize_embedding(weight, quant, model.device)
+    else:
+        model.lm_head = quantize_linear(weight, None, quant, model.device)
+
+
 def _install_pending(model: LlamaForCausalLM) -> dict[str, tuple[Projection, _PendingLinear]]:
     """Replace every projection's base by a _PendingLinear; HF tensor prefix -> (projection, pending)."""
     pending = {}
@@ -121,16 +165,19 @@ def _install_pending(model: LlamaForCausalLM) -> dict[str, tuple[Projection, _Pe
 @torch.no_grad()
 def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | None = None,
                  pending: dict[str, tuple[Projection, _PendingLinear]] | None = None,
-                 prequantized: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+                 prequantized: dict[str, dict[str, torch.Tensor]] | None = None,
+                 tables: dict[str, _PendingTable] | None = None) -> None:
     """Copy every checkpoint tensor into its parameter (casting dtype, moving device) in place.
 
     With `pending` (from _install_pending), projection weights are quantized by `quant` instead:
     each projection becomes a bitsandbytes layer as soon as its weight (and bias) are read.
     With `prequantized` (a dict, filled here), the checkpoint is already quantized: every tensor of
     a pending projection (weight, bias, quant state) is kept as read, by projection then piece
-    name, for prequantized.install_layers."""
+    name, for prequantized.install_layers.
+    With `tables` (from _install_pending_tables), the embedding / untied lm_head are quantized as read."""
     targets = checkpoint_targets(model)
     pending = pending or {}
+    tables = tables or {}
     seen: set[str] = set()
     tied = model.arch.tie_word_embeddings
     for file in files:
@@ -148,6 +195,12 @@ def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | 
                         raise ValueError(f"unexpected weight {name!r} in {file.name}: not a bitsandbytes "
                                          "weight, bias or quantization state")
                     prequantized.setdefault(hit[0], {})[hit[1]] = f.get_tensor(name)  # stays quantized
+                    seen.add(name)
+                    continue
+                if name in tables:
+                    if name in seen:
+                        raise ValueError(f"weight {name!r} appears in more than one file")
+                    _read_table(name, f.get_tensor(name), tables[name].weight_shape, model, quant)
                     seen.add(name)
                     continue
                 prefix, _, leaf = name.rpartition(".")
@@ -169,7 +222,7 @@ def load_weights(model: LlamaForCausalLM, files: list[Path], quant: QuantSpec | 
                                      f"expected {tuple(target.shape)}")
                 target.copy_(tensor)  # casts to the model dtype and moves to its device
                 seen.add(name)
-    missing = sorted((set(targets) | _pending_names(pending)) - seen)
+    missing = sorted((set(targets) | _pending_names(pending) | set(tables)) - seen)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"missing weight(s) {missing[:5]}{more} in checkpoint")
@@ -241,22 +294,26 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     folder = read_folder_quantization(path)  # None for a float checkpoint
     files = safetensors_files(path)
     if folder is not None:
-        quant = spec_for_folder(folder, quant, device, path)  # refuses a conflicting --quantize
+        # Refuses a conflicting --quantize; the folder's embeddings are float: --quantize-embeddings
+        # quantizes them at load (with the folder's 4-bit method; an int8 folder refuses it).
+        quant = replace(spec_for_folder(folder, quant, device, path), embeddings=quant.embeddings)
         model = LlamaForCausalLM(arch, dtype=dtype, device="meta")
         pending = _install_pending(model)  # the projections' layers are built from the quantized tensors
+        tables = _install_pending_tables(model) if quant.embeddings else None
         model.to_empty(device=device)
         model.rebuild_buffers()
         names = [n for file in files for n in _keys(file)]
         check_checkpoint_keys(names, set(pending))
         pieces: dict[str, dict[str, torch.Tensor]] = {}
-        load_weights(model, files, quant, pending, prequantized=pieces)
+        load_weights(model, files, quant, pending, prequantized=pieces, tables=tables)
         install_layers(pending, pieces, quant, folder, dtype, torch.device(device))
     elif quant.enabled:
         model = LlamaForCausalLM(arch, dtype=dtype, device="meta")
         pending = _install_pending(model)  # before to_empty: projection weights never allocated
+        tables = _install_pending_tables(model) if quant.embeddings else None  # nor the embedding table
         model.to_empty(device=device)
         model.rebuild_buffers()
-        load_weights(model, files, quant, pending)
+        load_weights(model, files, quant, pending, tables=tables)
         _return_freed_memory()
     else:
         model = build_empty_model(arch, dtype, device)

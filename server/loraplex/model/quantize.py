@@ -3,7 +3,10 @@
 What is quantized: only each Projection's `.base` (an nn.Linear) becomes a bitsandbytes layer —
 Linear4bit (nf4 / fp4, optional double quantization of the block scales) or Linear8bitLt (int8,
 LLM.int8() with outlier threshold 6.0, transformers' default). Embeddings, norms and lm_head stay
-in the model dtype, as transformers' BitsAndBytesConfig does by default (lm_head is skipped there).
+in the model dtype, as transformers' BitsAndBytesConfig does by default (lm_head is skipped there),
+unless QuantSpec.embeddings (--quantize-embeddings, 4-bit only) also keeps the embedding table in
+4 bits (quantized_embedding.py; a tied lm_head reads the same 4-bit table, an untied one becomes a
+Linear4bit).
 The LoRA path is untouched: Projection.forward computes y = base(x) and adds the LoRA delta from x.
 bitsandbytes layers return the dtype of their input (Linear4bit casts x to the compute dtype and
 the result back), so y keeps the model dtype that LoraWeights is stored in.
@@ -58,6 +61,9 @@ class QuantSpec:
     requested: str = field(default="", compare=False)
     # True when the weights came quantized in the folder (prequantized.py), not quantized at load.
     prequantized: bool = field(default=False, compare=False)
+    # 4-bit only: also the embedding table (and lm_head: tied, the same 4-bit table; untied, its own
+    # Linear4bit), quantized at load like the projections (quantized_embedding.py).
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.requested not in ("", "auto", *METHODS):
@@ -68,6 +74,10 @@ class QuantSpec:
             raise ValueError(f"quant_compute_dtype: {self.compute_dtype} is not one of {list(_COMPUTE_DTYPES)}")
         if self.int8_threshold < 0:
             raise ValueError(f"int8_threshold: must be >= 0, got {self.int8_threshold}")
+        if self.embeddings and self.method not in _FOUR_BIT:
+            raise ValueError(f"quantize_embeddings: needs a 4-bit method (--quantize nf4 or fp4), but the base "
+                             f"is quantized with {self.method!r}" + (f" (--quantize {self.requested})"
+                                                                     if self.requested else ""))
 
     @property
     def enabled(self) -> bool:
@@ -143,13 +153,15 @@ def spec_from_config(model_config, device: torch.device | str) -> QuantSpec:
     method = resolve_method(model_config.quantize, device)
     return QuantSpec(method, compute_dtype_from_name(model_config.quant_compute_dtype),
                      double_quant=model_config.double_quant and method in _FOUR_BIT,
-                     requested=model_config.quantize)
+                     requested=model_config.quantize,
+                     embeddings=model_config.quantize_embeddings)
 
 
 def memory_summary(loaded) -> str:
     """One start-up log line: method, resident base weight bytes and the float16 equivalent."""
     resident, fp16 = quantized_bytes(loaded.model), float16_weight_bytes(loaded.model)
     source = " (quantized in the folder)" if loaded.quant.prequantized else ""
+    source += " + 4-bit embeddings" if loaded.quant.embeddings else ""
     return (f"quantize={loaded.quant.method}{source}: base weights {resident / 2**20:.1f} MiB resident "
             f"({resident / fp16:.2f}x of {fp16 / 2**20:.1f} MiB in float16)")
 
@@ -187,6 +199,17 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, spec: Quant
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device), requires_grad=False)
     return layer.eval()
+
+
+@torch.no_grad()
+def quantize_embedding(weight: torch.Tensor, spec: QuantSpec, device: torch.device | str) -> nn.Module:
+    """The embedding table `weight` [vocab, hidden] in 4 bits (spec's quant type / double quant) on
+    `device`; serves the lookups and, when tied, the lm_head (quantized_embedding.py)."""
+    from loraplex.model.quantized_embedding import QuantizedEmbedding
+
+    if spec.method not in _FOUR_BIT:
+        raise ValueError(f"quantize_embeddings: needs a 4-bit method (nf4, fp4), not {spec.method!r}")
+    return QuantizedEmbedding(weight, spec.method, spec.double_quant, device).eval()
 
 
 def is_quantized(module: nn.Module) -> bool:
