@@ -89,7 +89,7 @@ def build_lora_manager(loaded, config: LoraConfig):
     for adapter_id, folder in config.preload:
         try:
             info = manager.load(adapter_id, folder)
-        except (AdapterError, AdapterFormatError, MemoryError) as err:
+        except (AdapterError, AdapterFormatError, MemoryError, torch.OutOfMemoryError) as err:
             raise ValueError(f"adapter {adapter_id}={folder}: {err}") from err
         log.info("adapter %s loaded from %s (rank %d-%d)", adapter_id, info.source, info.min_rank,
                  info.max_rank)

@@ -101,6 +101,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finished = True
                     if out.finish_reason is FinishReason.ERROR:
                         log.error("request %s failed: %s", out.request_id, out.error)
+                        if out.out_of_memory:
+                            await context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"adapter_id: out of memory while copying the adapter into a device slot "
+                                f"for request {out.request_id}: {out.error}; retry later")
                         await context.abort(grpc.StatusCode.INTERNAL,
                                             f"generation failed for request {out.request_id}: {out.error}")
                 yield out

@@ -125,12 +125,13 @@ class GrpcServer:
         self._stopped = True
         await self.health.begin_shutdown()
         engine = self.runtime.engine if self.runtime is not None else None
-        # The engine decides when each request ends; the server's grace is a little longer so the
-        # final responses of requests the engine cancels at the deadline still reach clients.
-        tasks = [self._server.stop(grace_seconds + 1.0)]
+        # Keep listening while the engine drains: probes read NOT_SERVING and new requests get
+        # UNAVAILABLE from the engine, not a refused connection (nor grpc core's CANCELLED for a
+        # call caught by the listener closing). Then stop, leaving the final responses of the
+        # requests the engine ended a second to go out.
         if engine is not None:
-            tasks.append(asyncio.to_thread(engine.shutdown, grace_seconds))
-        await asyncio.gather(*tasks)
+            await asyncio.to_thread(engine.shutdown, grace_seconds)
+        await self._server.stop(1.0)
         log.info("server stopped")
 
     async def wait_for_termination(self) -> None:

@@ -61,6 +61,29 @@ class EngineObserver(Protocol):
     def on_finish(self, req: FinishedRequest) -> None: ...
 
 
+_OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
+class _SlotHook:
+    """The scheduler's adapter-slot hook: the LoRA manager, remembering which adapters could not
+    be copied into a device slot for lack of memory, so that their requests end with
+    RESOURCE_EXHAUSTED (retry later) rather than INTERNAL (the scheduler keeps only a message)."""
+
+    def __init__(self, manager: Any):
+        self.manager = manager
+        self.out_of_memory: set[str] = set()
+
+    def acquire(self, adapter_id: str) -> int | None:
+        try:
+            return self.manager.acquire(adapter_id)
+        except _OUT_OF_MEMORY:
+            self.out_of_memory.add(adapter_id)
+            raise
+
+    def release(self, adapter_id: str) -> None:
+        self.manager.release(adapter_id)
+
+
 class Engine:
     def __init__(self, loaded: Any, config: EngineConfig, lora_manager: Any = None,
                  observers: Seq[EngineObserver] = ()):
@@ -86,7 +109,8 @@ class Engine:
                      config.num_kv_blocks * config.block_size)
 
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.block_manager, adapter_slots=lora_manager)
+        self._slots = _SlotHook(lora_manager) if lora_manager is not None else None
+        self.scheduler = Scheduler(config, self.block_manager, adapter_slots=self._slots)
         self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
                                   lora_batch_builder=getattr(lora_manager, "build_lora_batch", None))
         self.sampler = Sampler()
@@ -102,6 +126,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counters = dict(steps=0, prompt_tokens=0, generation_tokens=0)
         self._finished_total: dict[str, int] = {r.value: 0 for r in FinishReason}
+        self._schedule_failures = 0  # consecutive steps whose schedule() raised
 
     # --- public API (any thread) -----------------------------------------------------------
     def start(self) -> None:
@@ -208,9 +233,19 @@ class Engine:
         of sequences that ran. Called by the loop thread (tests may call it with no thread)."""
         with self._step_lock:
             self._drain_inbox()
-            batch = self.scheduler.schedule()
+            try:
+                batch = self.scheduler.schedule()
+            except Exception as exc:  # fail what the broken schedule touched; the loop goes on
+                log.exception("scheduling failed")
+                self._fail_after_schedule_error(exc)
+                batch = ScheduledBatch()
+            else:
+                self._schedule_failures = 0
             for seq, message in batch.failed:
-                self._finish(seq, FinishReason.ERROR, error=message)
+                oom = self._slots is not None and seq.adapter_id in self._slots.out_of_memory
+                self._finish(seq, FinishReason.ERROR, error=message, out_of_memory=oom)
+            if self._slots is not None:
+                self._slots.out_of_memory.clear()
             if batch.seqs:
                 if self._observers:  # before the run: a client that got its last token sees it
                     self._notify_step(batch)
@@ -219,6 +254,27 @@ class Engine:
             self._waiting_snapshot = self.scheduler.num_waiting
             self._counters["steps"] += 1
         return len(batch)
+
+    def _fail_after_schedule_error(self, exc: Exception) -> None:
+        """After schedule() raised: fail the running sequences (their blocks may be half
+        allocated) and any it had taken out of the queues, but keep the waiting ones, untouched
+        by a crash in an earlier phase: a one-off fault costs only the requests in flight. If the
+        next schedule fails too, a waiting request is likely the cause: fail those as well."""
+        self._schedule_failures += 1
+        self._fail_in_flight(exc, keep_waiting=self._schedule_failures == 1)
+
+    def _fail_in_flight(self, exc: Exception, keep_waiting: bool) -> None:
+        """Fail every request taken in from the inbox -- running, waiting (unless keep_waiting)
+        or dropped out of both queues by the crash, which would otherwise never get its finished
+        event -- but not those submitted since the drain."""
+        error = f"{type(exc).__name__}: {exc}"
+        keep = {id(s) for s in self.scheduler.waiting} if keep_waiting else set()
+        with self._cv:
+            keep |= {id(s) for s in self._inbox}
+            live = list(self._live.values())
+        for seq in live:
+            if id(seq) not in keep:
+                self._finish(seq, FinishReason.ERROR, error=error)
 
     def _execute(self, batch: ScheduledBatch) -> None:
         sampling = [i for i in range(len(batch)) if batch.samples(i)]  # rows that reach their end
@@ -264,7 +320,7 @@ class Engine:
             self._finish(seq, reason, (token,), delta + seq.detokenizer.flush())
 
     def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: tuple[int, ...] = (),
-                text_delta: str = "", error: str | None = None) -> None:
+                text_delta: str = "", error: str | None = None, out_of_memory: bool = False) -> None:
         if self._live.get(seq.request_id) is not seq:
             return  # already reported (e.g. aborted and failed in the same step)
         self.scheduler.finish(seq)  # frees KV blocks and the adapter slot
@@ -274,7 +330,8 @@ class Engine:
         out = RequestOutput(
             seq.request_id, new_token_ids, text_delta, finished=True, finish_reason=reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_generated,
-            timings=seq.timings(), error=error if reason is FinishReason.ERROR else None)
+            timings=seq.timings(), error=error if reason is FinishReason.ERROR else None,
+            out_of_memory=out_of_memory and reason is FinishReason.ERROR)
         with self._cv:
             if self._live.get(seq.request_id) is seq:
                 del self._live[seq.request_id]
@@ -342,8 +399,7 @@ class Engine:
             except Exception as exc:  # a bug outside the model call: fail what is in flight
                 log.exception("engine step crashed")
                 with self._step_lock:
-                    for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                        self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+                    self._fail_in_flight(exc, keep_waiting=False)
                 ran = 1
             if ran == 0:
                 with self._cv:

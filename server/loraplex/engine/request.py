@@ -80,6 +80,7 @@ class RequestOutput:
     completion_tokens: int = 0
     timings: Timings | None = None  # set on the finished event
     error: str | None = None  # set when finish_reason is ERROR
+    out_of_memory: bool = False  # an ERROR for lack of memory (-> RESOURCE_EXHAUSTED: retry later)
 
 
 OutputCallback = Callable[[RequestOutput], None]
