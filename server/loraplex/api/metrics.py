@@ -29,7 +29,7 @@ import logging
 import threading
 from typing import Any, Iterable
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
                                start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -83,6 +83,9 @@ class LoraplexMetrics:
         self._labels_lock = threading.Lock()
         self._own_label: set[str] = set()  # adapter ids exported under their own label
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds...: the standard
+        # process metrics (Linux /proc), for memory dashboards and the soak tool's --metrics-url.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "loraplex_requests", "Finished requests by adapter and finish reason "
             "(eos, length, stop, cancelled, error).", ["adapter", "finish_reason"], registry=r)
