@@ -195,6 +195,7 @@ def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
         max_model_len=engine.max_model_len,
         vocab_size=loaded.arch.vocab_size,
         quantization=loaded.quant.method,  # "none" | "nf4" | "fp4" | "int8"
+        quantized_embeddings=loaded.quant.embeddings,
         base_weight_bytes=weight_bytes,
         loraplex_version=loraplex.__version__,
         max_new_tokens_cap=engine.config.max_new_tokens_cap,

@@ -134,7 +134,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_path", "architecture", "dtype", "device", "max_model_len", "vocab_size", "quantization", "base_weight_bytes", "loraplex_version", "max_new_tokens_cap", "eos_token_ids", "float16_weight_bytes")
+    __slots__ = ("model_name", "model_path", "architecture", "dtype", "device", "max_model_len", "vocab_size", "quantization", "base_weight_bytes", "loraplex_version", "max_new_tokens_cap", "eos_token_ids", "float16_weight_bytes", "quantized_embeddings")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ModelInfo(_message.Message):
     MAX_NEW_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     architecture: str
@@ -161,4 +162,5 @@ class ModelInfo(_message.Message):
     max_new_tokens_cap: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     float16_weight_bytes: int
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., loraplex_version: _Optional[str] = ..., max_new_tokens_cap: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., float16_weight_bytes: _Optional[int] = ...) -> None: ...
+    quantized_embeddings: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., loraplex_version: _Optional[str] = ..., max_new_tokens_cap: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., float16_weight_bytes: _Optional[int] = ..., quantized_embeddings: _Optional[bool] = ...) -> None: ...
