@@ -4,6 +4,8 @@
 
 Methods (all add the same delta into y; correctness of each is checked against the reference first):
   ours        loraplex_kernels cpu backend (per-bucket choice of grouped / gather)
+  ours (server layout)  the same on the weights as the server keeps them: B rank-major
+              ([slots, R, out] memory), float32 on CPU (loraplex_kernels.slot_weight_dtype)
   grouped     cpu backend forced to torch grouped_mm for every bucket
   gather      cpu backend forced to gather-bmm (weights gathered per token, one bmm)
   dense       dense masked matmul: every token times every active adapter, wrong blocks masked
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex_kernels import build_lora_meta
+from loraplex_kernels import build_lora_meta, slot_weight_dtype
 from loraplex_kernels.cpu import add_lora_cpu
 from loraplex_kernels.reference import add_lora_reference
 from loraplex_kernels.testing import TOLERANCE, compare, expected, make_case
@@ -100,8 +102,13 @@ def dense_method(case):
 
 def methods_for(case, include_reference: bool):
     meta = build_lora_meta(case.idx, case.ranks)
+    # The slot layout the server keeps (lora/layers.py): B rank-major, in slot_weight_dtype
+    # (float32 on CPU). Converted once here, as the server does at slot-write time.
+    A_srv = case.A.to(slot_weight_dtype(case.A.dtype, "cpu"))
+    B_srv = case.B.transpose(1, 2).contiguous().to(A_srv.dtype).transpose(1, 2)
     m = {
         "ours": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta),
+        "ours (server layout)": lambda y, x, A, B, s: add_lora_cpu(y, x, A_srv, B_srv, s, meta),
         "grouped": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta, grouped=True),
         "gather": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta, grouped=False),
         "dense": dense_method(case),

@@ -49,3 +49,20 @@ def tiny_model_dirs(tmp_path_factory):
 def tiny_model_dir(tiny_model_dirs):
     """Folder of the tiny random Llama model."""
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory) -> Path:
+    """Cache dir for the converted default model: $LORAPLEX_CACHE_DIR if set (kept across
+    sessions), else a session temp dir."""
+    env = os.environ.get("LORAPLEX_CACHE_DIR")
+    return Path(env) if env else tmp_path_factory.mktemp("loraplex-cache")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_model_cache) -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct) as a HF folder. The GGUF conversion
+    takes ~35 s on 2 cores: session scope, so every real_model test file shares one conversion."""
+    from loraplex.model import default_model as dm
+
+    return dm.ensure_default_model(default_model_cache, progress=True)

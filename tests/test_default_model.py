@@ -194,16 +194,8 @@ def test_progress_lines_go_to_stderr(fake_gguf, tmp_path, capsys):
 # The real conversion
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def default_model_cache(tmp_path_factory) -> Path:
-    env = os.environ.get("LORAPLEX_CACHE_DIR")
-    return Path(env) if env else tmp_path_factory.mktemp("loraplex-cache")
-
-
-@pytest.fixture(scope="session")
-def default_model_dir(default_model_cache) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return dm.ensure_default_model(default_model_cache, progress=True)
+# default_model_cache / default_model_dir: session fixtures in conftest.py (one conversion per
+# session, shared with the other real_model test files).
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,12 @@ row and rows of every adapter (one adapter on two rows), with different chat pro
   - our logits vs PEFT's at every prompt position of the prefill and at each decode step;
   - 16 greedy tokens per row identical to PEFT's own greedy loop (EOS ignored on both sides).
 
-The conversion of the default model (~35 s) happens once per session in a temp dir, or is reused
-from $LORAPLEX_CACHE_DIR when set (as in test_default_model.py).
+The default model comes from conftest.py's session fixture `default_model_dir`: converted once per
+session (~35 s) in a temp dir, or reused from $LORAPLEX_CACHE_DIR when set.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ import torch
 
 from loraplex.config import LoraConfig
 from loraplex.lora.manager import LoraManager
-from loraplex.model import default_model as dm
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
@@ -62,13 +60,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def default_model_dir(tmp_path_factory) -> Path:
-    env = os.environ.get("LORAPLEX_CACHE_DIR")
-    cache = Path(env) if env else tmp_path_factory.mktemp("loraplex-cache")
-    return dm.ensure_default_model(cache, progress=True)
 
 
 def hf_base(path):
