@@ -734,7 +734,7 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
             summary.append(
                 f"(b) profile: a {pn['seqs']}-sequence LoRA decode step takes {1e3 * pn['lora']:.0f} ms vs "
                 f"{1e3 * pn['base']:.0f} ms without adapters; {1e3 * pn['inside']:.0f} ms are inside the "
-                f"{pn['calls']:.0f} add_lora calls, {1e3 * pn['idle']:.0f} ms of it in the "
+                f"{pn['calls']:.0f} LoRA calls, {1e3 * pn['idle']:.0f} ms of it in the "
                 f"{pn['idle_calls']:.0f} calls on projections no running adapter targets (see the profile)")
         lines += ["Checks:", ""] + [f"- {x}" for x in b["notes"]] + [""]
     if "d" in rep:
@@ -1044,6 +1044,7 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.engine.request import Request, SamplingParams
+    from loraplex.lora.group import LoraGroup
     from loraplex.lora.layers import LoraWeights
     from loraplex_kernels import build_lora_meta
 
@@ -1074,13 +1075,11 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
 
     inside = [0.0, 0, 0.0, 0]  # seconds, calls; then the same for calls on untargeted projections
     orig = LoraWeights.apply
+    orig_group = LoraGroup.apply
 
-    def timed_apply(self, y, x, lora):
-        # A projection none of the step's adapters targets has all its active slots' scales at 0
-        # (the manager clears them): its add_lora call adds exactly zero. Checked outside the timing.
-        untargeted = not bool(self.scales.index_select(0, lora.meta.seg_slots).any())
+    def timed(fn, untargeted: bool) -> None:
         t0 = time.perf_counter()
-        orig(self, y, x, lora)
+        fn()
         dt = time.perf_counter() - t0
         inside[0] += dt
         inside[1] += 1
@@ -1088,23 +1087,38 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
             inside[2] += dt
             inside[3] += 1
 
+    def timed_apply(self, y, x, lora):
+        # A projection none of the step's adapters targets has all its active slots' scales at 0
+        # (the manager clears them): its add_lora call adds exactly zero. Checked outside the timing.
+        untargeted = not bool(self.scales.index_select(0, lora.meta.seg_slots).any())
+        timed(lambda: orig(self, y, x, lora), untargeted)
+
+    def timed_group_apply(self, ys, x, lora):  # q/k/v or gate/up in one call (lora/group.py)
+        untargeted = not bool(self.scales.index_select(0, lora.meta.seg_slots).any())
+        timed(lambda: orig_group(self, ys, x, lora), untargeted)
+
     step_s: dict[bool, list[float]] = {False: [], True: []}
+    # CPU time of the stepping thread too: on a shared box wall time also counts waits for a core.
+    step_cpu: dict[bool, list[float]] = {False: [], True: []}
     lora_inside = []
     LoraWeights.apply = timed_apply
+    LoraGroup.apply = timed_group_apply
     try:
         for rep in range(reps):
             for use in ((False, True) if rep % 2 == 0 else (True, False)):
                 fill(use)
                 inside[:] = [0.0, 0, 0.0, 0]
                 for _ in range(steps):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     engine.step()
                     step_s[use].append(time.perf_counter() - t0)
+                    step_cpu[use].append(time.thread_time() - c0)
                 if use:
                     lora_inside.append([v / steps for v in inside])
                 clear()
     finally:
         LoraWeights.apply = orig
+        LoraGroup.apply = orig_group
     tables = {}
     for use in (False, True):
         fill(use)
@@ -1124,6 +1138,7 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
 
     base = statistics.median(step_s[False])
     lora = statistics.median(step_s[True])
+    base_cpu, lora_cpu = statistics.median(step_cpu[False]), statistics.median(step_cpu[True])
     in_ms = 1e3 * statistics.median(x[0] for x in lora_inside)
     calls = statistics.median(x[1] for x in lora_inside)
     idle_ms = 1e3 * statistics.median(x[2] for x in lora_inside)
@@ -1140,7 +1155,9 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
         f"| base step | {1e3 * base:.1f} |",
         f"| LoRA step | {1e3 * lora:.1f} |",
         f"| extra | {1e3 * (lora - base):.1f} (step ratio base/LoRA {base / lora:.2f}) |",
-        f"| inside the {calls:.0f} add_lora calls | {in_ms:.1f} "
+        f"| base / LoRA step in thread CPU time | {1e3 * base_cpu:.1f} / {1e3 * lora_cpu:.1f} "
+        f"(ratio {base_cpu / lora_cpu:.2f}) |",
+        f"| inside the {calls:.0f} LoRA calls (add_lora, or add_lora_multi for q/k/v and gate/up) | {in_ms:.1f} "
         f"({1e3 * in_ms / max(calls, 1):.0f} us per call) |",
         f"| of which the {idle_calls:.0f} calls on projections no running adapter targets (their "
         f"slots hold zeros: the call adds exactly 0) | {idle_ms:.1f} |",
