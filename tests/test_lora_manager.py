@@ -454,3 +454,24 @@ def test_reused_slot_holds_no_stale_weights(tiny_model_dir, adapter_root, reuse_
     torch.testing.assert_close(ours[:n], want[kind], atol=5e-4, rtol=0)
     torch.testing.assert_close(ours[n:], want[None], atol=5e-4, rtol=0)
     assert (want[kind] - want[None]).abs().max() > 1.0  # the adapter does change the logits
+
+
+def test_slot_writes_leave_no_rows_of_the_previous_adapter():
+    """LoraWeights zeroes only the rows a previous adapter left beyond the new rank; whatever the
+    sequence of writes, a slot holds exactly the last adapter (zeros beyond its rank)."""
+    from loraplex.lora.layers import LoraWeights
+
+    g = torch.Generator().manual_seed(0)
+    w = LoraWeights(3, 16, 24, 40, torch.float32, "cpu")
+    for r in (16, 4, 0, 8, 12, 2, 0, 0, 16):
+        if r:
+            A, B = torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g)
+            w.set_slot(1, A, B, 0.5)
+            want_a = torch.cat([A, torch.zeros(16 - r, 24)])
+            want_b = torch.cat([B, torch.zeros(40, 16 - r)], dim=1)
+        else:
+            w.clear_slot(1)
+            want_a, want_b = torch.zeros(16, 24), torch.zeros(40, 16)
+        assert torch.equal(w.A[1], want_a) and torch.equal(w.B[1], want_b), r
+        assert float(w.scales[1]) == (0.5 if r else 0.0)
+        assert torch.count_nonzero(w.A[0]) == torch.count_nonzero(w.A[2]) == 0  # neighbours untouched

@@ -38,17 +38,24 @@ class LoraWeights:
         # (e.g. q,k,v,o adapters at gate/up/down) then costs nothing here instead of a kernel
         # call on zero weights; plain Python ints, so the check needs no device sync.
         self._filled: set[int] = set()
+        # Rank rows per slot that may hold non-zeros (rows beyond stay zero). A slot write then
+        # zeroes only what the previous adapter left beyond the new rank, and a module the new
+        # adapter skips costs nothing if the slot is already clean: evictions write ~half the bytes.
+        self._dirty_rows = [0] * num_slots
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Write one adapter's weights for this module into `slot` (None: the adapter skips it)."""
-        self.A[slot].zero_()
-        self.Bt[slot].zero_()
-        if A is None or B is None:
+        r = 0 if A is None or B is None else A.shape[0]  # A: [r, in], B: [out, r]
+        dirty = self._dirty_rows[slot]
+        if dirty > r:
+            self.A[slot, r:dirty].zero_()
+            self.Bt[slot, r:dirty].zero_()
+        self._dirty_rows[slot] = r
+        if r == 0:
             self.scales[slot] = 0.0
             self._filled.discard(slot)
             return
         self._filled.add(slot)
-        r = A.shape[0]  # A: [r, in], B: [out, r]
         self.A[slot, :r].copy_(A, non_blocking=True)
         self.Bt[slot, :r].copy_(B.T, non_blocking=True)
         self.scales[slot] = scale
