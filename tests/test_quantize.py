@@ -28,12 +28,11 @@ Hidden size 128 / intermediate 256: every weight is a whole number of 64-element
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
 
-from loraplex.config import EngineConfig, LoraConfig, ModelConfig
+from loraplex.config import LoraConfig, ModelConfig
 from loraplex.lora.manager import LoraManager
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
@@ -41,6 +40,7 @@ from loraplex.model.quantize import (METHODS, QuantizationUnavailableError, Quan
                                      float16_bytes, projection_bytes, quantization_for, quantized_bytes,
                                      resolve_method)
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import engine_greedy
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -164,36 +164,6 @@ def test_int8_single_sequences_match_tightly(qmodel):
         assert err < INT8_SINGLE_ATOL, f"int8 / {kind or 'base'}: max |ours - transformers+bnb+PEFT| = {err:.3g}"
 
 
-def engine_greedy(loaded, manager, prompts_by_kind, max_new_tokens):
-    from loraplex.engine.engine import Engine
-    from loraplex.engine.request import Request, SamplingParams
-
-    engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=128, max_model_len=128),
-                    lora_manager=manager)
-    engine.start()
-    results, done = {}, threading.Event()
-
-    def callback(key):
-        toks = []
-
-        def cb(out):
-            toks.extend(out.new_token_ids)
-            if out.finished:
-                results[key] = (toks, out.error)
-                if len(results) == len(prompts_by_kind):
-                    done.set()
-        return cb
-
-    try:
-        for key, (kind, prompt) in prompts_by_kind.items():
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
-            engine.submit(Request(f"r{key}", prompt, params, adapter_id=kind or ""), callback(key))
-        assert done.wait(120), "engine did not finish"
-    finally:
-        engine.shutdown(1)
-    return results
-
-
 @pytest.mark.parametrize("method", CPU_METHODS)
 def test_mixed_adapter_greedy_tokens_match(qmodel, method):
     base, adapters = qmodel
@@ -204,7 +174,7 @@ def test_mixed_adapter_greedy_tokens_match(qmodel, method):
     jobs = {i: (kind, tok(text)["input_ids"]) for i, (kind, text) in enumerate(zip((None, *KINDS), texts))}
     jobs[4] = ("qv_r4", tok("The weather today")["input_ids"])  # two streams share one adapter
     n = 8
-    got = engine_greedy(loaded, manager, jobs, n)
+    got = engine_greedy(loaded, manager, jobs, n, block_size=BLOCK_SIZE)
     for key, (kind, prompt) in jobs.items():
         ref = hf_quantized(base, method, adapter=None if kind is None else adapters / kind)
         x = torch.tensor([prompt])

@@ -33,18 +33,18 @@ the float model). Our error must be within FLOOR_FACTOR x that spread as well as
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from loraplex.config import EngineConfig, LoraConfig
+from loraplex.config import LoraConfig
 from loraplex.lora.manager import LoraManager
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from loraplex.model.quantize import QuantSpec, quantization_for
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import engine_greedy
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -276,42 +276,13 @@ def test_mixed_adapter_logits_match_transformers_bnb_peft(ours, reference, promp
     assert len(flips) <= MAX_FLIP_FRACTION * len(rows), f"{len(flips)} of {len(rows)} next-token choices differ"
 
 
-def engine_greedy(loaded, manager, jobs: dict[int, tuple[str | None, list[int]]]) -> dict:
-    """Every job submitted at once to one engine: the rows of different adapters share steps."""
-    from loraplex.engine.engine import Engine
-    from loraplex.engine.request import Request, SamplingParams
-
-    engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=64, max_model_len=256),
-                    lora_manager=manager)
-    engine.start()
-    results, done = {}, threading.Event()
-
-    def callback(key):
-        toks = []
-
-        def cb(out):
-            toks.extend(out.new_token_ids)
-            if out.finished:
-                results[key] = (toks, out.error)
-                if len(results) == len(jobs):
-                    done.set()
-        return cb
-
-    try:
-        for key, (kind, prompt) in jobs.items():
-            params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-            engine.submit(Request(f"r{key}", prompt, params, adapter_id=kind or ""), callback(key))
-        assert done.wait(300), "engine did not finish"
-    finally:
-        engine.shutdown(1)
-    return results
-
-
 def test_mixed_adapter_greedy_tokens_match(ours, reference, prompts, method):
     loaded, manager, _ = ours
     tok = loaded.tokenizer
     jobs = {i: (kind, prompts[q]) for i, (kind, q) in enumerate(ROWS)}
-    got = engine_greedy(loaded, manager, jobs)
+    # Every job submitted at once to one engine: the rows of different adapters share steps.
+    got = engine_greedy(loaded, manager, jobs, NEW_TOKENS, block_size=BLOCK_SIZE, num_kv_blocks=64,
+                        max_model_len=256, timeout_s=300)
     for key, (kind, prompt) in jobs.items():
         x = torch.tensor([prompt])
         with _Active(reference, kind), torch.no_grad():

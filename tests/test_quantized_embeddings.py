@@ -32,13 +32,12 @@ untied, loaded with nf4 projections + 4-bit embeddings:
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraplex.config import EngineConfig, LoraConfig, ModelConfig
+from loraplex.config import LoraConfig, ModelConfig
 from loraplex.lora.manager import LoraManager
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
@@ -46,6 +45,7 @@ from loraplex.model.quantize import (QuantSpec, float16_bytes, float16_weight_by
                                      quantized_bytes)
 from loraplex.model.quantized_embedding import LM_HEAD_CHUNK_ROWS, QuantizedEmbedding
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import engine_greedy
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -294,36 +294,6 @@ def test_cli_refusal_message(capsys):
     assert "quantize_embeddings: needs a 4-bit method, --quantize nf4 or fp4 (got 'auto')" in err
 
 
-def _engine_greedy(loaded, manager, jobs, n):
-    from loraplex.engine.engine import Engine
-    from loraplex.engine.request import Request, SamplingParams
-
-    engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=128, max_model_len=128),
-                    lora_manager=manager)
-    engine.start()
-    results, done = {}, threading.Event()
-
-    def callback(key):
-        toks = []
-
-        def cb(out):
-            toks.extend(out.new_token_ids)
-            if out.finished:
-                results[key] = (toks, out.error)
-                if len(results) == len(jobs):
-                    done.set()
-        return cb
-
-    try:
-        for key, (adapter, prompt) in jobs.items():
-            params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
-            engine.submit(Request(f"r{key}", prompt, params, adapter_id=adapter), callback(key))
-        assert done.wait(60), "engine did not finish"
-    finally:
-        engine.shutdown(1)
-    return results
-
-
 def _reference_greedy(model, prompt, n):
     arch = model.arch
     pool = BlockPool(64, BLOCK_SIZE, seed=3)
@@ -365,8 +335,8 @@ def test_lora_adapter_on_top(models, tied):
     tok = loaded.tokenizer
     prompts = [tok("The quick brown fox")["input_ids"], tok("Once upon a time")["input_ids"]]
     n = 8
-    got = _engine_greedy(loaded, manager, {0: (ADAPTER, prompts[0]), 1: ("", prompts[1]),
-                                           2: (ADAPTER, prompts[1])}, n)
+    got = engine_greedy(loaded, manager, {0: (ADAPTER, prompts[0]), 1: ("", prompts[1]),
+                                           2: (ADAPTER, prompts[1])}, n, block_size=BLOCK_SIZE, timeout_s=60)
     want_tokens = {0: _reference_greedy(ref_lora, prompts[0], n), 1: _reference_greedy(ref_base, prompts[1], n),
                    2: _reference_greedy(ref_lora, prompts[1], n)}
     for key, (tokens, error) in got.items():
