@@ -88,10 +88,11 @@ def _strides_aligned(*mats: torch.Tensor) -> bool:
 
 
 def _row_coef(bucket: RankBucket, scales: torch.Tensor, width: int) -> torch.Tensor:
-    """Per-row scale [R_b, 1], times the rank mask [R_b, w] when some rank is below the width."""
-    coef = scales.index_select(0, bucket.row_slots).unsqueeze(1)  # [R_b, 1] float32
+    """Per-row, per-member scale [R_b, 1, M] (scales: [slots, M]), times the rank mask
+    ([R_b, w, M]) when some rank is below the width. One gather for all members."""
+    coef = scales.index_select(0, bucket.row_slots).unsqueeze(1)  # [R_b, 1, M] float32
     if bucket.rank_mask is not None:
-        coef = coef * bucket.rank_mask[:, :width]  # [R_b, w]
+        coef = coef * bucket.rank_mask[:, :width, None]  # [R_b, w, M]
     return coef
 
 
@@ -157,13 +158,11 @@ def _bucket_deltas(xs: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], s
                  _strides_aligned(a, *bts), prefer_grouped, width)
     how = _Weights(bucket, mode)
     v = how.mm(xs, a, transposed=True)  # [R_b, w*M]: row t's x times its slot's A, all members
-    v = v.view(-1, width, num_members)  # [R_b, w, M]
+    # Scales (and the rank mask) for every member at once, in float32 (type promotion).
+    v = v.view(-1, width, num_members) * _row_coef(bucket, scales, width)  # [R_b, w, M]
     out = []
     for m, bt in zip(members, bts):
-        # Out of place: scales (and the rank mask) in float32, and a contiguous [R_b, w] operand.
-        vm = v[:, :, m] * _row_coef(bucket, scales[:, m], width)  # [R_b, w]
-        if vm.dtype != xs.dtype:
-            vm = vm.to(xs.dtype)
+        vm = v[:, :, m].to(xs.dtype).contiguous()  # [R_b, w]: the expand's operand (no-op for M = 1)
         out.append(how.mm(vm, bt))  # [R_b, out_m]
     return out
 

@@ -78,6 +78,7 @@ def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
 
 def build_lora_manager(loaded, config: LoraConfig):
     """A LoraManager on `loaded`'s model, holding the config's start-up adapters."""
+    from loraplex.engine.errors import OUT_OF_MEMORY
     from loraplex.lora.errors import AdapterError
     from loraplex.lora.manager import LoraManager
     from loraplex.lora.peft_format import AdapterFormatError
@@ -89,7 +90,7 @@ def build_lora_manager(loaded, config: LoraConfig):
     for adapter_id, folder in config.preload:
         try:
             info = manager.load(adapter_id, folder)
-        except (AdapterError, AdapterFormatError, MemoryError, torch.OutOfMemoryError) as err:
+        except (AdapterError, AdapterFormatError, *OUT_OF_MEMORY) as err:
             raise ValueError(f"adapter {adapter_id}={folder}: {err}") from err
         log.info("adapter %s loaded from %s (rank %d-%d)", adapter_id, info.source, info.min_rank,
                  info.max_rank)

@@ -32,7 +32,7 @@ import torch
 
 from loraplex.api import convert
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
-from loraplex.engine.errors import AdapterNotFoundError
+from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError
 from loraplex.lora.errors import (AdapterCapacityError, AdapterError, AdapterExistsError,
                                   AdapterPathError)
 from loraplex.lora.paths import validate_adapter_id
@@ -40,7 +40,6 @@ from loraplex.lora.peft_format import AdapterFormatError
 
 log = logging.getLogger(__name__)
 
-_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 NO_MANAGER = ("adapter management is not enabled on this server (it runs without a LoRA manager): "
               "only the base model is served")
@@ -77,7 +76,7 @@ def adapter_status(exc: BaseException, request_field: str,
     if isinstance(exc, AdapterFormatError):
         return (grpc.StatusCode.INVALID_ARGUMENT,
                 f"{request_field}: not a servable PEFT adapter: {exc}")
-    if isinstance(exc, _OUT_OF_MEMORY):
+    if isinstance(exc, OUT_OF_MEMORY):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{request_field}: out of memory while loading the adapter: {exc}")
     return None

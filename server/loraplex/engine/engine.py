@@ -24,7 +24,7 @@ import torch
 from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer, check_finish
-from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
+from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (FinishReason, InvalidRequestError, OutputCallback, Request,
                                      RequestOutput, SamplingParams, Timings)
@@ -61,9 +61,6 @@ class EngineObserver(Protocol):
     def on_finish(self, req: FinishedRequest) -> None: ...
 
 
-_OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
-
-
 class _SlotHook:
     """The scheduler's adapter-slot hook: the LoRA manager, remembering which adapters could not
     be copied into a device slot for lack of memory, so that their requests end with
@@ -76,7 +73,7 @@ class _SlotHook:
     def acquire(self, adapter_id: str) -> int | None:
         try:
             return self.manager.acquire(adapter_id)
-        except _OUT_OF_MEMORY:
+        except OUT_OF_MEMORY:
             self.out_of_memory.add(adapter_id)
             raise
 

@@ -6,6 +6,12 @@ these are the failures that are not the caller's input being malformed.
 
 from __future__ import annotations
 
+import torch
+
+# What running out of memory raises: host allocations (MemoryError) and CUDA's allocator
+# (torch.OutOfMemoryError). Both map to RESOURCE_EXHAUSTED (retry later), never INTERNAL.
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
 
 class EngineError(Exception):
     """Base class of the engine's own errors."""
