@@ -5,7 +5,10 @@
 Methods (all add the same delta into y; correctness of each is checked against the reference first):
   ours        loraplex_kernels cpu backend (per-bucket choice of grouped / gather)
   ours (server layout)  the same on the weights as the server keeps them: B rank-major
-              ([slots, R, out] memory), float32 on CPU (loraplex_kernels.slot_weight_dtype)
+              ([slots, R, out] memory) in loraplex_kernels.slot_weight_dtype; this is the compiled
+              per-row kernel (lora_rows.c) when it is built, as in the server
+  torch path (server layout)  the same layout with the compiled kernel off (the fallback when no C
+              compiler is there): torch grouped/gather with float32 slot weights
   grouped     cpu backend forced to torch grouped_mm for every bucket
   gather      cpu backend forced to gather-bmm (weights gathered per token, one bmm)
   dense       dense masked matmul: every token times every active adapter, wrong blocks masked
@@ -106,9 +109,11 @@ def methods_for(case, include_reference: bool):
     # (float32 on CPU). Converted once here, as the server does at slot-write time.
     A_srv = case.A.to(slot_weight_dtype(case.A.dtype, "cpu"))
     B_srv = case.B.transpose(1, 2).contiguous().to(A_srv.dtype).transpose(1, 2)
+    A_fb, B_fb = A_srv.float(), B_srv.float()  # the torch fallback keeps float32 slots
     m = {
         "ours": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta),
         "ours (server layout)": lambda y, x, A, B, s: add_lora_cpu(y, x, A_srv, B_srv, s, meta),
+        "torch path (server layout)": lambda y, x, A, B, s: add_lora_cpu(y, x, A_fb, B_fb, s, meta, native=False),
         "grouped": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta, grouped=True),
         "gather": lambda y, x, A, B, s: add_lora_cpu(y, x, A, B, s, meta, grouped=False),
         "dense": dense_method(case),
@@ -188,7 +193,7 @@ def tune_table(dtype: torch.dtype, repeats: int) -> list[str]:
 
 def fused_table(repeats: int) -> list[str]:
     """q/k/v of SmolLM2 (576 -> 576, 192, 192) in one add_lora_multi call vs three add_lora calls,
-    bfloat16 activations on the server's slot layout (float32, rank-major B), cold caches."""
+    bfloat16 activations on the server's slot layout (slot_weight_dtype, rank-major B), cold caches."""
     from loraplex_kernels.cpu import add_lora_multi_cpu
 
     lines = ["## q/k/v fused (add_lora_multi) vs three add_lora calls, server slot layout, rank 16",
@@ -197,8 +202,9 @@ def fused_table(repeats: int) -> list[str]:
         cases = [make_problem(kind, 576, out, torch.bfloat16) for out in (576, 192, 192)]
         meta = build_lora_meta(cases[0].idx, cases[0].ranks)
         x = cases[0].x
-        A_g = torch.stack([c.A for c in cases], dim=2).float()  # [slots, R, 3, in]
-        Bs = [c.B.transpose(1, 2).contiguous().float().transpose(1, 2) for c in cases]
+        wdt = slot_weight_dtype(torch.bfloat16, "cpu")
+        A_g = torch.stack([c.A for c in cases], dim=2).to(wdt)  # [slots, R, 3, in]
+        Bs = [c.B.transpose(1, 2).contiguous().to(wdt).transpose(1, 2) for c in cases]
         scales = torch.stack([c.scales for c in cases], dim=1)  # [slots, 3]
         ys = [c.y0.clone() for c in cases]
 
@@ -291,7 +297,9 @@ def write_markdown(path, rows, floors, fast, meta_times, tune, threads, repeats,
         "",
         "Microseconds per call (one projection, y += LoRA delta). Rank 16. decode: T=32, 32 adapters,",
         "one token each; prefill: T=512, 4 adapters x 128 tokens. `speedup` = loop / ours (server layout),",
-        "the layout the server runs; `ours` is the same op on the test's out-major B in the activations' dtype.",
+        "the layout the server runs (the compiled kernel, weights in " + str(slot_weight_dtype(torch.bfloat16, "cpu")).replace("torch.", "")
+        + " for a bfloat16 model); `ours` is the same op on the test's out-major B in the activations' dtype (torch path);",
+        "`torch path (server layout)` is what runs where the kernel cannot be compiled.",
         "",
         "| scenario | projection | dtype | " + " | ".join(methods) + " | speedup |",
         "|---|---|---|" + "---:|" * (len(methods) + 1),

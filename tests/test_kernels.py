@@ -33,7 +33,13 @@ SWEEP = [
     (33, 4096, 576, 16, "zipf", "pow2", True),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
-STRATEGIES = {"auto": None, "grouped": True, "gather": False}
+# add_lora_cpu keyword arguments per strategy: "auto" is what the server runs (the compiled kernel
+# when it is built and takes the operands, else the torch cost model); the others force one path.
+STRATEGIES = {"auto": {}, "torch_auto": {"native": False}, "grouped": {"grouped": True},
+              "gather": {"grouped": False}, "native": {"native": True}}
+# The compiled kernel reads B rank-major only (the server's layout); out-major B goes to torch.
+LAYOUT_STRATEGIES = [(lay, s) for lay in ("out_major", "rank_major") for s in STRATEGIES
+                     if not (s == "native" and lay == "out_major")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,23 +56,22 @@ def _case_id(c):
     return "T{}-{}x{}-a{}-{}-{}{}".format(*c[:6], "-prefill" if c[6] else "")
 
 
-def _run_cpu(case, grouped=None, rank_major=False):
+def _run_cpu(case, grouped=None, rank_major=False, native=None):
     y = case.y0.clone()
     # rank_major: B as the [slots, out, R] view of a contiguous [slots, R, out] tensor, the layout
     # lora/layers.py keeps slots in; same values, other strides.
     B = case.B.transpose(1, 2).contiguous().transpose(1, 2) if rank_major else case.B
-    add_lora_cpu(y, case.x, case.A, B, case.scales, case.meta(), grouped=grouped)
+    add_lora_cpu(y, case.x, case.A, B, case.scales, case.meta(), grouped=grouped, native=native)
     return y
 
 
-@pytest.mark.parametrize("layout", ["out_major", "rank_major"])
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize(("layout", "strategy"), LAYOUT_STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SWEEP, ids=_case_id)
 def test_cpu_matches_reference(shape, dtype, strategy, layout):
     T, d_in, d_out, n, pop, rank_mode, prefill = shape
     case = make_case(T, d_in, d_out, n, pop, rank_mode, dtype=dtype, prefill=prefill, seed=T + n)
-    res = compare(_run_cpu(case, STRATEGIES[strategy], layout == "rank_major"), case, expected(case))
+    res = compare(_run_cpu(case, rank_major=layout == "rank_major", **STRATEGIES[strategy]), case, expected(case))
     assert res["untouched"], "a row with idx = -1 was modified"
     assert res["err"] <= TOLERANCE[dtype], res
 
@@ -85,11 +90,12 @@ def test_grouped_compaction_both_ways(compact, dtype, max_rank, monkeypatch):
     assert res["untouched"] and res["err"] <= TOLERANCE[dtype], res
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("num_adapters", [1, 2, 17, 64])
-def test_popularity_sweep_float32(popularity, num_adapters):
+def test_popularity_sweep_float32(popularity, num_adapters, native):
     case = make_case(33, 256, 192, num_adapters, popularity, "mixed", seed=num_adapters)
-    res = compare(_run_cpu(case), case, expected(case))
+    res = compare(_run_cpu(case, rank_major=True, native=native), case, expected(case))
     assert res["untouched"] and res["err"] <= TOLERANCE[torch.float32], res
 
 
@@ -111,11 +117,11 @@ def test_public_op_all_backends_agree():
 
 def test_garbage_beyond_rank_is_ignored_exactly():
     """Same problem with zeros instead of garbage beyond each rank: bit-identical output."""
-    for grouped in (True, False):
+    for kwargs in ({"grouped": True}, {"grouped": False}, {"native": True, "rank_major": True}):
         case = make_case(48, 256, 256, 6, "uniform", "mixed", garbage=1e3, seed=11)
         clean = make_case(48, 256, 256, 6, "uniform", "mixed", garbage=0.0, seed=11)
         assert not torch.equal(case.A, clean.A)
-        assert torch.equal(_run_cpu(case, grouped), _run_cpu(clean, grouped))
+        assert torch.equal(_run_cpu(case, **kwargs), _run_cpu(clean, **kwargs)), kwargs
 
 
 def test_rank_changes_result():
@@ -124,6 +130,8 @@ def test_rank_changes_result():
     wider = make_case(16, 128, 128, 3, "uniform", "16", garbage=1.0, seed=5)
     wider.ranks = case.ranks + (case.ranks > 0).to(torch.int32)
     assert not torch.allclose(_run_cpu(case), _run_cpu(wider))
+    assert not torch.allclose(_run_cpu(case, rank_major=True, native=True),
+                              _run_cpu(wider, rank_major=True, native=True))
 
 
 @pytest.mark.parametrize("rank_major", [False, True])
@@ -134,7 +142,13 @@ def test_mixed_dtypes_bf16_activations_fp32_weights(rank_major):
     assert res["untouched"] and res["err"] <= TOLERANCE[torch.bfloat16], res
 
 
-def test_slot_weight_dtype_per_backend():
+def test_slot_weight_dtype_per_backend(monkeypatch):
+    from loraplex_kernels import native
+
+    monkeypatch.setattr(native, "available", lambda: True)  # the compiled kernel reads bf16 weights
+    assert K.slot_weight_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert K.slot_weight_dtype(torch.float16, "cpu") == torch.float32  # the kernel takes no fp16
+    monkeypatch.setattr(native, "available", lambda: False)  # the torch fallback: fp32 is faster
     assert K.slot_weight_dtype(torch.bfloat16, "cpu") == torch.float32
     assert K.slot_weight_dtype(torch.float16, "cpu") == torch.float32
     assert K.slot_weight_dtype(torch.float32, "cpu") == torch.float32
@@ -320,7 +334,7 @@ def test_multi_matches_reference_per_member(shape, dtype, strategy, members):
     chosen = {"all": tuple(range(len(outs))), "last": (len(outs) - 1,),
               "first_and_last": (0, len(outs) - 1)}[members]
     ys = [c.y0.clone() for c in cases]
-    add_lora_multi_cpu(ys, cases[0].x, A, Bs, scales, cases[0].meta(), chosen, grouped=STRATEGIES[strategy])
+    add_lora_multi_cpu(ys, cases[0].x, A, Bs, scales, cases[0].meta(), chosen, **STRATEGIES[strategy])
     for m, (y, c) in enumerate(zip(ys, cases)):
         if m not in chosen:
             assert torch.equal(y, c.y0), f"member {m} was not asked for but changed"
@@ -333,7 +347,7 @@ def test_multi_matches_reference_per_member(shape, dtype, strategy, members):
 @pytest.mark.parametrize("grouped", [None, True, False])
 @pytest.mark.parametrize("max_rank", [6, 12])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_multi_unaligned_max_rank(max_rank, dtype, grouped):
+def test_multi_unaligned_max_rank(max_rank, dtype, grouped):  # None: out-major B, so torch
     """A max_lora_rank that leaves a member's rank slice unaligned (6, 12 floats) while M * w is
     aligned: grouped_mm cannot take it, the op must still be right (found by an API test)."""
     from loraplex_kernels.cpu import add_lora_multi_cpu

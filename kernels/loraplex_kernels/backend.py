@@ -31,14 +31,20 @@ def default_backend() -> str:
 def slot_weight_dtype(model_dtype: torch.dtype, backend: str | None = None) -> torch.dtype:
     """The dtype to keep adapter slot weights (A, B) in for `backend` (default: the selected one).
 
-    cpu: float32. The CPU backend's work on decode shapes is a handful of tiny matmuls and gathers
-    whose cost is fixed overhead, not FLOPs; on CPUs without AMX a bfloat16 [32, 576] x [576, 8]
-    bmm costs ~3-4x a float32 one (benchmarks/results/kernels_cpu.md), which outweighs casting x
-    and the delta. Upcasting bf16/fp16 adapter weights is exact, so results only gain precision.
-    The price is twice the slot memory of bfloat16. Other backends compute in the model's dtype.
+    The model's dtype, except on the cpu backend without its compiled kernel (native.py: no C
+    compiler, or LORAPLEX_NATIVE_KERNELS=0): then float32, because the torch fallback's work on
+    decode shapes is a handful of tiny matmuls and gathers whose cost is fixed overhead, and on
+    CPUs without AMX a bfloat16 [32, 576] x [576, 8] bmm costs ~3-4x a float32 one
+    (benchmarks/results/kernels_cpu.md); upcasting bf16/fp16 adapter weights is exact, at twice
+    the slot memory. The compiled kernel reads bfloat16 weights directly (half the bytes from
+    memory, which is what a decode step's LoRA call waits on) and sums in float32.
     """
     name = backend if backend is not None else get_backend()
     if name == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+        from . import native
+
+        if model_dtype == torch.bfloat16 and native.available():
+            return torch.bfloat16
         return torch.float32
     return model_dtype
 

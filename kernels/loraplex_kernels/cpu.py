@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import lora_native, native as native_build
 from .meta import LoraMeta, RankBucket
 
 # Cost model behind the per-bucket choice, constants measured with cold caches on the 2-core dev
@@ -45,6 +46,7 @@ COPY_BYTES_PER_S = 5e9  # cold weights through index_select, and through a GEMM
 EMPTY_GROUP_S = 2e-6  # grouped_mm's cost per empty group (float32 and bfloat16 alike)
 COMPACT: bool | None = None  # force the compaction choice (benchmarks); None = cost model
 PREFER_GROUPED: bool | None = None  # force the strategy of add_lora calls (benchmarks); None = cost model
+NATIVE: bool | None = None  # force the compiled kernel on/off (benchmarks, tests); None = use it when built
 
 
 def _aligned(n: int, dtype: torch.dtype) -> bool:
@@ -170,9 +172,13 @@ def _bucket_deltas(xs: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], s
 @torch.no_grad()
 def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                        scales: torch.Tensor, meta: LoraMeta, members: tuple[int, ...] | None = None,
-                       grouped: bool | None = None) -> None:
+                       grouped: bool | None = None, native: bool | None = None) -> None:
     """ys[m] [T, out_m] += LoRA delta of member m for x [T, in], for M projections of one x
     (q/k/v, gate/up) in one pass: one shrink for all members, then one expand per member.
+
+    The compiled per-row kernel (lora_native.py) runs it when it is built and takes the operands
+    (fp32/bf16 weights and activations) unless `native` (or NATIVE) is False or a torch
+    strategy is forced with `grouped`; native=True insists on it.
 
     A [slots, R, M, in]: member m's A is A[:, :, m] (ranks interleaved, so that the first w ranks
     of all members are contiguous); Bs[m] [slots, out_m, R]; scales [slots, M]. `members`: the
@@ -186,6 +192,16 @@ def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor,
     if not members:
         return
     Bts = [B.transpose(1, 2) for B in Bs]  # [slots, R, out_m] each
+    if native is None:
+        native = NATIVE
+    if native is None and grouped is not None:
+        native = False  # a torch strategy was asked for
+    if native is not False and _native_ok(ys, x, A, Bts, scales, members):
+        call = lora_native.prepare(A, [Bts[m] for m in members], scales, members)
+        call([ys[m] for m in members], x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)
+        return
+    if native:
+        raise RuntimeError(f"the native LoRA kernel cannot run here: {native_build.unavailable_reason() or 'operands'}")
     xs = x.index_select(0, meta.sorted_token_ids)  # [R, in], rows sorted by (bucket, slot)
     if xs.dtype != A.dtype:
         xs = xs.to(A.dtype)
@@ -200,8 +216,22 @@ def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor,
         ys[m].index_add_(0, meta.sorted_token_ids, delta)
 
 
+def _native_ok(ys, x, A, Bts, scales, members) -> bool:
+    """Operands the compiled kernel takes: CPU, fp32/bf16 weights and activations (ys in x's
+    dtype), float32 scales, innermost dimensions contiguous, at most MAX_MEMBERS members."""
+    codes = native_build.DTYPE_CODES
+    if (x.device.type != "cpu" or x.dtype not in codes or A.dtype not in codes or scales.dtype != torch.float32
+            or x.stride(1) != 1 or A.stride(3) != 1 or len(members) > lora_native.MAX_MEMBERS):
+        return False
+    for m in members:
+        if ys[m].dtype != x.dtype or ys[m].stride(1) != 1 or Bts[m].dtype != A.dtype or Bts[m].stride(2) != 1:
+            return False
+    return native_build.available()
+
+
 def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 scales: torch.Tensor, meta: LoraMeta, grouped: bool | None = None) -> None:
+                 scales: torch.Tensor, meta: LoraMeta, grouped: bool | None = None,
+                 native: bool | None = None) -> None:
     """y [T, out] += LoRA delta of x [T, in] (contract in loraplex_kernels.__init__).
 
     `grouped` prefers one strategy for every bucket (benchmarks/tests; unaligned shapes still
@@ -209,4 +239,4 @@ def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
     when B is that transpose of a contiguous [slots, R, out] tensor (lora/layers.py stores it so).
     The one-member case of add_lora_multi_cpu.
     """
-    add_lora_multi_cpu([y], x, A.unsqueeze(2), [B], scales.unsqueeze(1), meta, grouped=grouped)
+    add_lora_multi_cpu([y], x, A.unsqueeze(2), [B], scales.unsqueeze(1), meta, grouped=grouped, native=native)

@@ -125,8 +125,8 @@ def build_lora_meta(idx: torch.Tensor, ranks: torch.Tensor) -> LoraMeta:
     if idx.dim() != 1 or ranks.dim() != 1:
         raise ValueError(f"idx and ranks must be 1-D, got {tuple(idx.shape)} and {tuple(ranks.shape)}")
     device = idx.device
-    idx = idx.to(torch.int64)
-    ranks = ranks.to(device=device, dtype=torch.int64)
+    idx = idx.to(torch.int64).contiguous()  # contiguous: the compiled CPU kernel reads it raw
+    ranks = ranks.to(device=device, dtype=torch.int64).contiguous()
     num_slots = int(ranks.shape[0])
     active = idx >= 0  # [T]
     # Token count per slot without a sync of its own (no boolean indexing, no bincount): bin 0

@@ -76,6 +76,18 @@ def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
     return runtime
 
 
+def _log_kernels(device) -> None:
+    """Which kernels serve: the LoRA backend and, on CPU, whether the C kernels compiled (building
+    them now, at start-up, rather than on the first request)."""
+    from loraplex_kernels import get_backend, native
+
+    line = f"kernels: LoRA backend {get_backend()}"
+    if device.type == "cpu":
+        line += ("; compiled CPU kernels on (LoRA, decode attention)" if native.available()
+                 else f"; compiled CPU kernels off, torch formulations instead: {native.unavailable_reason()}")
+    log.info(line)
+
+
 def build_lora_manager(loaded, config: LoraConfig):
     """A LoraManager on `loaded`'s model, holding the config's start-up adapters."""
     from loraplex.engine.errors import OUT_OF_MEMORY
@@ -84,6 +96,7 @@ def build_lora_manager(loaded, config: LoraConfig):
     from loraplex.lora.peft_format import AdapterFormatError
 
     device = next(loaded.model.parameters()).device
+    _log_kernels(device)
     manager = LoraManager(config, loaded.model, loaded.dtype, device)
     log.info("LoRA: %d device slots of rank <= %d (%.1f MiB), host tier of %d adapters",
              config.max_loras, config.max_lora_rank, manager.device_bytes / 2**20, config.max_cpu_loras)

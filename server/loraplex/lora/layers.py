@@ -8,9 +8,10 @@ at all, then contributes exactly nothing here, whatever rank the kernel metadata
 
 Layout: B is kept rank-major, Bt [slots, R, out], and handed to the kernel as the [slots, out, R]
 view the contract names: one slot's first r ranks are then one contiguous block, which the CPU
-backend gathers with a memcpy per row (a [out, r] column slice of [out, R] is `out` strided pieces,
-~8x slower), and Triton reads B rows along `out` coalesced. The dtype is the backend's choice
-(loraplex_kernels.slot_weight_dtype): float32 on CPU, the model's dtype elsewhere.
+kernel reads row by row in place (and the torch fallback gathers with a memcpy per row; a [out, r]
+column slice of [out, R] is `out` strided pieces, ~8x slower), and Triton reads B rows along `out`
+coalesced. The dtype is the backend's choice (loraplex_kernels.slot_weight_dtype): the model's,
+or float32 for the CPU torch fallback.
 """
 
 from __future__ import annotations

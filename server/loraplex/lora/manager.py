@@ -98,8 +98,8 @@ class LoraManager:
         # Adapter max rank per slot: the kernel metadata's rank (work per token ∝ this).
         self.slot_ranks = torch.zeros(config.max_loras, dtype=torch.int32)  # [slots], host
         self._modules: dict[tuple[int, str], LoraWeights] = {}
-        # Slot weights in the kernel backend's dtype (float32 on CPU, see slot_weight_dtype); the
-        # host tier keeps adapters in the model's dtype and slot writes upcast, exactly.
+        # Slot weights in the kernel backend's dtype (the model's, or float32 for the CPU torch
+        # fallback, see slot_weight_dtype); the host tier keeps adapters in the model's dtype.
         self.slot_dtype = slot_weight_dtype(dtype)
         projections = {(layer_idx, name): proj for layer_idx, name, proj in model.iter_projections()}
         for key, proj in projections.items():

@@ -4,6 +4,8 @@ Per layer and step: `write_kv` stores this step's keys/values at `batch.slot_map
 `paged_attention` lets every new token attend to its own sequence's cached context.
 
 How the work is shaped (it runs once per layer, so per-call overhead matters):
+- On CPU, decode tokens go through the compiled kernel (loraplex_kernels/decode_attention.c): each
+  sequence reads its blocks where they lie, no copy, no mask (same semantics as below). Otherwise:
 - All decode sequences (query_len == 1) of the step go through ONE padded gather of their KV
   blocks ([B, max_blocks * block_size, H_kv, D]) and ONE scaled_dot_product_attention call with a
   length mask. GQA costs no copy: the n_rep query heads that share a kv head are laid out as n_rep
@@ -26,6 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.model.forward_batch import ForwardBatch
+from loraplex_kernels import attention_native
+
+# Decode tokens through the compiled paged kernel (loraplex_kernels/decode_attention.c) on CPU:
+# None = whenever it is built and takes the operands; False = always the torch formulation.
+NATIVE_DECODE: bool | None = None
+
+
+def _use_native(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return NATIVE_DECODE is not False and attention_native.supports(q, k_cache)
 
 
 @dataclass
@@ -51,6 +62,7 @@ class AttentionPlan:
     # Decode part: B sequences with one new token each.
     decode_rows: slice | torch.Tensor | None  # their token rows (a slice when contiguous)
     decode_blocks: torch.Tensor | None  # [B * nb] block ids, row-major over [B, nb]
+    decode_table: torch.Tensor | None  # [B, nb] the same, as a table (the compiled kernel reads it)
     decode_num_blocks: int  # nb: blocks of the longest decode context
     decode_seq_lens: torch.Tensor | None  # [B] context length (incl. the new token)
     prefills: list[PrefillSegment]
@@ -69,7 +81,7 @@ class AttentionPlan:
         device = batch.input_ids.device
         decode_seqs = [i for i, n in enumerate(qsl) if n == 1]
         decode_rows: slice | torch.Tensor | None = None
-        decode_blocks = decode_lens = None
+        decode_blocks = decode_lens = tables = None
         nb = 0
         if decode_seqs:
             rows = [starts[i] for i in decode_seqs]
@@ -96,7 +108,7 @@ class AttentionPlan:
             blocks = batch.block_tables[i, : -(-ctx // block_size)]
             query_pos = batch.positions[starts[i]:starts[i] + n]  # == ctx - n .. ctx - 1
             prefills.append(PrefillSegment(starts[i], starts[i] + n, ctx, blocks, query_pos))
-        return cls(batch.num_tokens, block_size, decode_rows, decode_blocks, nb, decode_lens, prefills)
+        return cls(batch.num_tokens, block_size, decode_rows, decode_blocks, tables, nb, decode_lens, prefills)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, nb * block_size] bool, True where a decode token may attend."""
@@ -149,7 +161,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     rep = h // h_kv
     bs = plan.block_size
     out = None
-    if plan.num_decode:
+    if plan.num_decode and _use_native(q, k_cache):
+        od = attention_native.decode_attention(q, plan.decode_rows, k_cache, v_cache, plan.decode_table,
+                                               plan.decode_seq_lens, scale, window)  # [B, H*D]
+    elif plan.num_decode:
         b = plan.num_decode
         rows = plan.decode_rows
         qd = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)  # [B, H, D]
@@ -161,7 +176,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask(window),
                                             scale=scale)  # [B, H_kv, rep, D]
         od = od.reshape(b, h * d)
-        if b == t:  # pure decode step: the decode output is the whole output
+    if plan.num_decode:
+        rows = plan.decode_rows
+        if plan.num_decode == t:  # pure decode step: the decode output is the whole output
             return od
         out = q.new_empty(t, h * d)
         if isinstance(rows, slice):

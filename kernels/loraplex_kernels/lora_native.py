@@ -1,0 +1,116 @@
+"""The compiled per-row multi-LoRA kernel (lora_rows.c) as a Python call: cpu.py's fast path.
+
+The library is built and loaded by native.py; this module binds one projection group's slot
+weights into a C struct once (`prepare`) so that each call passes only what changes per step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native
+from .native import DTYPE_CODES
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+MAX_MEMBERS = 4  # lora_rows.c's MAX_MEMBERS: q/k/v is the largest group
+
+
+class _Weights(ctypes.Structure):
+    """lora_rows.c's lora_weights_t: one projection group's slot weights, pointers and strides."""
+
+    _fields_ = [
+        ("d_in", _I64), ("max_rank", _I64), ("w_dtype", ctypes.c_int32), ("num_members", ctypes.c_int32),
+        ("A", _P), ("a_slot", _I64), ("a_rank", _I64), ("a_member", _I64),
+        ("scales", _P), ("sc_slot", _I64), ("sc_member", _I64),
+        ("member_ids", ctypes.c_int32 * MAX_MEMBERS), ("bts", _P * MAX_MEMBERS),
+        ("bt_slot", _I64 * MAX_MEMBERS), ("bt_rank", _I64 * MAX_MEMBERS), ("d_outs", _I64 * MAX_MEMBERS),
+    ]
+
+
+_ARGTYPES = [
+    ctypes.POINTER(_Weights),
+    _P, _I64, _P, _P,  # order, num_rows, idx, ranks
+    _P, ctypes.c_int, _I64,  # x, x_dtype, x_stride
+    _P, _P, _P, _P,  # y0..y3
+    _I64, _I64, _I64, _I64,  # their row strides
+]
+
+_fn = None
+
+
+def _function():
+    global _fn
+    if _fn is None:
+        _fn = native.function("loraplex_lora_rows", _ARGTYPES)
+    return _fn
+
+
+class Prepared:
+    """The kernel bound to one group's weights (A, the members' Bt, scales): call it per step
+    with the outputs, x and the step's rows. Built once per weight set (see `prepare`)."""
+
+    def __init__(self, A: torch.Tensor, Bts: list[torch.Tensor], scales: torch.Tensor, members: tuple[int, ...]):
+        n = len(members)
+        w = _Weights()
+        w.d_in, w.max_rank, w.w_dtype, w.num_members = A.shape[3], A.shape[1], DTYPE_CODES[A.dtype], n
+        w.A, (w.a_slot, w.a_rank, w.a_member) = A.data_ptr(), A.stride()[:3]
+        w.scales, (w.sc_slot, w.sc_member) = scales.data_ptr(), scales.stride()
+        for i, (m, bt) in enumerate(zip(members, Bts)):
+            w.member_ids[i], w.bts[i] = m, bt.data_ptr()
+            w.bt_slot[i], w.bt_rank[i], w.d_outs[i] = bt.stride(0), bt.stride(1), bt.shape[2]
+        self.weights = w
+        self.ref = ctypes.byref(w)
+        self.d_in, self.d_outs, self.dtype = A.shape[3], tuple(bt.shape[2] for bt in Bts), A.dtype
+        self.num_members = n
+
+    def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, order: torch.Tensor, idx: torch.Tensor,
+                 ranks: torch.Tensor) -> None:
+        """ys[i] [T, out_i] += member i's delta for the rows in `order` (see lora_rows)."""
+        ptrs = [y.data_ptr() for y in ys] + [None] * (MAX_MEMBERS - len(ys))
+        strides = [y.stride(0) for y in ys] + [0] * (MAX_MEMBERS - len(ys))
+        rc = _function()(self.ref, order.data_ptr(), order.shape[0], idx.data_ptr(), ranks.data_ptr(),
+                 x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *ptrs, *strides)
+        if rc != 0:
+            raise MemoryError("lora_rows could not allocate its scratch buffers")
+
+
+_prepared: dict[tuple, Prepared] = {}
+
+
+def prepare(A: torch.Tensor, Bts: list[torch.Tensor], scales: torch.Tensor, members: tuple[int, ...]) -> Prepared:
+    """The Prepared call for these weights, cached by their addresses, shapes and strides (the
+    server's slot tensors never move, so each group builds it once; a new tensor at a reused
+    address with the same layout gets the same pointers and strides, hence the same struct)."""
+    key = (A.data_ptr(), A.shape, A.stride(), A.dtype, scales.data_ptr(), scales.stride(), members,
+           *[(bt.data_ptr(), bt.shape, bt.stride()) for bt in Bts])
+    call = _prepared.get(key)
+    if call is None:
+        if len(members) > MAX_MEMBERS or len(Bts) != len(members):
+            raise ValueError(f"lora_rows takes 1 to {MAX_MEMBERS} members, one Bt each")
+        if len(_prepared) >= 4096:  # tests make many weight sets; the server a few per layer
+            _prepared.clear()
+        call = _prepared[key] = Prepared(A, Bts, scales, members)
+    return call
+
+
+def lora_rows(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor],
+              scales: torch.Tensor, order: torch.Tensor, idx: torch.Tensor, ranks: torch.Tensor,
+              members: tuple[int, ...]) -> None:
+    """ys[i] [T, out_i] += delta of member members[i], for the rows listed in `order`.
+
+    x [T, in] (fp32/bf16, rows strided, last dim contiguous); A [slots, R, M, in] (fp32/bf16, last
+    dim contiguous); Bts[i] [slots, R, out_i] (A's dtype, last dim contiguous), member members[i]'s;
+    scales [slots, M] float32; order [R] int64 (rows with an adapter, those of one slot adjacent);
+    idx [T] int64 (slot per row); ranks [slots] int64; all three contiguous. ys in x's dtype.
+    """
+    if x.stride(1) != 1 or A.stride(3) != 1 or any(bt.stride(2) != 1 for bt in Bts) or any(y.stride(1) != 1 for y in ys):
+        raise ValueError("lora_rows needs the innermost dimension of x, y, A and Bt contiguous")
+    if any(bt.dtype != A.dtype for bt in Bts) or scales.dtype != torch.float32 or any(y.dtype != x.dtype for y in ys):
+        raise ValueError("lora_rows needs Bt in A's dtype, y in x's dtype and float32 scales")
+    if not (order.is_contiguous() and idx.is_contiguous() and ranks.is_contiguous()) or \
+            {order.dtype, idx.dtype, ranks.dtype} != {torch.int64}:
+        raise ValueError("lora_rows needs contiguous int64 order, idx and ranks")
+    prepare(A, Bts, scales, members)(ys, x, order, idx, ranks)

@@ -1,0 +1,128 @@
+"""The CPU backend's compiled kernels (lora_rows.c, decode_attention.c): one shared object, built
+on first use, cached, loaded with ctypes. The calls live in lora_native.py and attention_native.py.
+
+Why compile at run time instead of shipping a binary: `-march=native` lets the compiler use the
+vector width of the machine that serves (AVX-512 here, AVX2 or NEON elsewhere), and the source is
+dependency-free C that builds in about a second. The shared object is cached under
+$LORAPLEX_KERNEL_CACHE (default ~/.cache/loraplex/kernels), keyed by a hash of the sources, the
+flags, the compiler's version and this CPU's model and flags, so a different machine or a changed
+source never loads a stale build. Written to a temporary name and renamed, so processes starting
+together cannot load half a file.
+
+No C compiler, a failed build or LORAPLEX_NATIVE_KERNELS=0: `available()` is False (the reason is
+in `unavailable_reason()`) and the torch formulations run instead (cpu.py, model/attention.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).with_name("lora_rows.c"), Path(__file__).with_name("decode_attention.c"))
+# Reassociation lets the compiler vectorise the dot products (float sums in another order: the
+# results differ from a sequential sum by rounding only, like any BLAS).
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
+LIBS = ("-lm",)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+def _cpu_id() -> str:
+    """This CPU's model and feature flags (what -march=native compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAPLEX_KERNEL_CACHE", Path.home() / ".cache" / "loraplex" / "kernels"))
+
+
+def _build(cc: str) -> Path:
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:24]
+    target = cache_dir() / f"loraplex_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> None:
+    global _lib, _reason, _tried
+    _tried = True
+    if os.environ.get("LORAPLEX_NATIVE_KERNELS", "1") == "0":
+        _reason = "disabled by LORAPLEX_NATIVE_KERNELS=0"
+        return
+    cc = _compiler()
+    if cc is None:
+        _reason = f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as exc:  # any build or load failure: the torch path serves instead
+        _reason = f"build failed: {exc}"
+        log.warning("compiled CPU kernels unavailable, using the torch formulations: %s", _reason)
+        return
+    _lib = lib
+
+
+def available() -> bool:
+    """Are the compiled kernels loaded (building them on the first call)?"""
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _load()
+    return _lib is not None
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return _reason
+
+
+def function(name: str, argtypes: list) -> Callable:
+    """A C function of the library (restype int: 0 = done, -1 = out of scratch memory)."""
+    if not available():
+        raise RuntimeError(f"compiled CPU kernels unavailable: {_reason}")
+    fn = getattr(_lib, name)
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    return fn
