@@ -3,17 +3,19 @@
     meta = build_lora_meta(idx, ranks)        # once per step (the step's one host sync)
     add_lora(y, x, A, B, scales, meta)        # per LoRA-targeted projection, in place
     set_backend("cpu" | "triton" | "reference")  # once at start-up; get_backend() reports it
+    op = BoundLora(A, Bs, scales); op(ys, x, meta, members)  # add_lora_multi on fixed slot weights
 """
 
 from __future__ import annotations
 
 import torch
 
+from .bound import BoundLora
 from .backend import BACKENDS, current_impl, default_backend, get_backend, set_backend, slot_weight_dtype
 from .meta import LoraMeta, RankBucket, build_lora_meta
 
 __all__ = [
-    "BACKENDS", "LoraMeta", "RankBucket", "add_lora", "add_lora_multi", "build_lora_meta", "default_backend",
+    "BACKENDS", "BoundLora", "LoraMeta", "RankBucket", "add_lora", "add_lora_multi", "build_lora_meta", "default_backend",
     "get_backend", "set_backend", "slot_weight_dtype",
 ]
 

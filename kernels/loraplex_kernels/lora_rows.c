@@ -181,10 +181,16 @@ int loraplex_lora_rows(
     float *xs = malloc((size_t)BLOCK * (size_t)d_in * sizeof(float));
     float *acc = malloc((size_t)BLOCK * (size_t)max_out * sizeof(float));
     float *h = malloc((size_t)BLOCK * (size_t)(max_rank > 0 ? max_rank : 1) * sizeof(float));
-    if (!xs || !acc || !h) {
-        free(xs); free(acc); free(h);
+    float *hall = malloc((size_t)BLOCK * (size_t)(max_rank > 0 ? max_rank : 1) * MAX_MEMBERS * sizeof(float));
+    if (!xs || !acc || !h || !hall) {
+        free(xs); free(acc); free(h); free(hall);
         return -1;
     }
+    /* All members of a contiguous [slots, R, M, in] A asked for, in order: a slot's first r ranks
+     * of every member are one block, read in one sequential pass (not M strided ones). */
+    int fused = num_members > 1 && a_rank == num_members * a_member && a_member == d_in;
+    for (int mi = 0; mi < num_members; mi++)
+        if (member_ids[mi] != mi) fused = 0;
     int64_t w_size = w_dtype == 0 ? 4 : 2;
     int64_t i = 0;
     while (i < num_rows) {
@@ -199,24 +205,42 @@ int loraplex_lora_rows(
         if (nxt < num_rows && idx[order[nxt]] >= 0) {
             int64_t s2 = idx[order[nxt]];
             int r2 = (int)(ranks[s2] < max_rank ? ranks[s2] : max_rank);
-            for (int mi = 0; mi < num_members; mi++) {
-                const char *a2 = (const char *)A + (s2 * a_slot + member_ids[mi] * a_member) * w_size;
-                for (int k = 0; k < r2; k++) prefetch_range(a2 + k * a_rank * w_size, d_in * w_size);
-                prefetch_range((const char *)bts[mi] + s2 * bt_slot[mi] * w_size, r2 * bt_rank[mi] * w_size);
+            if (fused) {
+                prefetch_range((const char *)A + s2 * a_slot * w_size, r2 * a_rank * w_size);
+            } else {
+                for (int mi = 0; mi < num_members; mi++) {
+                    const char *a2 = (const char *)A + (s2 * a_slot + member_ids[mi] * a_member) * w_size;
+                    for (int k = 0; k < r2; k++) prefetch_range(a2 + k * a_rank * w_size, d_in * w_size);
+                }
             }
+            for (int mi = 0; mi < num_members; mi++)
+                prefetch_range((const char *)bts[mi] + s2 * bt_slot[mi] * w_size, r2 * bt_rank[mi] * w_size);
         }
         if (r > 0) {
             for (int j = 0; j < nb; j++) load_row(xs + j * d_in, x, x_dtype, order[i + j], x_stride, d_in);
+            if (fused) {  /* every member's first r ranks: one contiguous [r * M, in] block */
+                int rr = r * num_members;
+                if (w_dtype == 0)
+                    shrink_f32(hall, xs, nb, d_in, (const float *)A + s * a_slot, a_member, rr);
+                else
+                    shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)A + s * a_slot, a_member, rr);
+            }
             for (int mi = 0; mi < num_members; mi++) {
                 int m = member_ids[mi];
                 int64_t n = d_outs[mi];
                 int64_t a_off = s * a_slot + m * a_member, b_off = s * bt_slot[mi];
-                if (w_dtype == 0)
-                    shrink_f32(h, xs, nb, d_in, (const float *)A + a_off, a_rank, r);
-                else
-                    shrink_bf16(h, xs, nb, d_in, (const uint16_t *)A + a_off, a_rank, r);
                 float sc = scales[s * sc_slot + m * sc_member];
-                for (int q = 0; q < nb * r; q++) h[q] *= sc;
+                if (fused) {  /* member m's column of the block's dots: rank k is row k * M + m */
+                    int rr = r * num_members;
+                    for (int j = 0; j < nb; j++)
+                        for (int k = 0; k < r; k++) h[j * r + k] = hall[j * rr + k * num_members + m] * sc;
+                } else {
+                    if (w_dtype == 0)
+                        shrink_f32(h, xs, nb, d_in, (const float *)A + a_off, a_rank, r);
+                    else
+                        shrink_bf16(h, xs, nb, d_in, (const uint16_t *)A + a_off, a_rank, r);
+                    for (int q = 0; q < nb * r; q++) h[q] *= sc;
+                }
                 if (w_dtype == 0)
                     expand_f32(acc, h, nb, r, (const float *)bts[mi] + b_off, bt_rank[mi], n);
                 else
@@ -226,6 +250,6 @@ int loraplex_lora_rows(
         }
         i += nb;
     }
-    free(xs); free(acc); free(h);
+    free(xs); free(acc); free(h); free(hall);
     return 0;
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex_kernels import add_lora_multi
+from loraplex_kernels import BoundLora
 
 from .layers import LoraWeights
 
@@ -28,10 +28,11 @@ class LoraGroup:
                         A=self.A[:, :, i], scales=self.scales[:, i], group=self)
             for i, out in enumerate(out_features)
         ]
+        self._op = BoundLora(self.A, [w.B for w in self.members], self.scales)
 
     def apply(self, ys: list[torch.Tensor], x: torch.Tensor, lora) -> None:
         """ys[m] [T, out_m] += member m's per-token LoRA delta of x [T, in], for the members some
         adapter of the step targets (the others' deltas are exactly zero)."""
         targeted = tuple(i for i, w in enumerate(self.members) if w.targeted(lora))
         if targeted:
-            add_lora_multi(ys, x, self.A, [w.B for w in self.members], self.scales, lora.meta, targeted)
+            self._op(ys, x, lora.meta, targeted)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplex_kernels import add_lora
+from loraplex_kernels import BoundLora
 
 
 class LoraWeights:
@@ -43,6 +43,8 @@ class LoraWeights:
         # zeroes only what the previous adapter left beyond the new rank, and a module the new
         # adapter skips costs nothing if the slot is already clean: evictions write ~half the bytes.
         self._dirty_rows = [0] * num_slots
+        # The kernel bound to these slot tensors (shapes checked once, not per call).
+        self._op = None if group is not None else BoundLora(self.A.unsqueeze(2), [self.B], self.scales.unsqueeze(1))
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float) -> None:
         """Write one adapter's weights for this module into `slot` (None: the adapter skips it)."""
@@ -77,7 +79,9 @@ class LoraWeights:
     def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
         """y [T, out] += per-token LoRA delta of x [T, in]; lora is the step's LoraBatch."""
         if self.targeted(lora):
-            add_lora(y, x, self.A, self.B, self.scales, lora.meta)
+            if self._op is None:  # a group member applied on its own
+                self._op = BoundLora(self.A.unsqueeze(2), [self.B], self.scales.unsqueeze(1))
+            self._op([y], x, lora.meta, (0,))
 
     @property
     def nbytes(self) -> int:
