@@ -29,8 +29,8 @@ _fn = None
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """CPU, float32/bfloat16 q and cache, head dims contiguous, library built."""
-    return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and k_cache.dtype in DTYPE_CODES
+    """CPU, q and cache both float32 or both bfloat16, head dims contiguous, library built."""
+    return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and k_cache.dtype == q.dtype
             and q.stride(2) == 1 and k_cache.stride(3) == 1 and native.available())
 
 
@@ -67,6 +67,8 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
              table.data_ptr(), table.stride(0), seq_lens.data_ptr(),
              window or 0, scale, out.data_ptr(), out.stride(0))
+    if rc == -2:
+        raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}) must share a dtype")
     if rc != 0:
         raise MemoryError("decode attention could not allocate its scratch buffers")
     return out

@@ -11,29 +11,31 @@
  *   keys j in [lo, n) with lo = max(0, n - window) when window > 0, else 0;
  *   s_j = scale * dot(q[b, h], K[j]),  p = softmax(s),  out[b, h] = sum_j p_j V[j]
  * where K[j] / V[j] is position j % block_size of block block_table[b, j / block_size], head g.
- * Sums and the softmax in float32; q, the cache and out are float32 (dtype 0) or bfloat16 (1).
+ * Sums and the softmax in float32; q, the cache and out are all float32 (dtype 0) or all
+ * bfloat16 (1).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static inline float ld(const void *p, int dtype, int64_t i) {
-    if (dtype == 0) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+static inline float bf16_load(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline void st(void *p, int dtype, int64_t i, float f) {
-    if (dtype == 0) { ((float *)p)[i] = f; return; }
+static inline uint16_t bf16_round(float f) {  /* round to nearest even, NaN stays NaN */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even */
-    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
+
+#define AS_FLOAT(v) (v)
+#define STORE_F32(v) (v)
 
 /* exp(x) for x <= 0 (softmax after subtracting the max), written so the loop that calls it
  * vectorises: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (relative error < 2e-7). */
@@ -49,7 +51,112 @@ static inline float exp_nonpos(float x) {
     return p * scale;
 }
 
-/* Returns 0, or -1 when scratch memory cannot be had (nothing written then). */
+/* Ask for the next sequence's K and V blocks while this one computes: its blocks lie anywhere in
+ * the cache and are cold (the layer's weights went through the caches since they were written),
+ * so reading them on demand leaves the core waiting on one miss after another. */
+static void prefetch_blocks(const char *k, const char *v, const int64_t *table, int64_t n, int64_t lo,
+                            int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
+    for (int64_t blk = lo / block_size; blk * block_size < n; blk++) {
+        int64_t first = blk * block_size > lo ? blk * block_size : lo;
+        int64_t last = (blk + 1) * block_size < n ? (blk + 1) * block_size : n;
+        int64_t off = table[blk] * blk_bytes + (first % block_size) * pos_bytes;
+        for (int64_t c = 0; c < (last - first) * pos_bytes; c += 64) {
+            __builtin_prefetch(k + off + c, 0, 1);
+            __builtin_prefetch(v + off + c, 0, 1);
+        }
+    }
+}
+
+/* The whole kernel for one element type T (float / bfloat16 for q, the cache and out alike);
+ * LOAD widens one element to float, STORE narrows a float. Separate instances so that every
+ * inner loop is branch-free and vectorises. */
+#define DEFINE_DECODE_ATTENTION(SUFFIX, T, LOAD, STORE, DFIX)                                      \
+static void decode_attention_##SUFFIX(                                                             \
+    int64_t num_seqs, int64_t num_kv_heads, int64_t rep, int64_t d_arg,                            \
+    const T *q, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,                 \
+    const T *k_cache, const T *v_cache, int64_t blk_stride, int64_t pos_stride,                     \
+    int64_t kv_head_stride, int64_t block_size, const int64_t *block_table, int64_t table_stride,   \
+    const int64_t *seq_lens, int64_t window, float scale, T *out, int64_t out_row_stride,           \
+    float *s, float *qf, float *acc, float *row)                                                   \
+{                                                                                                  \
+    const int64_t D = DFIX ? DFIX : d_arg;  /* a constant in the common head sizes' instances */  \
+    for (int64_t b = 0; b < num_seqs; b++) {                                                       \
+        const int64_t n = seq_lens[b];                                                             \
+        const int64_t lo = (window > 0 && n - window > 0) ? n - window : 0;                        \
+        const int64_t len = n - lo;                                                                \
+        const int64_t *table = block_table + b * table_stride;                                     \
+        const int64_t qrow = q_rows ? q_rows[b] : b;                                               \
+        if (b + 1 < num_seqs) {                                                                    \
+            const int64_t n2 = seq_lens[b + 1];                                                    \
+            const int64_t lo2 = (window > 0 && n2 - window > 0) ? n2 - window : 0;                 \
+            prefetch_blocks((const char *)k_cache, (const char *)v_cache,                          \
+                            block_table + (b + 1) * table_stride, n2, lo2, block_size,             \
+                            blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T));     \
+        }                                                                                          \
+        for (int64_t g = 0; g < num_kv_heads; g++) {                                               \
+            for (int64_t r = 0; r < rep; r++) {                                                    \
+                const T *qs = q + qrow * q_row_stride + (g * rep + r) * q_head_stride;             \
+                for (int64_t d = 0; d < D; d++) qf[r * D + d] = LOAD(qs[d]) * scale;               \
+            }                                                                                      \
+            for (int64_t j = lo; j < n; j++) {                                                     \
+                const T *kr = k_cache + table[j / block_size] * blk_stride                         \
+                              + (j % block_size) * pos_stride + g * kv_head_stride;                \
+                for (int64_t d = 0; d < D; d++) row[d] = LOAD(kr[d]);                              \
+                for (int64_t r = 0; r < rep; r++) {                                                \
+                    const float *qr = qf + r * D;                                                  \
+                    float dot = 0.f;                                                               \
+                    for (int64_t d = 0; d < D; d++) dot += qr[d] * row[d];                         \
+                    s[r * len + (j - lo)] = dot;                                                   \
+                }                                                                                  \
+            }                                                                                      \
+            for (int64_t r = 0; r < rep; r++) {                                                    \
+                float *sr = s + r * len;                                                           \
+                float m = sr[0];                                                                   \
+                for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;                       \
+                float sum = 0.f;                                                                   \
+                for (int64_t j = 0; j < len; j++) {                                                \
+                    float e = exp_nonpos(sr[j] - m);                                               \
+                    sr[j] = e;                                                                     \
+                    sum += e;                                                                      \
+                }                                                                                  \
+                float inv = 1.0f / sum;                                                            \
+                for (int64_t j = 0; j < len; j++) sr[j] *= inv;                                    \
+            }                                                                                      \
+            memset(acc, 0, (size_t)(rep * D) * sizeof(float));                                     \
+            for (int64_t j = lo; j < n; j++) {                                                     \
+                const T *vr = v_cache + table[j / block_size] * blk_stride                         \
+                              + (j % block_size) * pos_stride + g * kv_head_stride;                \
+                for (int64_t d = 0; d < D; d++) row[d] = LOAD(vr[d]);                              \
+                for (int64_t r = 0; r < rep; r++) {                                                \
+                    float p = s[r * len + (j - lo)];                                               \
+                    float *ar = acc + r * D;                                                       \
+                    for (int64_t d = 0; d < D; d++) ar[d] += p * row[d];                           \
+                }                                                                                  \
+            }                                                                                      \
+            for (int64_t r = 0; r < rep; r++) {                                                    \
+                T *o = out + b * out_row_stride + (g * rep + r) * D;                               \
+                for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[r * D + d]);                      \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+/* Head sizes 64 and 128 get instances with D known at compile time: the per-row loops are then
+ * fully unrolled (with D a variable, loop set-up and remainder handling cost more than the work). */
+DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0)
+DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_load, bf16_round, 0)
+DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64)
+DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_load, bf16_round, 64)
+DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128)
+DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_load, bf16_round, 128)
+
+#define DISPATCH(FN) FN(num_seqs, num_kv_heads, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
+                        k_cache, v_cache, blk_stride, pos_stride, kv_head_stride, block_size,            \
+                        block_table, table_stride, seq_lens, window, scale, out, out_row_stride,         \
+                        s, qf, acc, row)
+
+/* Returns 0; -1 when scratch memory cannot be had; -2 when q, the cache and out are not all one
+ * dtype (nothing written then). */
 int loraplex_decode_attention(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
@@ -59,6 +166,7 @@ int loraplex_decode_attention(
     int64_t window, float scale,
     void *out, int64_t out_row_stride)
 {
+    if (q_dtype != kv_dtype) return -2;
     const int64_t rep = num_heads / num_kv_heads, D = head_dim;
     int64_t max_len = 1;
     for (int64_t b = 0; b < num_seqs; b++)
@@ -71,55 +179,14 @@ int loraplex_decode_attention(
         free(s); free(qf); free(acc); free(row);
         return -1;
     }
-    for (int64_t b = 0; b < num_seqs; b++) {
-        const int64_t n = seq_lens[b];
-        const int64_t lo = (window > 0 && n - window > 0) ? n - window : 0;
-        const int64_t len = n - lo;
-        const int64_t *table = block_table + b * table_stride;
-        const int64_t qrow = q_rows ? q_rows[b] : b;
-        for (int64_t g = 0; g < num_kv_heads; g++) {
-            for (int64_t r = 0; r < rep; r++) {
-                int64_t base = qrow * q_row_stride + (g * rep + r) * q_head_stride;
-                for (int64_t d = 0; d < D; d++) qf[r * D + d] = ld(q, q_dtype, base + d) * scale;
-            }
-            for (int64_t j = lo; j < n; j++) {
-                int64_t off = table[j / block_size] * blk_stride + (j % block_size) * pos_stride + g * kv_head_stride;
-                for (int64_t d = 0; d < D; d++) row[d] = ld(k_cache, kv_dtype, off + d);
-                for (int64_t r = 0; r < rep; r++) {
-                    const float *qr = qf + r * D;
-                    float dot = 0.f;
-                    for (int64_t d = 0; d < D; d++) dot += qr[d] * row[d];
-                    s[r * len + (j - lo)] = dot;
-                }
-            }
-            for (int64_t r = 0; r < rep; r++) {
-                float *sr = s + r * len;
-                float m = sr[0];
-                for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;
-                float sum = 0.f;
-                for (int64_t j = 0; j < len; j++) {
-                    float e = exp_nonpos(sr[j] - m);
-                    sr[j] = e;
-                    sum += e;
-                }
-                float inv = 1.0f / sum;
-                for (int64_t j = 0; j < len; j++) sr[j] *= inv;
-            }
-            memset(acc, 0, (size_t)(rep * D) * sizeof(float));
-            for (int64_t j = lo; j < n; j++) {
-                int64_t off = table[j / block_size] * blk_stride + (j % block_size) * pos_stride + g * kv_head_stride;
-                for (int64_t d = 0; d < D; d++) row[d] = ld(v_cache, kv_dtype, off + d);
-                for (int64_t r = 0; r < rep; r++) {
-                    float p = s[r * len + (j - lo)];
-                    float *ar = acc + r * D;
-                    for (int64_t d = 0; d < D; d++) ar[d] += p * row[d];
-                }
-            }
-            for (int64_t r = 0; r < rep; r++) {
-                int64_t base = b * out_row_stride + (g * rep + r) * D;
-                for (int64_t d = 0; d < D; d++) st(out, q_dtype, base + d, acc[r * D + d]);
-            }
-        }
+    if (q_dtype == 0) {
+        if (D == 64) DISPATCH(decode_attention_f32_64);
+        else if (D == 128) DISPATCH(decode_attention_f32_128);
+        else DISPATCH(decode_attention_f32);
+    } else {
+        if (D == 64) DISPATCH(decode_attention_bf16_64);
+        else if (D == 128) DISPATCH(decode_attention_bf16_128);
+        else DISPATCH(decode_attention_bf16);
     }
     free(s); free(qf); free(acc); free(row);
     return 0;
