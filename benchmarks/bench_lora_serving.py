@@ -661,7 +661,9 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
     dt = str(ctx.loaded.dtype).removeprefix("torch.")
     lines = ["# Multi-LoRA serving on CPU", "",
              f"Model: SmolLM2-135M-Instruct (embedded default), {dt}, CPU, kernel backend "
-             f"`{ctx.backend}`. Every request is greedy with EOS ignored, so each generates exactly "
+             f"`{ctx.backend}`, {_cpu_kernels_line()}, torch threads {torch.get_num_threads()} for "
+             "every case (loraplex, PEFT and transformers alike). "
+             "Every request is greedy with EOS ignored, so each generates exactly "
              "its `max_new_tokens`; tokens/s = generated tokens / wall time (prefill included). "
              "Adapters are random, written in PEFT's format (adapter_config.json + "
              f"adapter_model.safetensors, {a.file_dtype} tensors).", ""]
@@ -837,6 +839,16 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def _cpu_kernels_line() -> str:
+    """How the engine's CPU work runs in this process (README: compiled kernels, packed weights)."""
+    from loraplex_kernels import native
+
+    kernels = ("compiled CPU kernels on (LoRA rows, decode attention)" if native.available()
+               else f"compiled CPU kernels off ({native.unavailable_reason()})")
+    packed = os.environ.get("LORAPLEX_PACK_WEIGHTS", "1") != "0"
+    return kernels + (", bfloat16 projections packed for oneDNN" if packed else ", projections not packed")
 
 
 def _version(pkg: str) -> str:

@@ -221,7 +221,11 @@ def is_quantized(module: nn.Module) -> bool:
 
 def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     """The weight tensors a module keeps resident: parameters and bitsandbytes' quant state.
-    Buffers (RoPE tables) are derived, not weights: not counted."""
+    Buffers (RoPE tables) are derived, not weights: not counted. A PackedLinear's weight is its
+    packed oneDNN tensor (not a parameter)."""
+    packed = getattr(module, "packed", None)
+    if isinstance(packed, torch.Tensor):
+        yield packed
     yield from module.parameters(recurse=False)
     weight = getattr(module, "weight", None)
     qs = getattr(weight, "quant_state", None)  # 4-bit: absmax [+ nested absmax/code], code
@@ -243,11 +247,13 @@ def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
     seen: set[int] = set()
     total = 0
     for t in tensors:
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        # meta tensors and oneDNN-packed ones (PackedLinear) expose no storage: count their elements
+        opaque = t.device.type == "meta" or t.layout == torch._mkldnn
+        key = id(t) if opaque else t.untyped_storage().data_ptr()
         if key in seen:  # tied weights / shared code tables count once
             continue
         seen.add(key)
-        total += t.untyped_storage().nbytes() if t.device.type != "meta" else t.numel() * t.element_size()
+        total += t.numel() * t.element_size() if opaque else t.untyped_storage().nbytes()
     return total
 
 
@@ -293,7 +299,9 @@ def float16_weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
-        for p in m.parameters(recurse=False):
+        packed = getattr(m, "packed", None)  # PackedLinear: its weight is not a parameter
+        tensors = ([packed] if isinstance(packed, torch.Tensor) else []) + list(m.parameters(recurse=False))
+        for p in tensors:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += _logical_numel(p)
