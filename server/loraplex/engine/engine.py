@@ -285,7 +285,9 @@ class Engine:
         num_decodes = sum(s.is_decoding for s in batch.seqs)
         try:
             logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
-            tokens = self.sampler(logits[sampling], [s.sampling for s in sampled],
+            # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
+            rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
+            tokens = self.sampler(rows, [s.sampling for s in sampled],
                                   [s.token_ids for s in sampled], [s.generator for s in sampled])
         except Exception as exc:  # fail this step's requests only; the loop goes on
             log.exception("engine step failed for %d requests", len(batch))

@@ -72,8 +72,10 @@ class Sampler:
         num_rows, vocab = logits.shape
         if num_rows == 0:
             return []
-        logits = apply_repetition_penalty(logits.float().clone(), token_ids,
-                                          [p.repetition_penalty for p in params])
+        penalties = [p.repetition_penalty for p in params]
+        logits = logits.float()
+        if any(p != 1.0 for p in penalties):  # the penalty writes in place: not into the caller's tensor
+            logits = apply_repetition_penalty(logits.clone(), token_ids, penalties)
         out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
