@@ -21,6 +21,8 @@ time goes: the add_lora calls, those on projections no running adapter targets, 
 
 Torch runs with --threads 1 by default: on a 2-core box shared with other jobs a 2-thread op
 waits for a scheduler slice on the busy core (the report measures that cost at the start).
+--threads 2 --peft-threads 1,2 runs the engine on both cores and PEFT/transformers at 1 and at 2
+threads in the same rounds, so that (c) also compares against PEFT at its own fastest setting.
 
 Adapters are written directly in PEFT's on-disk format (adapter_config.json +
 adapter_model.safetensors with keys `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
@@ -29,6 +31,8 @@ ignored, so every system generates exactly --max-new-tokens tokens per request.
 
     .venv/bin/python benchmarks/bench_lora_serving.py            # all four, 6-11 min on 2 cores
     .venv/bin/python benchmarks/bench_lora_serving.py --only b,c --rounds 3
+    .venv/bin/python benchmarks/bench_lora_serving.py --only b,c --threads 2 --peft-threads 1,2 \
+        --out benchmarks/results/lora_serving_cpu_2threads.md
     .venv/bin/python benchmarks/bench_lora_serving.py --quick    # smoke run, ~1-2 min
 
 Writes benchmarks/results/lora_serving_cpu.md and lora_serving_cpu.png.
@@ -53,6 +57,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+# OpenMP workers sleep as soon as a parallel region ends instead of spinning: with --threads 2
+# the engine's thread and this main thread (PEFT, transformers) each own a worker pool, and a
+# pool spinning after its last op takes the core the other one needs. Must be set before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -410,7 +418,10 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
     rng = random.Random(a.seed)
     peft_ids = ids[:a.peft_adapters]
     peft, peft_load_s = None, None
-    cases: dict[str, list[RunResult]] = {"engine_base": [], "engine_lora": [], "peft": [], "hf_base": []}
+    # PEFT and transformers run at each of --peft-threads (torch threads of this main thread); the
+    # engine's own thread runs at --threads throughout.
+    hf_cases = [f"{kind}@{n}" for n in a.peft_threads for kind in ("peft", "hf_base")]
+    cases: dict[str, list[RunResult]] = {"engine_base": [], "engine_lora": [], **{k: [] for k in hf_cases}}
     notes: list[str] = []
     loads: list[str] = []
     try:
@@ -434,7 +445,7 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
             # PEFT has it (its tokens can then be compared) and draws one of PEFT's otherwise.
             peft_jobs = [Job(j.prompt, j.adapter if j.adapter in peft_ids else rng.choice(peft_ids))
                          for j in lora_jobs]
-            order = ["engine_base", "engine_lora", "peft", "hf_base"]
+            order = ["engine_base", "engine_lora", *hf_cases]
             if rnd % 2:
                 order.reverse()  # alternate who goes first: drift in machine load hits both sides
             for case in order:
@@ -442,12 +453,14 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
                     r = run_streams(engine, manager, base_jobs, a.streams, a.max_new_tokens, f"b{rnd}")
                 elif case == "engine_lora":
                     r = run_streams(engine, manager, lora_jobs, a.streams, a.max_new_tokens, f"l{rnd}")
-                elif case == "peft" and peft is not None:
-                    r = run_hf_batches(peft, peft_jobs[:a.peft_requests], a.peft_batch, a.max_new_tokens,
-                                       f"p{rnd}", ctx.pad_id, True)
-                elif case == "hf_base" and peft is not None and a.hf_base:
-                    r = run_hf_batches(peft, base_jobs[:a.peft_requests], a.peft_batch, a.max_new_tokens,
-                                       f"h{rnd}", ctx.pad_id, False)
+                elif case.startswith("peft@") and peft is not None:
+                    with torch_threads(int(case.split("@")[1])):
+                        r = run_hf_batches(peft, peft_jobs[:a.peft_requests], a.peft_batch, a.max_new_tokens,
+                                           f"p{rnd}", ctx.pad_id, True)
+                elif case.startswith("hf_base@") and peft is not None and a.hf_base:
+                    with torch_threads(int(case.split("@")[1])):
+                        r = run_hf_batches(peft, base_jobs[:a.peft_requests], a.peft_batch, a.max_new_tokens,
+                                           f"h{rnd}", ctx.pad_id, False)
                 else:
                     continue
                 cases[case].append(r)
@@ -469,8 +482,8 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
             differ = sum(x != y for x, y in zip(lora.outputs, base.outputs))
             notes.append(f"(b) round {rnd}: {differ}/{len(jobs)} LoRA requests generated other tokens "
                          "than the base model on the same prompt (the adapters are applied)")
-        if cases["peft"]:
-            pr = cases["peft"][rnd]
+        if cases.get(peft_key(a)):
+            pr = cases[peft_key(a)][rnd]
             same = [k for k in range(min(len(pr.outputs), len(jobs))) if jobs[k].adapter in peft_ids]
             notes.append(f"(c) round {rnd}: engine vs PEFT greedy tokens on the {len(same)} rows with "
                          "the same adapter and prompt: "
@@ -485,6 +498,25 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
                            file_mb=(root / ids[0] / "adapter_model.safetensors").stat().st_size / 1e6)
     del engine, manager, peft
     gc.collect()
+
+
+class torch_threads:
+    """Run a block with n torch threads in this thread, then restore the previous count."""
+
+    def __init__(self, n: int):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def peft_key(a, kind: str = "peft") -> str:
+    """The PEFT (or transformers) case at the engine's own thread count, else the first one run."""
+    n = a.threads if a.threads in a.peft_threads else a.peft_threads[0]
+    return f"{kind}@{n}"
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -661,8 +693,9 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
     dt = str(ctx.loaded.dtype).removeprefix("torch.")
     lines = ["# Multi-LoRA serving on CPU", "",
              f"Model: SmolLM2-135M-Instruct (embedded default), {dt}, CPU, kernel backend "
-             f"`{ctx.backend}`, {_cpu_kernels_line()}, torch threads {torch.get_num_threads()} for "
-             "every case (loraplex, PEFT and transformers alike). "
+             f"`{ctx.backend}`, {_cpu_kernels_line()}; torch threads: loraplex {a.threads}, PEFT and "
+             f"transformers {' and '.join(map(str, a.peft_threads))} (each thread count its own case); "
+             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}. "
              "Every request is greedy with EOS ignored, so each generates exactly "
              "its `max_new_tokens`; tokens/s = generated tokens / wall time (prefill included). "
              "Adapters are random, written in PEFT's format (adapter_config.json + "
@@ -690,10 +723,11 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
             "| round | case | requests | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p90 ms "
             "| mean running / waiting |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        labels = {"engine_base": "loraplex, base model",
-                  "engine_lora": f"loraplex, {a.num_adapters} adapters",
-                  "peft": f"PEFT mixed batch, {a.peft_adapters} adapters",
-                  "hf_base": "transformers (no adapter)"}
+        labels = {"engine_base": f"loraplex, base model, {a.threads} thread(s)",
+                  "engine_lora": f"loraplex, {a.num_adapters} adapters, {a.threads} thread(s)"}
+        for n in a.peft_threads:
+            labels[f"peft@{n}"] = f"PEFT mixed batch, {a.peft_adapters} adapters, {n} thread(s)"
+            labels[f"hf_base@{n}"] = f"transformers (no adapter), {n} thread(s)"
         for case, rs in cases.items():
             for k, r in enumerate(rs):
                 ttft = (f"{r.ttft_ms(0.5):.0f} | {r.ttft_ms(0.9):.0f}" if r.ttfts else "- | -")
@@ -719,18 +753,26 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
             summary.append(f"(b) {a.num_adapters} adapters / base model = **{ratio:.2f}x** "
                            f"(per round {', '.join(f'{x:.2f}' for x in per)}; target >= 0.75x: "
                            f"{'met' if ratio >= 0.75 else 'MISSED'})")
-        if cases["peft"]:
-            ratio = _tps(cases["engine_lora"]) / _tps(cases["peft"])
-            per = [l.tok_per_s / p.tok_per_s for l, p in zip(cases["engine_lora"], cases["peft"])]
-            summary.append(f"(c) loraplex {a.num_adapters} adapters / PEFT mixed batch = **{ratio:.2f}x** "
-                           f"(per round {', '.join(f'{x:.2f}' for x in per)}; target >= 5x: "
-                           f"{'met' if ratio >= 5 else 'MISSED'})")
-            if cases["hf_base"] and cases["engine_base"]:
+        peft_runs = {n: cases[f"peft@{n}"] for n in a.peft_threads if cases.get(f"peft@{n}")}
+        if peft_runs:
+            for n, runs in peft_runs.items():
+                ratio = _tps(cases["engine_lora"]) / _tps(runs)
+                per = [l.tok_per_s / p.tok_per_s for l, p in zip(cases["engine_lora"], runs)]
+                summary.append(f"(c) loraplex {a.num_adapters} adapters ({a.threads} thread(s)) / PEFT mixed "
+                               f"batch ({n} thread(s)) = **{ratio:.2f}x** (per round "
+                               f"{', '.join(f'{x:.2f}' for x in per)})")
+            best_n = max(peft_runs, key=lambda n: _tps(peft_runs[n]))
+            ratio = _tps(cases["engine_lora"]) / _tps(peft_runs[best_n])
+            summary.append(f"(c) against PEFT at its fastest thread count in this run ({best_n}): "
+                           f"**{ratio:.2f}x** (target >= 5x: {'met' if ratio >= 5 else 'MISSED'})")
+            pk, hk = peft_key(a), peft_key(a, "hf_base")
+            if cases.get(pk) and cases.get(hk) and cases["engine_base"]:
                 summary.append(
-                    f"(c) context: PEFT mixed batch runs at {_tps(cases['peft']) / _tps(cases['hf_base']):.2f}x "
-                    "of the same transformers batches without adapters; loraplex base / transformers base = "
-                    f"{_tps(cases['engine_base']) / _tps(cases['hf_base']):.2f}x; so even a free LoRA (1.0x "
-                    f"of base) would give loraplex / PEFT = {_tps(cases['engine_base']) / _tps(cases['peft']):.2f}x")
+                    f"(c) context at {pk.split('@')[1]} thread(s): PEFT mixed batch runs at "
+                    f"{_tps(cases[pk]) / _tps(cases[hk]):.2f}x of the same transformers batches without "
+                    "adapters; loraplex base / transformers base = "
+                    f"{_tps(cases['engine_base']) / _tps(cases[hk]):.2f}x; so even a free LoRA (1.0x "
+                    f"of base) would give loraplex / PEFT = {_tps(cases['engine_base']) / _tps(cases[pk]):.2f}x")
         pn = rep.get("profile_numbers")
         if pn:
             summary.append(
@@ -876,9 +918,10 @@ def write_plot(ctx: Context, path: Path) -> None:
             cases = rep["b"]["cases"]
             names = [("engine_base", "loraplex\nbase", "#888"),
                      ("engine_lora", f"loraplex\n{a.num_adapters} LoRAs", "#1f77b4"),
-                     ("hf_base", "transformers\nbatch, base", "#bbb"),
-                     ("peft", f"PEFT mixed\n{a.peft_adapters} LoRAs", "#d62728")]
-            names = [x for x in names if cases[x[0]]]
+                     *[(f"hf_base@{n}", f"transformers\nbase, {n} thr", "#bbb") for n in a.peft_threads],
+                     *[(f"peft@{n}", f"PEFT mixed\n{a.peft_adapters} LoRAs, {n} thr", "#d62728")
+                       for n in a.peft_threads]]
+            names = [x for x in names if cases.get(x[0])]
             bars = ax.bar([n for _, n, _ in names], [_tps(cases[k]) for k, _, _ in names],
                           color=[c for _, _, c in names])
             ax.bar_label(bars, fmt="%.0f")
@@ -952,6 +995,9 @@ def parse_args(argv=None):
                    help="torch threads for every thread of the run (default 1: on a 2-core box shared "
                         "with other jobs, each parallel torch op waits for a scheduler slice on the busy "
                         "second core; the report's machine section measures that cost)")
+    p.add_argument("--peft-threads", default=None,
+                   help="(c) comma list of torch thread counts to run PEFT and transformers at, each a "
+                        "case of every round (default: --threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="default model cache (~/.cache/loraplex)")
     p.add_argument("--work-dir", default=None, help="where adapter folders go (a temp dir, removed)")
@@ -966,6 +1012,8 @@ def parse_args(argv=None):
         args.registry_size, args.distinct_per_rank, args.max_cpu_loras = 40, 1, 8
         args.zipf_max_loras, args.zipf_requests, args.zipf_new_tokens = 4, 12, 4
         args.load_repeats = 2
+    args.peft_threads = (tuple(int(n) for n in args.peft_threads.split(",")) if args.peft_threads
+                         else (args.threads,))
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not args.only <= {"b", "c", "d", "e"}:
         p.error("--only takes b, c, d, e")
