@@ -19,20 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_load(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {  /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 #define AS_FLOAT(v) (v)
 #define STORE_F32(v) (v)
@@ -144,11 +131,11 @@ static void decode_attention_##SUFFIX(                                          
 /* Head sizes 64 and 128 get instances with D known at compile time: the per-row loops are then
  * fully unrolled (with D a variable, loop set-up and remainder handling cost more than the work). */
 DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0)
-DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_load, bf16_round, 0)
+DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64)
-DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_load, bf16_round, 64)
+DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64)
 DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128)
-DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_load, bf16_round, 128)
+DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128)
 
 #define DISPATCH(FN) FN(num_seqs, num_kv_heads, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
                         k_cache, v_cache, blk_stride, pos_stride, kv_head_stride, block_size,            \

@@ -32,6 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("lora_rows.c"), Path(__file__).with_name("decode_attention.c"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products (float sums in another order: the
 # results differ from a sequential sum by rounding only, like any BLAS).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -64,7 +65,7 @@ def cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    source = b"\0".join(p.read_bytes() for p in SOURCES)
+    source = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:24]
@@ -75,7 +76,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *FLAGS, f"-I{HEADERS[0].parent}", *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
         os.replace(tmp, target)
