@@ -87,3 +87,26 @@ def test_refuses_mismatches(backend):
         BoundLora(op.A[:, :, 0], op.Bs, op.scales)
     with pytest.raises(ValueError, match="must be"):
         BoundLora(op.A, [op.Bs[0][:, :, :4]] + op.Bs[1:], op.scales)
+
+
+def test_long_wide_segments_go_to_torch_and_stay_right(backend, monkeypatch):
+    """Prefill segments of >= 64 rows per adapter on a >= 2048-wide projection: torch's grouped
+    GEMM runs them (faster there); decode-like steps and narrow projections keep the kernel."""
+    from loraplex_kernels import lora_native
+
+    backend("cpu")
+    case = make_case(256, 2048, 192, 2, "uniform", "16", prefill=True, seed=4)
+    meta = case.meta()
+    assert not lora_native.worth_it(meta, 2048)
+    assert lora_native.worth_it(meta, 576)  # narrow: the kernel
+    decode = make_case(32, 2048, 192, 32, "distinct", "16", seed=4).meta()
+    assert lora_native.worth_it(decode, 2048)  # one row per adapter: the kernel
+    calls = []
+    monkeypatch.setattr(lora_native.Prepared, "__call__", lambda self, *a: calls.append(a))
+    op = BoundLora(case.A.unsqueeze(2), [case.B.transpose(1, 2).contiguous().transpose(1, 2)],
+                   case.scales.unsqueeze(1))
+    y = case.y0.clone()
+    op([y], case.x, meta, (0,))
+    assert not calls  # the compiled kernel was not used
+    res = compare(y, case, expected(case))
+    assert res["untouched"] and res["err"] <= TOLERANCE[torch.float32], res

@@ -52,7 +52,7 @@ class BoundLora:
         if meta.num_slots != self.num_slots or meta.max_rank > self.max_rank:
             raise ValueError(f"meta for {meta.num_slots} slots / rank {meta.max_rank}, weights have "
                              f"{self.num_slots} slots of rank <= {self.max_rank}")
-        if backend.get_backend() == "cpu":
+        if backend.get_backend() == "cpu" and lora_native.worth_it(meta, self.d_in):
             call = self._prepared(members)
             if call is not None and x.dtype in native.DTYPE_CODES and x.stride(1) == 1 \
                     and x.shape == (meta.num_tokens, self.d_in) and _outputs_fit(ys, x, members, self.d_outs):

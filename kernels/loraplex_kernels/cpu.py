@@ -196,6 +196,8 @@ def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor,
         native = NATIVE
     if native is None and grouped is not None:
         native = False  # a torch strategy was asked for
+    if native is None and not lora_native.worth_it(meta, A.shape[3]):
+        native = False  # long segments on wide projections: torch's grouped GEMM is faster
     if native is not False and _native_ok(ys, x, A, Bts, scales, members):
         call = lora_native.prepare(A, [Bts[m] for m in members], scales, members)
         call([ys[m] for m in members], x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)

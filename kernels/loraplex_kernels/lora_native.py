@@ -40,6 +40,18 @@ _ARGTYPES = [
 
 _fn = None
 
+# Past these sizes torch's grouped GEMM beats reading weights row by row (benchmarks/results/
+# kernels_cpu.md, prefill 4 x 128 rows at 4096 x 4096: 3.7 vs 4.7 ms): long segments of one
+# adapter let a real GEMM reuse each weight tile across many rows. The default model's shapes and
+# every decode step stay on the compiled kernel.
+GEMM_ROWS_PER_SLOT = 64
+GEMM_MIN_DIM = 2048
+
+
+def worth_it(meta, d_in: int) -> bool:
+    """Use the compiled kernel for this step's rows, or hand long wide segments to torch?"""
+    return d_in < GEMM_MIN_DIM or meta.num_rows < GEMM_ROWS_PER_SLOT * meta.num_active_slots
+
 
 def _function():
     global _fn
