@@ -66,3 +66,17 @@ def default_model_dir(default_model_cache) -> Path:
     from loraplex.model import default_model as dm
 
     return dm.ensure_default_model(default_model_cache, progress=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`), then
+    the previous count. On a shared 2-core box two intra-op threads spin-wait for each other
+    whenever another process is busy (measured: a 16-token greedy loop on the default model took
+    11 s with 2 threads against 1.1 s with 1; tiny GEMMs up to 300x slower); one is contention-proof."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -33,6 +33,7 @@ from loraplex.config import EngineConfig, LoraConfig
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import slow_steps
 from tests.fixtures.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,16 +139,6 @@ def rpc_error(call, *args) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call(*args)
     return err.value
-
-
-def slow_steps(monkeypatch, engine, delay: float) -> None:
-    run = engine.runner.run
-
-    def slow_run(*args, **kwargs):
-        time.sleep(delay)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "run", slow_run)
 
 
 # --- load / list / generate / unload -------------------------------------------------------------

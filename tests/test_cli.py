@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -22,6 +21,7 @@ from loraplex.api.pb.loraplex.v1 import generation_pb2 as pb, generation_pb2_grp
 from loraplex.config import EngineConfig, LoraConfig
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
+from tests.fixtures.serve_process import start_serve
 from tests.fixtures.adapters import make_peft_adapter
 
 pytestmark = pytest.mark.timeout(300)
@@ -226,23 +226,12 @@ def test_serve_process_end_to_end(tiny_model_dir, adapter_root, tmp_path):
     ondemand = tmp_path / "root"
     ondemand.mkdir()
     os.symlink(adapter_root / "chef", ondemand / "chef-od")  # a link inside the root, to a root
-    proc = subprocess.Popen(
+    proc, address, log = start_serve(
         [str(SCRIPT), "serve", "--model", str(tiny_model_dir), "--port", "0", "--dtype", "float32",
          "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--shutdown-grace", "1",
          "--adapter", f"poet={adapter_root / 'poet'}", "--adapter-root", str(ondemand),
-         "--allowed-adapter-root", str(adapter_root), "--max-loras", "2", "--max-lora-rank", "8"],
-        stderr=subprocess.PIPE, text=True, env=env)
+         "--allowed-adapter-root", str(adapter_root), "--max-loras", "2", "--max-lora-rank", "8"], env)
     try:
-        address = None
-        deadline = time.monotonic() + 120
-        log = []
-        while address is None:
-            assert time.monotonic() < deadline, "".join(log)
-            line = proc.stderr.readline()
-            assert line, f"serve exited early ({proc.poll()}):\n{''.join(log)}"
-            log.append(line)
-            m = re.search(r"serving .* on (\S+:\d+)", line)
-            address = m.group(1) if m else None
         with grpc.insecure_channel(address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

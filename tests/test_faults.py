@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -48,6 +47,8 @@ from loraplex.config import EngineConfig, LoraConfig
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import slow_steps
+from tests.fixtures.serve_process import start_serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,16 +93,6 @@ def tokens(stub, prompt: str, n: int, adapter_id: str = "") -> list[int]:
     resp = stub.Generate(greedy_req(prompt, n, adapter_id), timeout=60)
     assert resp.finish_reason == pb.FINISH_REASON_LENGTH and len(resp.token_ids) == n
     return list(resp.token_ids)
-
-
-def slow_steps(monkeypatch, engine, delay: float) -> None:
-    run = engine.runner.run
-
-    def slow_run(*args, **kwargs):
-        time.sleep(delay)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "run", slow_run)
 
 
 def wait_for(cond, timeout: float = 20.0, what: str = "condition") -> None:
@@ -453,22 +444,11 @@ GRACE = 60.0  # far above the stream's few seconds, even on a loaded machine
 
 def test_sigterm_drains_a_real_server(tiny_model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(
+    proc, address, log = start_serve(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
          "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512",
-         "--max-new-tokens-cap", "500", "--shutdown-grace", str(GRACE)],
-        stderr=subprocess.PIPE, text=True, env=env)
-    log: list[str] = []
+         "--max-new-tokens-cap", "500", "--shutdown-grace", str(GRACE)], env)
     try:
-        address = None
-        deadline = time.monotonic() + 120
-        while address is None:
-            assert time.monotonic() < deadline, "".join(log)
-            line = proc.stderr.readline()
-            assert line, f"serve exited early ({proc.poll()}):\n{''.join(log)}"
-            log.append(line)
-            m = re.search(r"serving .* on (\S+:\d+)", line)
-            address = m.group(1) if m else None
         reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # keep draining
         reader.start()
 

@@ -23,6 +23,7 @@ from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generat
 from loraplex.config import EngineConfig
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, start_engine
+from tests.fixtures import engine_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,13 +61,7 @@ def engine(server):
 
 
 def slow_steps(monkeypatch, engine, delay: float = STEP_DELAY) -> None:
-    run = engine.runner.run
-
-    def slow_run(*args, **kwargs):
-        time.sleep(delay)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "run", slow_run)
+    engine_run.slow_steps(monkeypatch, engine, delay)
 
 
 def wait_idle(engine, timeout: float = 10.0):

@@ -42,14 +42,7 @@ LAYOUT_STRATEGIES = [(lay, s) for lay in ("out_major", "rank_major") for s in ST
                      if not (s == "native" and lay == "out_major")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs gain nothing from a second thread, and on a shared 2-core box (other processes
-    busy) OpenMP's thread hand-offs made these calls up to 300x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny GEMMs gain nothing from two
 
 
 def _case_id(c):

@@ -41,6 +41,7 @@ from loraplex.config import EngineConfig, LoraConfig, RequestLimits
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures import engine_run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,13 +75,7 @@ def still_serves(s) -> None:
 
 
 def slow_steps(monkeypatch, engine) -> None:
-    run = engine.runner.run
-
-    def slow_run(*args, **kwargs):
-        time.sleep(STEP_DELAY)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(engine.runner, "run", slow_run)
+    engine_run.slow_steps(monkeypatch, engine, STEP_DELAY)
 
 
 def wait_for(predicate, timeout: float = 15.0) -> None:

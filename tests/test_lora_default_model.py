@@ -25,7 +25,7 @@ from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 ADAPTERS: dict[str, dict] = {
     "qkvo_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -49,17 +49,6 @@ BLOCK_SIZE = 16
 # a wrong scale/rank/target moves logits by whole units (MIN_LORA_EFFECT).
 ATOL = 5e-4
 MIN_LORA_EFFECT = 0.5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Several 135M-parameter forwards per token: with 2 intra-op threads on a shared 2-core box,
-    # any other busy process makes the threads spin-wait for each other (measured: a 16-token
-    # greedy loop took 11 s with 2 threads against 1.1 s with 1). One thread is contention-proof.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def hf_base(path):

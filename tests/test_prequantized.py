@@ -160,19 +160,24 @@ def test_folder_weights_are_used_as_saved(env, variant):
     assert n_quantized == (7 * 2 - 2 - 4 if variant == "nf4_skip" else 7 * 2)
 
 
+def assert_projections_equal(loaded, ref, variant: str, rows: int, seed: int) -> None:
+    """Every projection of ours gives exactly the output of the same transformers module."""
+    refs = dict(ref.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    for layer, short, proj in loaded.model.iter_projections():
+        name = f"model.layers.{layer}.{'self_attn' if short[0] in 'qkvo' else 'mlp'}.{short}"
+        x = torch.randn(rows, proj.in_features, generator=gen)  # [T, in]
+        with torch.no_grad():
+            assert torch.equal(proj.base(x), refs[name](x)), f"{variant}: {name} output differs"
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layers_and_base_logits_match_transformers(env, variant):
     folder = env.folder(variant)
     loaded = load_model(folder, torch.float32, "cpu")
     ref = hf_from_folder(folder)
-    refs = dict(ref.named_modules())
     # Same saved weights, same bitsandbytes kernels: every projection gives the very same output.
-    gen = torch.Generator().manual_seed(1)
-    for layer, short, proj in loaded.model.iter_projections():
-        name = f"model.layers.{layer}.{'self_attn' if short[0] in 'qkvo' else 'mlp'}.{short}"
-        x = torch.randn(5, proj.in_features, generator=gen)  # [T, in]
-        with torch.no_grad():
-            assert torch.equal(proj.base(x), refs[name](x)), f"{variant}: {name} output differs"
+    assert_projections_equal(loaded, ref, variant, rows=5, seed=1)
     rng = random.Random(3)
     prompt = [rng.randrange(loaded.arch.vocab_size) for _ in range(11)]
     ours = one_sequence_logits(loaded, prompt)
@@ -230,12 +235,7 @@ def test_qkv_bias_model_saved_in_shards(env, variant, tmp_path):
     refs = dict(ref.named_modules())
     q = loaded.model.model.layers[0].self_attn.q_proj.base
     assert q.bias is not None and torch.equal(q.bias, refs["model.layers.0.self_attn.q_proj"].bias)
-    gen = torch.Generator().manual_seed(2)
-    for layer, short, proj in loaded.model.iter_projections():
-        name = f"model.layers.{layer}.{'self_attn' if short[0] in 'qkvo' else 'mlp'}.{short}"
-        x = torch.randn(3, proj.in_features, generator=gen)  # [T, in]
-        with torch.no_grad():
-            assert torch.equal(proj.base(x), refs[name](x)), f"{variant}: {name} output differs"
+    assert_projections_equal(loaded, ref, variant, rows=3, seed=2)
     prompt = list(range(5, 17))
     diff = (one_sequence_logits(loaded, prompt) - logits_of(ref, prompt)).abs()
     assert diff.max().item() < ATOL[METHOD[variant]] and diff.mean().item() < TIGHT_MEAN_ATOL

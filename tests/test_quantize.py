@@ -32,14 +32,13 @@ import random
 import pytest
 import torch
 
-from loraplex.config import LoraConfig, ModelConfig
-from loraplex.lora.manager import LoraManager
+from loraplex.config import ModelConfig
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from loraplex.model.quantize import (METHODS, QuantizationUnavailableError, QuantSpec, check_available,
                                      float16_bytes, projection_bytes, quantization_for, quantized_bytes,
                                      resolve_method)
-from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
 from tests.fixtures.engine_run import engine_greedy
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 from tests.fixtures.tiny_models import make_tiny_model
@@ -96,14 +95,7 @@ def logits_of(model, tokens):
 
 
 def manager_for(loaded, adapters):
-    manager = LoraManager(LoraConfig(max_loras=4, max_lora_rank=16, max_cpu_loras=8,
-                                     allowed_roots=(str(adapters),)), loaded.model, loaded.dtype, "cpu")
-    slots = {}
-    for kind in KINDS:
-        manager.load(kind, adapters / kind)
-        manager.reserve(kind)
-        slots[kind] = manager.acquire(kind)
-    return manager, slots
+    return manager_with_slots(loaded, adapters, KINDS)
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)

@@ -38,16 +38,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.config import LoraConfig
-from loraplex.lora.manager import LoraManager
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from loraplex.model.quantize import QuantSpec, quantization_for
-from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
 from tests.fixtures.engine_run import engine_greedy
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 KINDS = ("qv_r4", "all_r8_rslora", "patterns_r6")  # tests/fixtures/adapters.py ADAPTER_KINDS
 # Random A and B std per adapter. The fixture's default (0.2) is sized for a hidden size of 128; on
@@ -101,16 +99,6 @@ INT8_THRESHOLD = 0.0
 MIN_LORA_EFFECT = 3.0  # every adapter must move the reference's logits (max) by more than this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # As in test_lora_default_model.py: on a shared 2-core box two intra-op threads spin-wait for
-    # each other whenever another process is busy; one thread is contention-proof.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def adapters(default_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("default_model_quant_adapters")
@@ -141,13 +129,7 @@ def ours(default_model_dir, adapters, method):
     """Our quantized model with every adapter in a device slot: (loaded, manager, kind -> slot)."""
     spec = QuantSpec(method, torch.float32, int8_threshold=INT8_THRESHOLD)
     loaded = load_model(default_model_dir, torch.float32, "cpu", spec)
-    manager = LoraManager(LoraConfig(max_loras=4, max_lora_rank=16, max_cpu_loras=8,
-                                     allowed_roots=(str(adapters),)), loaded.model, loaded.dtype, "cpu")
-    slots = {}
-    for kind in KINDS:
-        manager.load(kind, adapters / kind)
-        manager.reserve(kind)
-        slots[kind] = manager.acquire(kind)
+    manager, slots = manager_with_slots(loaded, adapters, KINDS)
     return loaded, manager, slots
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, lora_native, native
+from . import backend, lora_native
 from .meta import LoraMeta
 
 _UNSET = object()
@@ -38,11 +38,9 @@ class BoundLora:
         """The compiled kernel bound to these members, or None where it cannot take the weights."""
         call = self._native.get(members, _UNSET)
         if call is _UNSET:
-            A, Bts = self.A, [self.Bs[m].transpose(1, 2) for m in members]  # [slots, R, out_m]
-            ok = (A.device.type == "cpu" and A.dtype in native.DTYPE_CODES and A.stride(3) == 1
-                  and self.scales.dtype == torch.float32 and len(members) <= lora_native.MAX_MEMBERS
-                  and all(bt.dtype == A.dtype and bt.stride(2) == 1 for bt in Bts) and native.available())
-            call = self._native[members] = lora_native.prepare(A, Bts, self.scales, members) if ok else None
+            Bts = [self.Bs[m].transpose(1, 2) for m in members]  # [slots, R, out_m]
+            ok = lora_native.weights_fit(self.A, Bts, self.scales, members)
+            call = self._native[members] = lora_native.prepare(self.A, Bts, self.scales, members) if ok else None
         return call
 
     def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, meta: LoraMeta, members: tuple[int, ...]) -> None:
@@ -54,18 +52,12 @@ class BoundLora:
                              f"{self.num_slots} slots of rank <= {self.max_rank}")
         if backend.get_backend() == "cpu" and lora_native.worth_it(meta, self.d_in):
             call = self._prepared(members)
-            if call is not None and x.dtype in native.DTYPE_CODES and x.stride(1) == 1 \
-                    and x.shape == (meta.num_tokens, self.d_in) and _outputs_fit(ys, x, members, self.d_outs):
-                call([ys[m] for m in members], x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)
+            chosen = [ys[m] for m in members]
+            if call is not None and x.shape == (meta.num_tokens, self.d_in) \
+                    and all(y.shape[1] == self.d_outs[m] for m, y in zip(members, chosen)) \
+                    and lora_native.activations_fit(x, chosen):
+                call(chosen, x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)
                 return
         from . import add_lora_multi
 
         add_lora_multi(ys, x, self.A, self.Bs, self.scales, meta, members)
-
-
-def _outputs_fit(ys, x, members, d_outs) -> bool:
-    for m in members:
-        y = ys[m]
-        if y.dtype != x.dtype or y.stride(1) != 1 or y.shape != (x.shape[0], d_outs[m]):
-            return False
-    return True

@@ -198,9 +198,11 @@ def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor,
         native = False  # a torch strategy was asked for
     if native is None and not lora_native.worth_it(meta, A.shape[3]):
         native = False  # long segments on wide projections: torch's grouped GEMM is faster
-    if native is not False and _native_ok(ys, x, A, Bts, scales, members):
-        call = lora_native.prepare(A, [Bts[m] for m in members], scales, members)
-        call([ys[m] for m in members], x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)
+    chosen_bts, chosen_ys = [Bts[m] for m in members], [ys[m] for m in members]
+    if native is not False and lora_native.weights_fit(A, chosen_bts, scales, members) \
+            and lora_native.activations_fit(x, chosen_ys):
+        call = lora_native.prepare(A, chosen_bts, scales, members)
+        call(chosen_ys, x, meta.sorted_token_ids, meta.token_slots, meta.slot_ranks)
         return
     if native:
         raise RuntimeError(f"the native LoRA kernel cannot run here: {native_build.unavailable_reason() or 'operands'}")
@@ -216,19 +218,6 @@ def add_lora_multi_cpu(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor,
         if delta.dtype != ys[m].dtype:
             delta = delta.to(ys[m].dtype)
         ys[m].index_add_(0, meta.sorted_token_ids, delta)
-
-
-def _native_ok(ys, x, A, Bts, scales, members) -> bool:
-    """Operands the compiled kernel takes: CPU, fp32/bf16 weights and activations (ys in x's
-    dtype), float32 scales, innermost dimensions contiguous, at most MAX_MEMBERS members."""
-    codes = native_build.DTYPE_CODES
-    if (x.device.type != "cpu" or x.dtype not in codes or A.dtype not in codes or scales.dtype != torch.float32
-            or x.stride(1) != 1 or A.stride(3) != 1 or len(members) > lora_native.MAX_MEMBERS):
-        return False
-    for m in members:
-        if ys[m].dtype != x.dtype or ys[m].stride(1) != 1 or Bts[m].dtype != A.dtype or Bts[m].stride(2) != 1:
-            return False
-    return native_build.available()
 
 
 def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -108,21 +108,18 @@ def prepare(A: torch.Tensor, Bts: list[torch.Tensor], scales: torch.Tensor, memb
     return call
 
 
-def lora_rows(ys: list[torch.Tensor], x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor],
-              scales: torch.Tensor, order: torch.Tensor, idx: torch.Tensor, ranks: torch.Tensor,
-              members: tuple[int, ...]) -> None:
-    """ys[i] [T, out_i] += delta of member members[i], for the rows listed in `order`.
+def weights_fit(A: torch.Tensor, Bts: list[torch.Tensor], scales: torch.Tensor, members: tuple[int, ...]) -> bool:
+    """Can the kernel read these slot weights: CPU, fp32/bf16 A with every Bt in A's dtype,
+    float32 scales, innermost dimensions contiguous, at most MAX_MEMBERS members, library built.
+    Bts are the members' [slots, R, out] views, in `members` order."""
+    return (A.device.type == "cpu" and A.dtype in DTYPE_CODES and A.stride(3) == 1
+            and scales.dtype == torch.float32 and len(members) <= MAX_MEMBERS
+            and all(bt.dtype == A.dtype and bt.stride(2) == 1 for bt in Bts) and native.available())
 
-    x [T, in] (fp32/bf16, rows strided, last dim contiguous); A [slots, R, M, in] (fp32/bf16, last
-    dim contiguous); Bts[i] [slots, R, out_i] (A's dtype, last dim contiguous), member members[i]'s;
-    scales [slots, M] float32; order [R] int64 (rows with an adapter, those of one slot adjacent);
-    idx [T] int64 (slot per row); ranks [slots] int64; all three contiguous. ys in x's dtype.
-    """
-    if x.stride(1) != 1 or A.stride(3) != 1 or any(bt.stride(2) != 1 for bt in Bts) or any(y.stride(1) != 1 for y in ys):
-        raise ValueError("lora_rows needs the innermost dimension of x, y, A and Bt contiguous")
-    if any(bt.dtype != A.dtype for bt in Bts) or scales.dtype != torch.float32 or any(y.dtype != x.dtype for y in ys):
-        raise ValueError("lora_rows needs Bt in A's dtype, y in x's dtype and float32 scales")
-    if not (order.is_contiguous() and idx.is_contiguous() and ranks.is_contiguous()) or \
-            {order.dtype, idx.dtype, ranks.dtype} != {torch.int64}:
-        raise ValueError("lora_rows needs contiguous int64 order, idx and ranks")
-    prepare(A, Bts, scales, members)(ys, x, order, idx, ranks)
+
+def activations_fit(x: torch.Tensor, ys: list[torch.Tensor]) -> bool:
+    """x and the outputs the kernel writes: fp32/bf16, ys in x's dtype, rows of x's length count,
+    innermost dimension contiguous (rows may be strided: column slices of a fused output)."""
+    if x.dtype not in DTYPE_CODES or x.stride(1) != 1:
+        return False
+    return all(y.dtype == x.dtype and y.stride(1) == 1 and y.shape[0] == x.shape[0] for y in ys)

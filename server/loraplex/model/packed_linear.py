@@ -15,7 +15,6 @@ tensor replaces the dense weight (no second copy); `unpacked_weight()` rebuilds 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -68,9 +67,3 @@ def pack_projections(model: nn.Module) -> int:
                 module.base = PackedLinear(module.base)
                 n += 1
     return n
-
-
-def linear_reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """F.linear with the layer's dense weight (tests)."""
-    w = layer.unpacked_weight() if isinstance(layer, PackedLinear) else layer.weight
-    return F.linear(x, w, layer.bias)
