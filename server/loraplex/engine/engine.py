@@ -32,7 +32,8 @@ from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats
-from loraplex.model.packed_linear import pack_projections
+from loraplex.model.fused_linear import fuse_siblings
+from loraplex.model.packed_linear import pack_lm_head, pack_projections
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,21 @@ class EngineObserver(Protocol):
     def on_step(self, num_seqs: int, num_tokens: int, distinct_adapters: int) -> None: ...
 
     def on_finish(self, req: FinishedRequest) -> None: ...
+
+
+def pack_cpu_weights(model: Any) -> None:
+    """bfloat16 CPU weights in oneDNN's blocked layout: bit-identical, faster small GEMMs. The
+    projections, q/k/v and gate/up as one GEMM each, and the vocab projection (a tied one as a
+    packed copy of the embedding table unless LORAPLEX_PACK_TIED_HEAD=0)."""
+    n = pack_projections(model)
+    groups = fuse_siblings(model)
+    extra = pack_lm_head(model, tied_copy=os.environ.get("LORAPLEX_PACK_TIED_HEAD", "1") != "0")
+    if n or groups:
+        log.info("packed %d bfloat16 projections for oneDNN, %d q/k/v or gate/up groups fused into one "
+                 "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n, groups)
+    if extra:
+        log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",
+                 extra / 2**20)
 
 
 class _SlotHook:
@@ -95,10 +111,7 @@ class Engine:
         model = loaded.model
         self.device = device = next(model.parameters()).device
         if device.type == "cpu" and os.environ.get("LORAPLEX_PACK_WEIGHTS", "1") != "0":
-            # bfloat16 projections in oneDNN's blocked layout: bit-identical, faster small GEMMs.
-            n = pack_projections(model)
-            if n:
-                log.info("packed %d bfloat16 projections for oneDNN (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n)
+            pack_cpu_weights(model)
         # A sequence must fit in the cache on its own, or preemption could never make room for it.
         self.max_model_len = min(config.max_model_len, loaded.arch.max_position_embeddings,
                                  config.num_kv_blocks * config.block_size)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.model.fused_linear import group_outputs
+
 
 class Projection(nn.Module):
     def __init__(self, base: nn.Module, in_features: int, out_features: int) -> None:
@@ -43,7 +45,8 @@ class Projection(nn.Module):
 def project_all(projections: tuple[Projection, ...], x: torch.Tensor, lora: Any = None) -> list[torch.Tensor]:
     """[p(x, lora) for p in projections] for projections that read the same x (q/k/v, gate/up):
     when their LoRA weights form one group (lora/group.py) the deltas are added in one pass."""
-    ys = [p.base(x) for p in projections]  # [T, out_p] each
+    # One GEMM when their bases are one packed group (model/fused_linear.py): column views.
+    ys = group_outputs(projections, x) or [p.base(x) for p in projections]  # [T, out_p] each
     if lora is None:
         return ys
     group = getattr(projections[0].lora_weights, "group", None)

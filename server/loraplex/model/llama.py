@@ -119,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
         # to keep tied when the model is moved or materialised from the meta device.
         self.lm_head = (None if arch.tie_word_embeddings
                         else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, **fk))
+        # A packed copy of the tied table for the vocab GEMM (packed_linear.pack_lm_head), or None.
+        self.packed_head: nn.Module | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
@@ -139,6 +141,8 @@ class LlamaForCausalLM(nn.Module):
         --quantize-embeddings) multiplies from its own packed storage, with no float copy."""
         if self.lm_head is not None:
             return self.lm_head(x)
+        if self.packed_head is not None:
+            return self.packed_head(x)
         embed = self.model.embed_tokens
         if isinstance(embed, nn.Embedding):
             return F.linear(x, embed.weight)

@@ -299,6 +299,8 @@ def float16_weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for m in model.modules():
+        if getattr(m, "tied_copy", False):  # a packed copy of the tied embedding: same weights
+            continue
         packed = getattr(m, "packed", None)  # PackedLinear: its weight is not a parameter
         tensors = ([packed] if isinstance(packed, torch.Tensor) else []) + list(m.parameters(recurse=False))
         for p in tensors:
