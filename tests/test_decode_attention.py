@@ -1,7 +1,9 @@
-"""Paged attention (model/attention.py), both decode paths — the compiled CPU kernel
-(loraplex_kernels/decode_attention.c) and the torch formulation — against a float64 per-head
-reference on random caches: GQA ratios, sliding windows, block sizes, lengths from 1, decode rows
-that are not contiguous (a step mixing prefill chunks and decode tokens), float32 and bfloat16.
+"""Paged attention (model/attention.py), both paths — the compiled CPU kernel
+(loraplex_kernels/decode_attention.c, which in bfloat16 also takes the tokens of short prefill chunks) and the
+torch formulation — against a float64 per-head reference on random caches: GQA ratios, sliding
+windows, block sizes, lengths from 1, decode rows that are not contiguous (a step mixing prefill
+chunks and decode tokens), prefill-only steps, chunks after cached context, chunks longer than
+NATIVE_PREFILL_MAX_QUERY left to SDPA next to short ones, float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -150,3 +152,39 @@ def test_supports_only_cpu_float_operands():
     assert not attention_native.supports(q.half(), cache)
     assert not attention_native.supports(q, cache.half())
     assert not attention_native.supports(q.transpose(1, 2), cache)  # head dim not contiguous
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("query_lens", "seq_lens"), [
+    ([38, 40, 2, 64], [38, 40, 2, 64]),  # a prefill-only step of fresh prompts: every row native
+    ([7, 30, 3], [50, 30, 19]),  # chunks after cached context
+    ([65, 1, 12, 1, 100], [65, 9, 40, 77, 130]),  # long chunks (SDPA) between short ones and decodes
+    ([1, 1, 70], [20, 33, 70]),  # decode rows first, one long chunk
+])
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_chunks(path, dtype, query_lens, seq_lens, window):
+    _run(path, dtype, query_lens, seq_lens, 9, 3, window=window, seed=len(query_lens) + (window or 0))
+
+
+def test_prefill_threshold_routes_chunks(monkeypatch):
+    """Every chunk through SDPA (threshold 0) or through the kernel (a large one): same result."""
+    if not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    query_lens, seq_lens = [65, 1, 12, 1, 100], [65, 9, 40, 77, 130]
+    monkeypatch.setattr(attn, "NATIVE_PREFILL_MAX_QUERY", 0)
+    a = _run("native", torch.bfloat16, query_lens, seq_lens, 8, 2, seed=1)
+    monkeypatch.setattr(attn, "NATIVE_PREFILL_MAX_QUERY", 10_000)
+    b = _run("native", torch.bfloat16, query_lens, seq_lens, 8, 2, seed=1)
+    assert (a.float() - b.float()).abs().max().item() <= 2e-2
+    assert not torch.equal(a, b)  # the routes differ (else this test would check nothing)
+
+
+def test_float32_prefill_stays_on_sdpa():
+    """float32 prefill rows are exactly the torch path's (bit parity with transformers' sdpa)."""
+    if not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    query_lens, seq_lens = [38, 40, 5], [38, 40, 30]
+    a = _run("native", torch.float32, query_lens, seq_lens, 9, 3, seed=2)
+    b = _run("torch", torch.float32, query_lens, seq_lens, 9, 3, seed=2)
+    assert torch.equal(a, b)

@@ -31,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("lora_rows.c"), Path(__file__).with_name("decode_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in (
+    "lora_rows.c", "decode_attention.c", "rmsnorm.c", "rotary.c"))
 HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products (float sums in another order: the
 # results differ from a sequential sum by rounding only, like any BLAS).

@@ -5,7 +5,14 @@ Per layer and step: `write_kv` stores this step's keys/values at `batch.slot_map
 
 How the work is shaped (it runs once per layer, so per-call overhead matters):
 - On CPU, decode tokens go through the compiled kernel (loraplex_kernels/decode_attention.c): each
-  sequence reads its blocks where they lie, no copy, no mask (same semantics as below). Otherwise:
+  sequence reads its blocks where they lie, no copy, no mask (same semantics as below). In
+  bfloat16 so do the tokens of short prefill chunks (<= NATIVE_PREFILL_MAX_QUERY): a prefill token
+  at position p is a "decode row" over its sequence's first p + 1 cached keys (this step's k/v are
+  written first), so one kernel call per layer covers the whole step instead of one SDPA call per
+  chunk (~230 us each on the dev box, most of it fixed cost for a chat prompt). Longer chunks keep
+  SDPA's blocked kernel, which wins once the triangle is large. float32 prefill stays on SDPA: it
+  is then bit-identical to transformers' sdpa attention, which the peer tests lean on (a bnb int8
+  model turns a last-bit change in a prefill logit into whole units). Otherwise:
 - All decode sequences (query_len == 1) of the step go through ONE padded gather of their KV
   blocks ([B, max_blocks * block_size, H_kv, D]) and ONE scaled_dot_product_attention call with a
   length mask. GQA costs no copy: the n_rep query heads that share a kv head are laid out as n_rep
@@ -33,6 +40,8 @@ from loraplex_kernels import attention_native
 # Decode tokens through the compiled paged kernel (loraplex_kernels/decode_attention.c) on CPU:
 # None = whenever it is built and takes the operands; False = always the torch formulation.
 NATIVE_DECODE: bool | None = None
+# Prefill chunks up to this many tokens join the compiled kernel's rows (see the module docstring).
+NATIVE_PREFILL_MAX_QUERY = 64
 
 
 def _use_native(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -46,6 +55,7 @@ class PrefillSegment:
     context_len: int  # cached + new keys the chunk attends over
     blocks: torch.Tensor  # [ceil(context_len / block_size)] int64 physical block ids
     query_pos: torch.Tensor  # [query_len] int64 absolute positions of the chunk's tokens
+    seq_index: int = 0  # its sequence's row in batch.block_tables
 
     @property
     def fresh(self) -> bool:
@@ -66,6 +76,8 @@ class AttentionPlan:
     decode_num_blocks: int  # nb: blocks of the longest decode context
     decode_seq_lens: torch.Tensor | None  # [B] context length (incl. the new token)
     prefills: list[PrefillSegment]
+    decode_seq_index: torch.Tensor | None = None  # [B] the decode sequences' rows in batch.block_tables
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] the batch's, for native_rows
     _masks: dict = field(default_factory=dict)  # (kind, index, window) -> bool mask
 
     @property
@@ -90,11 +102,11 @@ class AttentionPlan:
             else:
                 decode_rows = torch.tensor(rows, dtype=torch.int64, device=device)
             nb = max(-(-batch.seq_lens_list[i] // block_size) for i in decode_seqs)
+            idx = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
             if len(decode_seqs) == batch.num_seqs:
                 tables = batch.block_tables[:, :nb]  # [B, nb]
                 decode_lens = batch.seq_lens
             else:
-                idx = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
                 tables = batch.block_tables.index_select(0, idx)[:, :nb]  # [B, nb]
                 decode_lens = batch.seq_lens.index_select(0, idx)
             decode_blocks = tables.reshape(-1)
@@ -107,8 +119,45 @@ class AttentionPlan:
                 raise ValueError(f"seq_lens[{i}]={ctx} is shorter than its query length {n}")
             blocks = batch.block_tables[i, : -(-ctx // block_size)]
             query_pos = batch.positions[starts[i]:starts[i] + n]  # == ctx - n .. ctx - 1
-            prefills.append(PrefillSegment(starts[i], starts[i] + n, ctx, blocks, query_pos))
-        return cls(batch.num_tokens, block_size, decode_rows, decode_blocks, tables, nb, decode_lens, prefills)
+            prefills.append(PrefillSegment(starts[i], starts[i] + n, ctx, blocks, query_pos, i))
+        return cls(batch.num_tokens, block_size, decode_rows, decode_blocks, tables, nb, decode_lens, prefills,
+                   idx if decode_seqs else None, batch.block_tables)
+
+    def native_rows(self, with_prefill: bool) -> tuple[torch.Tensor | slice | None, torch.Tensor | None,
+                                                        torch.Tensor | None, list[int]]:
+        """The compiled kernel's rows: every decode token and (with_prefill) every token of a short
+        prefill chunk. Returns (rows: a slice when contiguous, else [R] int64, or None; table [R, nb]
+        int64 block ids; seq_lens [R] int64 = keys each row attends over; indices into
+        self.prefills of the chunks left to SDPA). Built once per step, on first use."""
+        cached = self._masks.get(("native_rows", with_prefill))
+        if cached is not None:
+            return cached
+        short = [j for j, seg in enumerate(self.prefills)
+                 if with_prefill and seg.end - seg.start <= NATIVE_PREFILL_MAX_QUERY]
+        long = [j for j in range(len(self.prefills)) if j not in short]
+        if not short:  # decode rows only (a pure decode step): the plan's own table
+            cached = (self.decode_rows, self.decode_table, self.decode_seq_lens, long)
+        else:
+            rows, seqs, lens = [], [], []
+            if self.num_decode:
+                d = self.decode_rows
+                rows.append(torch.arange(d.start, d.stop) if isinstance(d, slice) else d)
+                seqs.append(self.decode_seq_index)
+                lens.append(self.decode_seq_lens)
+            for j in short:
+                seg = self.prefills[j]
+                rows.append(torch.arange(seg.start, seg.end))
+                seqs.append(torch.full((seg.end - seg.start,), seg.seq_index, dtype=torch.int64))
+                lens.append(seg.query_pos + 1)  # causal: a token at position p sees keys 0..p
+            row_idx = torch.cat(rows)  # [R]
+            seq_lens = torch.cat(lens).to(torch.int64)  # [R]
+            nb = -(-int(seq_lens.max()) // self.block_size)
+            table = self.block_tables.index_select(0, torch.cat(seqs))[:, :nb]  # [R, nb]
+            r = len(row_idx)
+            contiguous = bool((row_idx == torch.arange(int(row_idx[0]), int(row_idx[0]) + r)).all())
+            cached = (slice(int(row_idx[0]), int(row_idx[0]) + r) if contiguous else row_idx, table, seq_lens, long)
+        self._masks[("native_rows", with_prefill)] = cached
+        return cached
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, nb * block_size] bool, True where a decode token may attend."""
@@ -161,10 +210,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     rep = h // h_kv
     bs = plan.block_size
     out = None
-    if plan.num_decode and _use_native(q, k_cache):
-        od = attention_native.decode_attention(q, plan.decode_rows, k_cache, v_cache, plan.decode_table,
-                                               plan.decode_seq_lens, scale, window)  # [B, H*D]
-    elif plan.num_decode:
+    if _use_native(q, k_cache):
+        return _native_attention(q, k, v, k_cache, v_cache, plan, scale, window)
+    if plan.num_decode:
         b = plan.num_decode
         rows = plan.decode_rows
         qd = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)  # [B, H, D]
@@ -187,7 +235,38 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             out.index_copy_(0, rows, od)
     if out is None:
         out = q.new_empty(t, h * d)
-    for j, seg in enumerate(plan.prefills):
+    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, range(len(plan.prefills)))
+    return out
+
+
+def _native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
+                      window: int | None) -> torch.Tensor:
+    """Decode tokens (and bf16 short prefill chunks) in one compiled call, the rest through SDPA."""
+    t, h, d = q.shape
+    rows, table, seq_lens, long = plan.native_rows(with_prefill=q.dtype == torch.bfloat16)
+    if rows is not None:
+        o = attention_native.decode_attention(q, rows, k_cache, v_cache, table, seq_lens, scale, window)  # [R, H*D]
+        if isinstance(rows, slice) and rows.start == 0 and rows.stop == t:  # every row of the step
+            return o
+    out = q.new_empty(t, h * d)
+    if isinstance(rows, slice):
+        out[rows] = o
+    elif rows is not None:
+        out.index_copy_(0, rows, o)
+    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, long)
+    return out
+
+
+def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, plan: AttentionPlan, scale: float, window: int | None,
+                  out: torch.Tensor, segments) -> None:
+    """out[chunk rows] = SDPA attention of each prefill chunk j in `segments` ([T, H*D] out)."""
+    t, h, d = q.shape
+    h_kv = k_cache.shape[2]
+    rep = h // h_kv
+    for j in segments:
+        seg = plan.prefills[j]
         n = seg.end - seg.start
         qs = q[seg.start:seg.end].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
         if seg.fresh and window is None:
@@ -204,4 +283,3 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.prefill_mask(j, window),
                                                scale=scale, enable_gqa=rep > 1)
         out[seg.start:seg.end] = o[0].transpose(0, 1).reshape(n, h * d)  # [1, H, Q, D] -> [Q, H*D]
-    return out

@@ -1,0 +1,61 @@
+"""The compiled row-wise layer ops (rmsnorm.c, rotary.c) as Python calls.
+
+On a CPU decode step the model's small elementwise ops -- RMSNorm's ~8 torch ops, rotary's ~6 per
+tensor -- are ~600 torch calls whose fixed cost is a visible share of the step (the GEMMs are
+what is left). Each op here is one C pass over the rows. The model (model/norm.py, model/rope.py)
+uses them for bfloat16 CPU tensors when the library is built (`supports`), else its torch
+formulation. Rotary is bit-identical to torch's; RMSNorm's variance is summed in another order
+(a result can differ by one bfloat16 step), checked against float64.
+
+(SwiGLU's silu * up was tried as a C pass too: no faster than torch's vectorised ops, so not kept.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+_fns: dict[str, object] = {}
+
+
+def _fn(name: str, argtypes: list):
+    fn = _fns.get(name)
+    if fn is None:
+        fn = _fns[name] = native.function(name, argtypes)
+    return fn
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """bfloat16 CPU tensors with contiguous last dims, and the library built."""
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+            and native.available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, dim] (rows may be strided), weight [dim] -> [T, dim] contiguous."""
+    rows, dim = x.shape
+    w = weight.contiguous()
+    if w.shape != (dim,):
+        raise ValueError(f"weight {tuple(w.shape)} for rows of {dim}")
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    _fn("loraplex_rmsnorm_bf16", [_I64, _I64, _P, _I64, _P, ctypes.c_float, _P, _I64])(
+        rows, dim, x.data_ptr(), x.stride(0), w.data_ptr(), eps, out.data_ptr(), out.stride(0))
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] (head dim contiguous), cos/sin [T, 1, D] or [T, D] -> rotated [T, H, D]."""
+    tokens, heads, dim = x.shape
+    cos2, sin2 = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
+    if dim % 2 or cos2.stride() != sin2.stride() or cos2.stride(1) != 1:
+        raise ValueError("rotary needs an even head dim and cos/sin rows of one contiguous layout")
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype)
+    _fn("loraplex_rotary_bf16", [_I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _P])(
+        tokens, heads, dim, x.data_ptr(), x.stride(0), x.stride(1), cos2.data_ptr(), sin2.data_ptr(),
+        cos2.stride(0), out.data_ptr())
+    return out

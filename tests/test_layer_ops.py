@@ -1,0 +1,105 @@
+"""The compiled row-wise layer ops (loraplex_kernels/rmsnorm.c, rotary.c) against the model's torch
+formulations and float64: RMSNorm within one bfloat16 step of torch (its variance is summed in
+another order) and as close to float64 as torch; rotary bit-identical to `_rotate`, on strided q/k
+(column views of one q/k/v GEMM); the model uses them only where they apply, and a bf16 model's
+logits are the same to bf16 rounding with them on or off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.model import norm as norm_mod
+from loraplex.model import rope as rope_mod
+from loraplex.model.norm import RMSNorm
+from loraplex.model.rope import _rotate, apply_rotary
+from loraplex_kernels import layer_ops_native, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels unavailable")
+
+
+@pytest.fixture(autouse=True)
+def _restore_choice():
+    before = norm_mod.NATIVE, rope_mod.NATIVE
+    yield
+    norm_mod.NATIVE, rope_mod.NATIVE = before
+
+
+def _bf16_step(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at |x| (one step of its 8-bit significand)."""
+    exp = torch.frexp(x.double().abs().clamp_min(1e-30)).exponent
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - 8)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 513])
+@pytest.mark.parametrize("dim", [64, 576, 577, 1000])
+def test_rmsnorm_matches_torch_and_float64(rows, dim):
+    g = torch.Generator().manual_seed(rows * 1000 + dim)
+    wide = (torch.randn(rows, dim + 7, generator=g) * 3).to(torch.bfloat16)
+    x = wide[:, 3:3 + dim]  # strided rows
+    norm = RMSNorm(dim, 1e-5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    norm_mod.NATIVE = False
+    want = norm(x)
+    got = layer_ops_native.rms_norm(x, norm.weight, 1e-5)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    diff = (got.double() - want.double()).abs()
+    assert (diff <= _bf16_step(want)).all()  # at most one bfloat16 step apart
+    assert (diff == 0).double().mean() > 0.99
+    x64 = x.double()
+    ref = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+    norm_mod.NATIVE = None
+    assert torch.equal(norm(x), got)  # the module takes the compiled path
+
+
+def test_rmsnorm_module_keeps_torch_for_other_operands():
+    norm = RMSNorm(16, 1e-6)  # float32: torch
+    x = torch.randn(3, 16)
+    norm_mod.NATIVE = None
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.allclose(norm(x), ref, atol=1e-6)
+    assert not layer_ops_native.supports(x)
+    with pytest.raises(ValueError, match="weight"):
+        layer_ops_native.rms_norm(x.to(torch.bfloat16), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 32, 300])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 8, 128), (2, 1, 80)])
+def test_rotary_bit_identical_on_strided_views(tokens, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(tokens * 31 + dim)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g) * 2).to(torch.bfloat16)
+    q = qkv[:, :heads * dim].view(tokens, heads, dim)  # column views, as the fused GEMM gives
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    pos = torch.randint(0, 4096, (tokens,), generator=g)
+    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ang = pos[:, None].float() * inv[None]
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(torch.bfloat16)[:, None], emb.sin().to(torch.bfloat16)[:, None]  # [T, 1, D]
+    rope_mod.NATIVE = False
+    want_q, want_k = apply_rotary(q, k, (cos, sin))
+    rope_mod.NATIVE = None
+    got_q, got_k = apply_rotary(q, k, (cos, sin))
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(layer_ops_native.rotary(q, cos, sin), _rotate(q, cos, sin))
+    # and torch's bf16 formulation is itself within bf16 rounding of float64
+    ref = q.double() * cos.double() + torch.cat((-q[..., dim // 2:], q[..., :dim // 2]), -1).double() * sin.double()
+    assert (got_q.double() - ref).abs().max() <= 3 * _bf16_step(ref).max()
+
+
+def test_bf16_model_logits_same_with_and_without_compiled_ops(tiny_model_dir):
+    """A bf16 model step with the compiled norm/rotary against the torch ops: within bf16 noise."""
+    from loraplex.model.loader import load_model
+    from tests.fixtures.engine_run import engine_greedy
+
+    loaded = load_model(tiny_model_dir, torch.bfloat16, "cpu")
+    jobs = {"a": (None, [1, 5, 9, 13, 2, 8, 8, 3]), "b": (None, [3, 4]), "c": (None, [7] * 11)}
+    runs = []
+    for flag in (False, None):
+        norm_mod.NATIVE = rope_mod.NATIVE = flag
+        runs.append(engine_greedy(loaded, None, jobs, max_new_tokens=8))
+    assert all(err is None and len(toks) == 8 for toks, err in runs[1].values())
+    same = sum(runs[0][k][0] == runs[1][k][0] for k in jobs)
+    assert same >= 2, runs  # one bf16 step in a norm may flip a near-tie, not whole runs
