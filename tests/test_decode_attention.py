@@ -188,3 +188,22 @@ def test_float32_prefill_stays_on_sdpa():
     a = _run("native", torch.float32, query_lens, seq_lens, 9, 3, seed=2)
     b = _run("torch", torch.float32, query_lens, seq_lens, 9, 3, seed=2)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_same_bits_on_any_thread_count(dtype):
+    """The compiled kernel splits rows over threads (each row on one thread): 1, 2 and 3 threads
+    give identical outputs, with decode rows, short prefill chunks and a window."""
+    if not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    before = torch.get_num_threads()
+    query_lens, seq_lens = [1] * 20 + [30, 1, 12], [int(n) for n in torch.arange(40, 240, 10)] + [30, 300, 50]
+    try:
+        outs = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs[n] = [_run("native", dtype, query_lens, seq_lens, 9, 3, window=w, seed=11) for w in (None, 64)]
+    finally:
+        torch.set_num_threads(before)
+    for n in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[n])), n

@@ -201,3 +201,46 @@ def test_prepared_calls_are_cached_per_weight_set():
     assert lora_native.prepare(A, [Bt], case.scales.unsqueeze(1), (0,)) is first
     other = lora_native.prepare(A, [Bt.clone()], case.scales.unsqueeze(1), (0,))
     assert other is not first
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_built_with_openmp_here():
+    """gcc on the dev and CI machines has OpenMP: the kernels must split calls over threads there."""
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    assert native.multithreaded()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "adapters", "dist"), [(64, 32, "distinct"), (512, 4, "uniform"),
+                                                         (37, 5, "zipf"), (9, 9, "identical")])
+def test_same_bits_on_any_thread_count(restore_threads, weight_dtype, rows, adapters, dist):
+    """Every row is computed by one thread alone: 1, 2 and 3 threads give identical outputs, all
+    within tolerance of float64 (the split cuts runs of one slot's rows at varied places)."""
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    outs = (192, 64, 64)
+    cases = [make_case(rows, 160, o, adapters, dist, "mixed", seed=70 + rows) for o in outs]  # one idx/ranks
+    for c in cases[1:]:
+        c.x = cases[0].x
+    A = torch.stack([c.A for c in cases], dim=2).to(weight_dtype)
+    Bs = [_rank_major(c.B).to(weight_dtype) for c in cases]
+    scales = torch.stack([c.scales for c in cases], dim=1)
+    results = {}
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        ys = [c.y0.clone() for c in cases]
+        add_lora_multi_cpu(ys, cases[0].x, A, Bs, scales, cases[0].meta(), native=True)
+        results[n] = ys
+    for n in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(results[1], results[n])), n
+    if weight_dtype == torch.float32:
+        for y, c in zip(results[2], cases):
+            res = compare(y, c, expected(c))
+            assert res["untouched"] and res["err"] <= TOLERANCE[torch.float32], res

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
 #define AS_FLOAT(v) (v)
 #define STORE_F32(v) (v)
@@ -142,19 +143,22 @@ DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128)
                         block_table, table_stride, seq_lens, window, scale, out, out_row_stride,         \
                         s, qf, acc, row)
 
-/* Returns 0; -1 when scratch memory cannot be had; -2 when q, the cache and out are not all one
- * dtype (nothing written then). */
-int loraplex_decode_attention(
-    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
-    const void *k_cache, const void *v_cache, int kv_dtype,
+/* Rows [lo, hi) of a call, on the calling thread, with its own scratch. */
+static int attention_rows(
+    int64_t lo, int64_t hi, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    const void *q_all, int q_dtype, const int64_t *q_rows_all, int64_t q_row_stride, int64_t q_head_stride,
+    const void *k_cache, const void *v_cache,
     int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
-    const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
-    int64_t window, float scale,
-    void *out, int64_t out_row_stride)
+    const int64_t *table_all, int64_t table_stride, const int64_t *lens_all,
+    int64_t window, float scale, void *out_all, int64_t out_row_stride)
 {
-    if (q_dtype != kv_dtype) return -2;
-    const int64_t rep = num_heads / num_kv_heads, D = head_dim;
+    const int64_t rep = num_heads / num_kv_heads, D = head_dim, num_seqs = hi - lo;
+    const int64_t el = q_dtype == 0 ? 4 : 2;
+    /* This range's rows: q through its row index (or from row lo on), table, lengths, out. */
+    const int64_t *q_rows = q_rows_all ? q_rows_all + lo : NULL;
+    const void *q = q_rows_all ? q_all : (const char *)q_all + lo * q_row_stride * el;
+    const int64_t *block_table = table_all + lo * table_stride, *seq_lens = lens_all + lo;
+    void *out = (char *)out_all + lo * out_row_stride * el;
     int64_t max_len = 1;
     for (int64_t b = 0; b < num_seqs; b++)
         if (seq_lens[b] > max_len) max_len = seq_lens[b];
@@ -177,4 +181,62 @@ int loraplex_decode_attention(
     }
     free(s); free(qf); free(acc); free(row);
     return 0;
+}
+
+/* Below this many attended keys in a call, one thread does it all (a parallel region costs a few
+ * microseconds of hand-off). */
+#define PARALLEL_MIN_KEYS 512
+
+/* Returns 0; -1 when scratch memory cannot be had; -2 when q, the cache and out are not all one
+ * dtype (nothing written then). Rows are split over the calling thread's OpenMP threads
+ * (parallel.h) in shares of equal attended keys; each row is computed by one thread alone, so
+ * the result does not depend on the thread count. */
+int loraplex_decode_attention(
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
+    const void *k_cache, const void *v_cache, int kv_dtype,
+    int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
+    const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
+    int64_t window, float scale,
+    void *out, int64_t out_row_stride)
+{
+    if (q_dtype != kv_dtype) return -2;
+#define ROWS(LO, HI) attention_rows(LO, HI, num_heads, num_kv_heads, head_dim, q, q_dtype, q_rows,         \
+                                    q_row_stride, q_head_stride, k_cache, v_cache, blk_stride, pos_stride, \
+                                    kv_head_stride, block_size, block_table, table_stride, seq_lens,       \
+                                    window, scale, out, out_row_stride)
+    int nt = lp_max_threads();
+    if (nt > num_seqs) nt = (int)num_seqs;
+    if (nt <= 1) return ROWS(0, num_seqs);
+    int64_t *cum = malloc((size_t)num_seqs * sizeof(int64_t));  /* keys attended, running total */
+    if (!cum) return -1;
+    int64_t total = 0;
+    for (int64_t b = 0; b < num_seqs; b++) {
+        int64_t n = seq_lens[b], len = (window > 0 && n > window) ? window : n;
+        total += len + 1;
+        cum[b] = total;
+    }
+    int rc = 0;
+    if (total < PARALLEL_MIN_KEYS) {
+        rc = ROWS(0, num_seqs);
+    } else {
+        int rcs[LP_MAX_THREADS] = {0};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+        {
+#ifdef _OPENMP
+            int t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+            int t = 0, k = 1;
+#endif
+            int64_t lo = lp_split(cum, num_seqs, t, k), hi = lp_split(cum, num_seqs, t + 1, k);
+            if (hi > lo) rcs[t] = ROWS(lo, hi);
+        }
+        for (int t = 0; t < nt; t++)
+            if (rcs[t]) rc = rcs[t];
+    }
+    free(cum);
+    return rc;
+#undef ROWS
 }

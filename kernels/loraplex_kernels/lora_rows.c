@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
 #define BLOCK 4
 #define TILE 64
@@ -142,8 +143,8 @@ typedef struct {
     int64_t bt_slot[MAX_MEMBERS], bt_rank[MAX_MEMBERS], d_outs[MAX_MEMBERS];
 } lora_weights_t;
 
-/* Returns 0, or -1 when scratch memory cannot be had (nothing written then). */
-int loraplex_lora_rows(
+/* Rows order[0..num_rows) on the calling thread, with its own scratch. */
+static int lora_rows_serial(
     const lora_weights_t *w,
     const int64_t *order, int64_t num_rows, const int64_t *idx, const int64_t *ranks,
     const void *x, int x_dtype, int64_t x_stride,
@@ -239,4 +240,62 @@ int loraplex_lora_rows(
     }
     free(xs); free(acc); free(h); free(hall);
     return 0;
+}
+
+/* Below this many rows a call runs on one thread (a parallel region costs a few microseconds). */
+#define PARALLEL_MIN_ROWS 8
+
+/* Returns 0, or -1 when scratch memory cannot be had (nothing written then, or, split over
+ * threads, only other rows written). The rows in `order` are split over the calling thread's
+ * OpenMP threads (parallel.h) into contiguous shares of equal rank work, each share ending where
+ * a slot's run of rows ends when that is close, so a slot's weights are mostly read by one thread;
+ * every row is computed by one thread alone, so the result does not depend on the thread count. */
+int loraplex_lora_rows(
+    const lora_weights_t *w,
+    const int64_t *order, int64_t num_rows, const int64_t *idx, const int64_t *ranks,
+    const void *x, int x_dtype, int64_t x_stride,
+    void *y0, void *y1, void *y2, void *y3,
+    int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3)
+{
+#define SERIAL(LO, HI) lora_rows_serial(w, order + (LO), (HI) - (LO), idx, ranks, x, x_dtype, x_stride, \
+                                        y0, y1, y2, y3, ys0, ys1, ys2, ys3)
+    int nt = lp_max_threads();
+    if (nt <= 1 || num_rows < PARALLEL_MIN_ROWS) return SERIAL(0, num_rows);
+    int64_t *cum = malloc((size_t)num_rows * sizeof(int64_t));  /* rank work, running total */
+    if (!cum) return -1;
+    int64_t total = 0;
+    for (int64_t i = 0; i < num_rows; i++) {
+        int64_t s = idx[order[i]];
+        total += s < 0 ? 0 : 1 + (ranks[s] < w->max_rank ? ranks[s] : w->max_rank);
+        cum[i] = total;
+    }
+    int rcs[LP_MAX_THREADS] = {0};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+        int t = 0, k = 1;
+#endif
+        int64_t lo = lp_split(cum, num_rows, t, k), hi = lp_split(cum, num_rows, t + 1, k);
+        /* Move both ends to the end of the slot run they fall in (up to BLOCK rows further), so
+         * neighbouring shares rarely both read one slot; both threads compute the same ends. */
+        for (int e = 0; e < 2; e++) {
+            int64_t *end = e ? &hi : &lo;
+            int64_t moved = 0;
+            while (*end > 0 && *end < num_rows && moved < BLOCK && idx[order[*end]] == idx[order[*end - 1]]) {
+                (*end)++;
+                moved++;
+            }
+        }
+        if (hi > lo) rcs[t] = SERIAL(lo, hi);
+    }
+    free(cum);
+    int rc = 0;
+    for (int t = 0; t < nt; t++)
+        if (rcs[t]) rc = rcs[t];
+    return rc;
+#undef SERIAL
 }

@@ -33,18 +33,22 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in (
     "lora_rows.c", "decode_attention.c", "rmsnorm.c", "rotary.c"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
+HEADERS = (Path(__file__).with_name("bf16.h"), Path(__file__).with_name("parallel.h"))  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products (float sums in another order: the
 # results differ from a sequential sum by rounding only, like any BLAS).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 LIBS = ("-lm",)
+# Tried first: the kernels split a call over torch's intra-op threads (parallel.h); a compiler
+# without OpenMP builds them single-threaded instead.
+OPENMP_FLAGS = ("-fopenmp",)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
+_openmp = False
 
 def _cpu_id() -> str:
     """This CPU's model and feature flags (what -march=native compiles for)."""
@@ -65,10 +69,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAPLEX_KERNEL_CACHE", Path.home() / ".cache" / "loraplex" / "kernels"))
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, extra: tuple[str, ...] = ()) -> Path:
+    flags = (*FLAGS, *extra)
     source = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:24]
     target = cache_dir() / f"loraplex_cpu-{key}.so"
     if target.exists():
@@ -77,7 +82,8 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, f"-I{HEADERS[0].parent}", *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, f"-I{HEADERS[0].parent}", *map(str, SOURCES), "-o", tmp, *LIBS],
+                              capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
         os.replace(tmp, target)
@@ -97,13 +103,25 @@ def _load() -> None:
     if cc is None:
         _reason = f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)"
         return
-    try:
-        lib = ctypes.CDLL(str(_build(cc)))
-    except Exception as exc:  # any build or load failure: the torch path serves instead
-        _reason = f"build failed: {exc}"
-        log.warning("compiled CPU kernels unavailable, using the torch formulations: %s", _reason)
+    global _openmp
+    errors = []
+    for extra in (OPENMP_FLAGS, ()):
+        try:
+            lib = ctypes.CDLL(str(_build(cc, extra)))
+        except Exception as exc:  # any build or load failure: try without OpenMP, then torch
+            errors.append(f"{' '.join(extra) or 'without OpenMP'}: {exc}")
+            continue
+        _lib, _openmp = lib, bool(extra)
+        if errors:
+            log.info("compiled CPU kernels built single-threaded (%s)", errors[0])
         return
-    _lib = lib
+    _reason = "build failed: " + "; ".join(errors)
+    log.warning("compiled CPU kernels unavailable, using the torch formulations: %s", _reason)
+
+
+def multithreaded() -> bool:
+    """Built with OpenMP: a call runs on the calling thread's torch intra-op thread count."""
+    return available() and _openmp
 
 
 def available() -> bool:

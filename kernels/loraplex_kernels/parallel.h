@@ -1,0 +1,39 @@
+/* Splitting one kernel call over threads. The kernels are built with -fopenmp when the compiler
+ * has it (native.py); in a torch process the loader then binds them to the libgomp torch already
+ * loaded, so `omp_get_max_threads()` is torch's intra-op thread count for the calling thread
+ * (torch.set_num_threads) and the parallel regions reuse torch's own worker pool: no second pool
+ * spinning against it. Without OpenMP every call runs on the calling thread. */
+#ifndef LORAPLEX_PARALLEL_H
+#define LORAPLEX_PARALLEL_H
+
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LP_MAX_THREADS 64
+
+static inline int lp_max_threads(void) {
+#ifdef _OPENMP
+    int n = omp_get_max_threads();
+    return n < 1 ? 1 : (n > LP_MAX_THREADS ? LP_MAX_THREADS : n);
+#else
+    return 1;
+#endif
+}
+
+/* The first index i of cum[0..n) (a non-decreasing prefix sum of per-item work, cum[n-1] = total)
+ * with cum[i] > total * part / parts: items [split(part), split(part + 1)) are part's share. */
+static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int parts) {
+    if (part <= 0) return 0;
+    if (part >= parts) return n;
+    int64_t target = cum[n - 1] * part / parts, lo = 0, hi = n;
+    while (lo < hi) {  /* binary search: first cum[i] > target */
+        int64_t mid = (lo + hi) / 2;
+        if (cum[mid] > target) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+}
+
+#endif
