@@ -19,20 +19,20 @@ that other load on the (shared, 2-core) machine hits both sides alike:
 With (b), a profile of one decode step (LoRA vs base, stepped by hand) shows where the extra
 time goes: the add_lora calls, those on projections no running adapter targets, top aten ops.
 
-Torch runs with --threads 1 by default: on a 2-core box shared with other jobs a 2-thread op
-waits for a scheduler slice on the busy core (the report measures that cost at the start).
---threads 2 --peft-threads 1,2 runs the engine on both cores and PEFT/transformers at 1 and at 2
-threads in the same rounds, so that (c) also compares against PEFT at its own fastest setting.
+The engine runs with torch's default thread count (one per core, as `loraplex serve` does; the
+compiled CPU kernels split their calls over the same threads), PEFT and transformers at 1 thread
+and at that count, each a case of the same rounds: (c) is judged against PEFT at its own fastest
+setting. --threads 1 --peft-threads 1 compares one core against one core.
 
 Adapters are written directly in PEFT's on-disk format (adapter_config.json +
 adapter_model.safetensors with keys `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
 ...) with random weights: nothing is trained or downloaded. Every request is greedy with EOS
 ignored, so every system generates exactly --max-new-tokens tokens per request.
 
-    .venv/bin/python benchmarks/bench_lora_serving.py            # all four, 6-11 min on 2 cores
+    .venv/bin/python benchmarks/bench_lora_serving.py            # all four, 8-13 min on 2 cores
     .venv/bin/python benchmarks/bench_lora_serving.py --only b,c --rounds 3
-    .venv/bin/python benchmarks/bench_lora_serving.py --only b,c --threads 2 --peft-threads 1,2 \
-        --out benchmarks/results/lora_serving_cpu_2threads.md
+    .venv/bin/python benchmarks/bench_lora_serving.py --only b,c --threads 1 --peft-threads 1 \
+        --out benchmarks/results/lora_serving_cpu_1thread.md
     .venv/bin/python benchmarks/bench_lora_serving.py --quick    # smoke run, ~1-2 min
 
 Writes benchmarks/results/lora_serving_cpu.md and lora_serving_cpu.png.
@@ -888,10 +888,9 @@ def _cpu_kernels_line() -> str:
     """How the engine's CPU work runs in this process (README: compiled kernels, packed weights)."""
     from loraplex_kernels import native
 
-    kernels = ("compiled CPU kernels on (LoRA rows, decode attention)" if native.available()
-               else f"compiled CPU kernels off ({native.unavailable_reason()})")
     packed = os.environ.get("LORAPLEX_PACK_WEIGHTS", "1") != "0"
-    return kernels + (", bfloat16 projections packed for oneDNN" if packed else ", projections not packed")
+    return native.describe() + (", bfloat16 weights packed for oneDNN (q/k/v and gate/up one GEMM each, "
+                                "lm_head packed)" if packed else ", projections not packed")
 
 
 def _version(pkg: str) -> str:
@@ -992,13 +991,12 @@ def parse_args(argv=None):
     p.add_argument("--load-repeats", type=int, default=5, help="(e)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="(b) skip the decode-step profile (LoRA vs base, add_lora time, op table)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for every thread of the run (default 1: on a 2-core box shared "
-                        "with other jobs, each parallel torch op waits for a scheduler slice on the busy "
-                        "second core; the report's machine section measures that cost)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads of the engine (default: torch's, one per core, what `loraplex "
+                        f"serve` runs with: {torch.get_num_threads()} here)")
     p.add_argument("--peft-threads", default=None,
                    help="(c) comma list of torch thread counts to run PEFT and transformers at, each a "
-                        "case of every round (default: --threads)")
+                        "case of every round; (c) is judged against PEFT's fastest (default: 1 and --threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="default model cache (~/.cache/loraplex)")
     p.add_argument("--work-dir", default=None, help="where adapter folders go (a temp dir, removed)")
@@ -1014,7 +1012,7 @@ def parse_args(argv=None):
         args.zipf_max_loras, args.zipf_requests, args.zipf_new_tokens = 4, 12, 4
         args.load_repeats = 2
     args.peft_threads = (tuple(int(n) for n in args.peft_threads.split(",")) if args.peft_threads
-                         else (args.threads,))
+                         else tuple(sorted({1, args.threads})))
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     if not args.only <= {"b", "c", "d", "e"}:
         p.error("--only takes b, c, d, e")

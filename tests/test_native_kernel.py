@@ -210,10 +210,18 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def test_built_with_openmp_here():
-    """gcc on the dev and CI machines has OpenMP: the kernels must split calls over threads there."""
+def test_built_with_openmp_when_the_compiler_has_it(tmp_path):
+    """Where the compiler builds an OpenMP program, the kernels must be the multi-threaded build
+    (not silently the single-threaded fallback)."""
     if not native.available():
         pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    src = tmp_path / "omp.c"
+    src.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    probe = subprocess.run([cc, *native.OPENMP_FLAGS, "-shared", "-fPIC", str(src), "-o", str(tmp_path / "omp.so")],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"this compiler has no OpenMP: {probe.stderr.strip()[:200]}")
     assert native.multithreaded()
 
 
@@ -244,3 +252,14 @@ def test_same_bits_on_any_thread_count(restore_threads, weight_dtype, rows, adap
         for y, c in zip(results[2], cases):
             res = compare(y, c, expected(c))
             assert res["untouched"] and res["err"] <= TOLERANCE[torch.float32], res
+
+
+def test_compiler_without_openmp_builds_single_threaded(tmp_path):
+    """When the OpenMP build fails, the kernels are built without it (right results, one thread)."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine")
+    code = ("from loraplex_kernels import native\nnative.OPENMP_FLAGS = ('-fno-such-openmp-flag',)\n" + _CHECK
+            + "print('multithreaded', native.multithreaded())\n")
+    proc = _python(code, LORAPLEX_KERNEL_CACHE=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "available True" in proc.stdout and "multithreaded False" in proc.stdout, proc.stdout

@@ -119,6 +119,15 @@ def _load() -> None:
     log.warning("compiled CPU kernels unavailable, using the torch formulations: %s", _reason)
 
 
+def describe() -> str:
+    """One line for logs and reports: what runs compiled, and on how many threads."""
+    if not available():
+        return f"compiled CPU kernels off, torch formulations instead: {unavailable_reason()}"
+    threads = (f"each call split over the calling thread's torch threads ({torch.get_num_threads()} here)"
+               if multithreaded() else "single-threaded (no OpenMP)")
+    return f"compiled CPU kernels on (LoRA rows, paged attention, RMSNorm, rotary; {threads})"
+
+
 def multithreaded() -> bool:
     """Built with OpenMP: a call runs on the calling thread's torch intra-op thread count."""
     return available() and _openmp

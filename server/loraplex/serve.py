@@ -83,8 +83,7 @@ def _log_kernels(device) -> None:
 
     line = f"kernels: LoRA backend {get_backend()}"
     if device.type == "cpu":
-        line += ("; compiled CPU kernels on (LoRA, decode attention)" if native.available()
-                 else f"; compiled CPU kernels off, torch formulations instead: {native.unavailable_reason()}")
+        line += "; " + native.describe()
     log.info(line)
 
 
