@@ -225,16 +225,12 @@ int loraplex_decode_attention(
 #pragma omp parallel num_threads(nt)
 #endif
         {
-#ifdef _OPENMP
-            int t = omp_get_thread_num(), k = omp_get_num_threads();
-#else
-            int t = 0, k = 1;
-#endif
+            int t, k;
+            lp_team(&t, &k);
             int64_t lo = lp_split(cum, num_seqs, t, k), hi = lp_split(cum, num_seqs, t + 1, k);
             if (hi > lo) rcs[t] = ROWS(lo, hi);
         }
-        for (int t = 0; t < nt; t++)
-            if (rcs[t]) rc = rcs[t];
+        rc = lp_result(rcs, nt);
     }
     free(cum);
     return rc;

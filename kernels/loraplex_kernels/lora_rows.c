@@ -274,11 +274,8 @@ int loraplex_lora_rows(
 #pragma omp parallel num_threads(nt)
 #endif
     {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), k = omp_get_num_threads();
-#else
-        int t = 0, k = 1;
-#endif
+        int t, k;
+        lp_team(&t, &k);
         int64_t lo = lp_split(cum, num_rows, t, k), hi = lp_split(cum, num_rows, t + 1, k);
         /* Move both ends to the end of the slot run they fall in (up to BLOCK rows further), so
          * neighbouring shares rarely both read one slot; both threads compute the same ends. */
@@ -293,9 +290,6 @@ int loraplex_lora_rows(
         if (hi > lo) rcs[t] = SERIAL(lo, hi);
     }
     free(cum);
-    int rc = 0;
-    for (int t = 0; t < nt; t++)
-        if (rcs[t]) rc = rcs[t];
-    return rc;
+    return lp_result(rcs, nt);
 #undef SERIAL
 }

@@ -36,4 +36,23 @@ static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int part
     return lo;
 }
 
+/* Inside a parallel region: this thread's index and the team's size (0 and 1 without OpenMP). */
+static inline void lp_team(int *t, int *k) {
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    *k = omp_get_num_threads();
+#else
+    *t = 0;
+    *k = 1;
+#endif
+}
+
+/* The shares' return codes combined: 0 when every share returned 0, else the last failure. */
+static inline int lp_result(const int *rcs, int n) {
+    int rc = 0;
+    for (int i = 0; i < n; i++)
+        if (rcs[i]) rc = rcs[i];
+    return rc;
+}
+
 #endif
