@@ -74,7 +74,7 @@ def pack_lm_head(model: nn.Module, tied_copy: bool = True) -> int:
     """Pack the vocab projection of a bfloat16 CPU model (the largest GEMM of a decode step: ~12
     against ~17 ms per 32-row step on the default model). An untied lm_head is swapped in place.
     A tied one is the embedding table, which the token lookup needs row-major, so packing it
-    keeps a second copy (vocab x hidden x 2 bytes: +56 MiB on the default model); only with
+    keeps a second copy (vocab x hidden x 2 bytes: +54 MiB on the default model); only with
     `tied_copy`. Returns the extra bytes the copy takes (0 untied or not packed)."""
     if not packing_available() or getattr(model, "packed_head", None) is not None:
         return 0
