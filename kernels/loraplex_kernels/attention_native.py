@@ -25,7 +25,6 @@ _ARGTYPES = [
     _I64, ctypes.c_float,  # window (0 = none), scale
     _P, _I64,  # out, its row stride
 ]
-_fn = None
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -42,9 +41,6 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
     caches [num_blocks, block_size, H_kv, D] (this step's k/v already written); table [B, >= nb]
     int64 block ids; seq_lens [B] int64 context lengths including the new token.
     """
-    global _fn
-    if _fn is None:
-        _fn = native.function("loraplex_decode_attention", _ARGTYPES)
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
         raise ValueError("k and v caches must share dtype and layout")
     if table.dtype != torch.int64 or table.stride(1) != 1 or seq_lens.dtype != torch.int64:
@@ -61,7 +57,8 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
         rows = rows.to(torch.int64).contiguous()
         q_ptr, q_rows = q.data_ptr(), rows.data_ptr()
     out = torch.empty(b, h * d, dtype=q.dtype)
-    rc = _fn(b, h, h_kv, d,
+    fn = native.function("loraplex_decode_attention", _ARGTYPES)
+    rc = fn(b, h, h_kv, d,
              q_ptr, DTYPE_CODES[q.dtype], q_rows, q.stride(0), q.stride(1),
              k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype],
              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],

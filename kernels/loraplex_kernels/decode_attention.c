@@ -143,22 +143,40 @@ DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128)
                         block_table, table_stride, seq_lens, window, scale, out, out_row_stride,         \
                         s, qf, acc, row)
 
+/* One call's operands, for its shares (lp_run_shares). */
+typedef struct {
+    int64_t num_heads, num_kv_heads, head_dim;
+    const void *q;
+    int q_dtype;
+    const int64_t *q_rows;
+    int64_t q_row_stride, q_head_stride;
+    const void *k_cache, *v_cache;
+    int64_t blk_stride, pos_stride, kv_head_stride, block_size;
+    const int64_t *block_table;
+    int64_t table_stride;
+    const int64_t *seq_lens;
+    int64_t window;
+    float scale;
+    void *out;
+    int64_t out_row_stride;
+} attention_call_t;
+
 /* Rows [lo, hi) of a call, on the calling thread, with its own scratch. */
-static int attention_rows(
-    int64_t lo, int64_t hi, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    const void *q_all, int q_dtype, const int64_t *q_rows_all, int64_t q_row_stride, int64_t q_head_stride,
-    const void *k_cache, const void *v_cache,
-    int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
-    const int64_t *table_all, int64_t table_stride, const int64_t *lens_all,
-    int64_t window, float scale, void *out_all, int64_t out_row_stride)
-{
-    const int64_t rep = num_heads / num_kv_heads, D = head_dim, num_seqs = hi - lo;
-    const int64_t el = q_dtype == 0 ? 4 : 2;
+static int attention_rows(const void *call, int64_t lo, int64_t hi) {
+    const attention_call_t *c = call;
+    const int64_t num_kv_heads = c->num_kv_heads, rep = c->num_heads / num_kv_heads, D = c->head_dim;
+    const int64_t num_seqs = hi - lo, el = c->q_dtype == 0 ? 4 : 2;
+    const int64_t q_row_stride = c->q_row_stride, q_head_stride = c->q_head_stride;
+    const int64_t blk_stride = c->blk_stride, pos_stride = c->pos_stride, kv_head_stride = c->kv_head_stride;
+    const int64_t block_size = c->block_size, table_stride = c->table_stride, window = c->window;
+    const int64_t out_row_stride = c->out_row_stride;
+    const float scale = c->scale;
+    const void *k_cache = c->k_cache, *v_cache = c->v_cache;
     /* This range's rows: q through its row index (or from row lo on), table, lengths, out. */
-    const int64_t *q_rows = q_rows_all ? q_rows_all + lo : NULL;
-    const void *q = q_rows_all ? q_all : (const char *)q_all + lo * q_row_stride * el;
-    const int64_t *block_table = table_all + lo * table_stride, *seq_lens = lens_all + lo;
-    void *out = (char *)out_all + lo * out_row_stride * el;
+    const int64_t *q_rows = c->q_rows ? c->q_rows + lo : NULL;
+    const void *q = c->q_rows ? c->q : (const char *)c->q + lo * q_row_stride * el;
+    const int64_t *block_table = c->block_table + lo * table_stride, *seq_lens = c->seq_lens + lo;
+    void *out = (char *)c->out + lo * out_row_stride * el;
     int64_t max_len = 1;
     for (int64_t b = 0; b < num_seqs; b++)
         if (seq_lens[b] > max_len) max_len = seq_lens[b];
@@ -170,7 +188,7 @@ static int attention_rows(
         free(s); free(qf); free(acc); free(row);
         return -1;
     }
-    if (q_dtype == 0) {
+    if (c->q_dtype == 0) {
         if (D == 64) DISPATCH(decode_attention_f32_64);
         else if (D == 128) DISPATCH(decode_attention_f32_128);
         else DISPATCH(decode_attention_f32);
@@ -201,13 +219,13 @@ int loraplex_decode_attention(
     void *out, int64_t out_row_stride)
 {
     if (q_dtype != kv_dtype) return -2;
-#define ROWS(LO, HI) attention_rows(LO, HI, num_heads, num_kv_heads, head_dim, q, q_dtype, q_rows,         \
-                                    q_row_stride, q_head_stride, k_cache, v_cache, blk_stride, pos_stride, \
-                                    kv_head_stride, block_size, block_table, table_stride, seq_lens,       \
-                                    window, scale, out, out_row_stride)
+    const attention_call_t call = {num_heads, num_kv_heads, head_dim, q, q_dtype, q_rows, q_row_stride,
+                                   q_head_stride, k_cache, v_cache, blk_stride, pos_stride, kv_head_stride,
+                                   block_size, block_table, table_stride, seq_lens, window, scale, out,
+                                   out_row_stride};
     int nt = lp_max_threads();
     if (nt > num_seqs) nt = (int)num_seqs;
-    if (nt <= 1) return ROWS(0, num_seqs);
+    if (nt <= 1) return attention_rows(&call, 0, num_seqs);
     int64_t *cum = malloc((size_t)num_seqs * sizeof(int64_t));  /* keys attended, running total */
     if (!cum) return -1;
     int64_t total = 0;
@@ -216,23 +234,8 @@ int loraplex_decode_attention(
         total += len + 1;
         cum[b] = total;
     }
-    int rc = 0;
-    if (total < PARALLEL_MIN_KEYS) {
-        rc = ROWS(0, num_seqs);
-    } else {
-        int rcs[LP_MAX_THREADS] = {0};
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-        {
-            int t, k;
-            lp_team(&t, &k);
-            int64_t lo = lp_split(cum, num_seqs, t, k), hi = lp_split(cum, num_seqs, t + 1, k);
-            if (hi > lo) rcs[t] = ROWS(lo, hi);
-        }
-        rc = lp_result(rcs, nt);
-    }
+    int rc = total < PARALLEL_MIN_KEYS ? attention_rows(&call, 0, num_seqs)
+                                       : lp_run_shares(nt, cum, num_seqs, attention_rows, &call);
     free(cum);
     return rc;
-#undef ROWS
 }

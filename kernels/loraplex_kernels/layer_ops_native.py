@@ -20,15 +20,6 @@ from . import native
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
-_fns: dict[str, object] = {}
-
-
-def _fn(name: str, argtypes: list):
-    fn = _fns.get(name)
-    if fn is None:
-        fn = _fns[name] = native.function(name, argtypes)
-    return fn
-
 
 def supports(*tensors: torch.Tensor) -> bool:
     """bfloat16 CPU tensors with contiguous last dims, and the library built."""
@@ -43,7 +34,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if w.shape != (dim,):
         raise ValueError(f"weight {tuple(w.shape)} for rows of {dim}")
     out = torch.empty(rows, dim, dtype=x.dtype)
-    _fn("loraplex_rmsnorm_bf16", [_I64, _I64, _P, _I64, _P, ctypes.c_float, _P, _I64])(
+    native.function("loraplex_rmsnorm_bf16", [_I64, _I64, _P, _I64, _P, ctypes.c_float, _P, _I64])(
         rows, dim, x.data_ptr(), x.stride(0), w.data_ptr(), eps, out.data_ptr(), out.stride(0))
     return out
 
@@ -55,7 +46,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if dim % 2 or cos2.stride() != sin2.stride() or cos2.stride(1) != 1:
         raise ValueError("rotary needs an even head dim and cos/sin rows of one contiguous layout")
     out = torch.empty(tokens, heads, dim, dtype=x.dtype)
-    _fn("loraplex_rotary_bf16", [_I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _P])(
+    native.function("loraplex_rotary_bf16", [_I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _P])(
         tokens, heads, dim, x.data_ptr(), x.stride(0), x.stride(1), cos2.data_ptr(), sin2.data_ptr(),
         cos2.stride(0), out.data_ptr())
     return out

@@ -38,8 +38,6 @@ _ARGTYPES = [
     _I64, _I64, _I64, _I64,  # their row strides
 ]
 
-_fn = None
-
 # Past these sizes torch's grouped GEMM beats reading weights row by row (benchmarks/results/
 # kernels_cpu.md, prefill 4 x 128 rows at 4096 x 4096: 3.7 vs 4.7 ms): long segments of one
 # adapter let a real GEMM reuse each weight tile across many rows. The default model's shapes and
@@ -51,13 +49,6 @@ GEMM_MIN_DIM = 2048
 def worth_it(meta, d_in: int) -> bool:
     """Use the compiled kernel for this step's rows, or hand long wide segments to torch?"""
     return d_in < GEMM_MIN_DIM or meta.num_rows < GEMM_ROWS_PER_SLOT * meta.num_active_slots
-
-
-def _function():
-    global _fn
-    if _fn is None:
-        _fn = native.function("loraplex_lora_rows", _ARGTYPES)
-    return _fn
 
 
 class Prepared:
@@ -83,8 +74,9 @@ class Prepared:
         """ys[i] [T, out_i] += member i's delta for the rows in `order` (see lora_rows)."""
         ptrs = [y.data_ptr() for y in ys] + [None] * (MAX_MEMBERS - len(ys))
         strides = [y.stride(0) for y in ys] + [0] * (MAX_MEMBERS - len(ys))
-        rc = _function()(self.ref, order.data_ptr(), order.shape[0], idx.data_ptr(), ranks.data_ptr(),
-                 x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *ptrs, *strides)
+        fn = native.function("loraplex_lora_rows", _ARGTYPES)
+        rc = fn(self.ref, order.data_ptr(), order.shape[0], idx.data_ptr(), ranks.data_ptr(),
+                x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *ptrs, *strides)
         if rc != 0:
             raise MemoryError("lora_rows could not allocate its scratch buffers")
 

@@ -245,6 +245,38 @@ static int lora_rows_serial(
 /* Below this many rows a call runs on one thread (a parallel region costs a few microseconds). */
 #define PARALLEL_MIN_ROWS 8
 
+/* One call's operands, for its shares (lp_run_shares). */
+typedef struct {
+    const lora_weights_t *w;
+    const int64_t *order, *idx, *ranks;
+    int64_t num_rows;
+    const void *x;
+    int x_dtype;
+    int64_t x_stride;
+    void *ys[MAX_MEMBERS];
+    int64_t y_strides[MAX_MEMBERS];
+} lora_call_t;
+
+static int lora_rows_range(const lora_call_t *c, int64_t lo, int64_t hi) {
+    return lora_rows_serial(c->w, c->order + lo, hi - lo, c->idx, c->ranks, c->x, c->x_dtype, c->x_stride,
+                            c->ys[0], c->ys[1], c->ys[2], c->ys[3],
+                            c->y_strides[0], c->y_strides[1], c->y_strides[2], c->y_strides[3]);
+}
+
+/* A thread's share: its ends moved to the end of the slot run they fall in (up to BLOCK rows
+ * further), so neighbouring shares rarely both read one slot (neighbours move a shared end alike). */
+static int lora_share(const void *call, int64_t lo, int64_t hi) {
+    const lora_call_t *c = call;
+    int64_t *ends[2] = {&lo, &hi};
+    for (int e = 0; e < 2; e++) {
+        int64_t *end = ends[e];
+        for (int moved = 0; moved < BLOCK && *end > 0 && *end < c->num_rows
+                            && c->idx[c->order[*end]] == c->idx[c->order[*end - 1]]; moved++)
+            (*end)++;
+    }
+    return hi > lo ? lora_rows_range(c, lo, hi) : 0;
+}
+
 /* Returns 0, or -1 when scratch memory cannot be had (nothing written then, or, split over
  * threads, only other rows written). The rows in `order` are split over the calling thread's
  * OpenMP threads (parallel.h) into contiguous shares of equal rank work, each share ending where
@@ -257,10 +289,10 @@ int loraplex_lora_rows(
     void *y0, void *y1, void *y2, void *y3,
     int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3)
 {
-#define SERIAL(LO, HI) lora_rows_serial(w, order + (LO), (HI) - (LO), idx, ranks, x, x_dtype, x_stride, \
-                                        y0, y1, y2, y3, ys0, ys1, ys2, ys3)
+    const lora_call_t call = {w, order, idx, ranks, num_rows, x, x_dtype, x_stride,
+                              {y0, y1, y2, y3}, {ys0, ys1, ys2, ys3}};
     int nt = lp_max_threads();
-    if (nt <= 1 || num_rows < PARALLEL_MIN_ROWS) return SERIAL(0, num_rows);
+    if (nt <= 1 || num_rows < PARALLEL_MIN_ROWS) return lora_rows_range(&call, 0, num_rows);
     int64_t *cum = malloc((size_t)num_rows * sizeof(int64_t));  /* rank work, running total */
     if (!cum) return -1;
     int64_t total = 0;
@@ -269,27 +301,7 @@ int loraplex_lora_rows(
         total += s < 0 ? 0 : 1 + (ranks[s] < w->max_rank ? ranks[s] : w->max_rank);
         cum[i] = total;
     }
-    int rcs[LP_MAX_THREADS] = {0};
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-        int t, k;
-        lp_team(&t, &k);
-        int64_t lo = lp_split(cum, num_rows, t, k), hi = lp_split(cum, num_rows, t + 1, k);
-        /* Move both ends to the end of the slot run they fall in (up to BLOCK rows further), so
-         * neighbouring shares rarely both read one slot; both threads compute the same ends. */
-        for (int e = 0; e < 2; e++) {
-            int64_t *end = e ? &hi : &lo;
-            int64_t moved = 0;
-            while (*end > 0 && *end < num_rows && moved < BLOCK && idx[order[*end]] == idx[order[*end - 1]]) {
-                (*end)++;
-                moved++;
-            }
-        }
-        if (hi > lo) rcs[t] = SERIAL(lo, hi);
-    }
+    int rc = lp_run_shares(nt, cum, num_rows, lora_share, &call);
     free(cum);
-    return lp_result(rcs, nt);
-#undef SERIAL
+    return rc;
 }

@@ -147,11 +147,18 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+_functions: dict[str, Callable] = {}
+
+
 def function(name: str, argtypes: list) -> Callable:
-    """A C function of the library (restype int: 0 = done, -1 = out of scratch memory)."""
-    if not available():
-        raise RuntimeError(f"compiled CPU kernels unavailable: {_reason}")
-    fn = getattr(_lib, name)
-    fn.restype = ctypes.c_int
-    fn.argtypes = argtypes
+    """A C function of the library (restype int: 0 = done, -1 = out of scratch memory), set up
+    once per name: callers may ask for it on every call."""
+    fn = _functions.get(name)
+    if fn is None:
+        if not available():
+            raise RuntimeError(f"compiled CPU kernels unavailable: {_reason}")
+        fn = getattr(_lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
+        _functions[name] = fn
     return fn

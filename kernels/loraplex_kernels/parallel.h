@@ -36,21 +36,28 @@ static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int part
     return lo;
 }
 
-/* Inside a parallel region: this thread's index and the team's size (0 and 1 without OpenMP). */
-static inline void lp_team(int *t, int *k) {
-#ifdef _OPENMP
-    *t = omp_get_thread_num();
-    *k = omp_get_num_threads();
-#else
-    *t = 0;
-    *k = 1;
-#endif
-}
+/* One share of a call: items [lo, hi) of it, on the calling thread; returns the kernel's code. */
+typedef int (*lp_share_fn)(const void *call, int64_t lo, int64_t hi);
 
-/* The shares' return codes combined: 0 when every share returned 0, else the last failure. */
-static inline int lp_result(const int *rcs, int n) {
+/* Runs `share` over n items split into up to nt shares of equal work (cum: running total of each
+ * item's work, see lp_split) on the calling thread's OpenMP team, each share on one thread.
+ * Returns 0 when every share returned 0, else a failing share's code. */
+static inline int lp_run_shares(int nt, const int64_t *cum, int64_t n, lp_share_fn share, const void *call) {
+    int rcs[LP_MAX_THREADS] = {0};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+#ifdef _OPENMP
+        int t = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+        int t = 0, k = 1;
+#endif
+        int64_t lo = lp_split(cum, n, t, k), hi = lp_split(cum, n, t + 1, k);
+        if (hi > lo) rcs[t] = share(call, lo, hi);
+    }
     int rc = 0;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < nt; i++)
         if (rcs[i]) rc = rcs[i];
     return rc;
 }

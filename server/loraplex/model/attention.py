@@ -55,7 +55,7 @@ class PrefillSegment:
     context_len: int  # cached + new keys the chunk attends over
     blocks: torch.Tensor  # [ceil(context_len / block_size)] int64 physical block ids
     query_pos: torch.Tensor  # [query_len] int64 absolute positions of the chunk's tokens
-    seq_index: int = 0  # its sequence's row in batch.block_tables
+    seq_index: int  # its sequence's row in batch.block_tables
 
     @property
     def fresh(self) -> bool:
@@ -132,9 +132,9 @@ class AttentionPlan:
         cached = self._masks.get(("native_rows", with_prefill))
         if cached is not None:
             return cached
-        short = [j for j, seg in enumerate(self.prefills)
-                 if with_prefill and seg.end - seg.start <= NATIVE_PREFILL_MAX_QUERY]
-        long = [j for j in range(len(self.prefills)) if j not in short]
+        short, long = [], []
+        for j, seg in enumerate(self.prefills):
+            (short if with_prefill and seg.end - seg.start <= NATIVE_PREFILL_MAX_QUERY else long).append(j)
         if not short:  # decode rows only (a pure decode step): the plan's own table
             cached = (self.decode_rows, self.decode_table, self.decode_seq_lens, long)
         else:

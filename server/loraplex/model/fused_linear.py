@@ -26,14 +26,23 @@ from loraplex.model.packed_linear import PackedLinear
 class PackedGroup(nn.Module):
     """y = x @ cat(W_1..W_n).T + cat(b_1..b_n) for x [T, in] bfloat16, packed once."""
 
+    @staticmethod
+    def refusal(members: Sequence[nn.Module]) -> str | None:
+        """Why these layers cannot form a group (None: they can)."""
+        if len(members) < 2 or not all(type(m) is PackedLinear for m in members):
+            return "a PackedGroup needs >= 2 PackedLinear members"
+        if len({m.in_features for m in members}) != 1:
+            return f"a PackedGroup needs members of one input width, got {sorted({m.in_features for m in members})}"
+        if len({m.bias is None for m in members}) != 1:
+            return "a PackedGroup's members must all have a bias or none"
+        return None
+
     def __init__(self, members: Sequence[PackedLinear]) -> None:
         super().__init__()
-        ins = {m.in_features for m in members}
-        if len(members) < 2 or len(ins) != 1:
-            raise ValueError(f"a PackedGroup needs >= 2 members of one input width, got {sorted(ins)}")
-        if len({m.bias is None for m in members}) != 1:
-            raise ValueError("a PackedGroup's members must all have a bias or none")
-        self.in_features = ins.pop()
+        why = self.refusal(members)
+        if why is not None:
+            raise ValueError(why)
+        self.in_features = members[0].in_features
         self.widths = tuple(m.out_features for m in members)
         self.out_features = sum(self.widths)
         cat = nn.Linear(self.in_features, self.out_features, bias=members[0].bias is not None,
@@ -84,9 +93,7 @@ def fuse_packed(members: Sequence[nn.Module]) -> bool:
     """Replace the `.base` of these Projections (all PackedLinear, one input width) by slices of
     one PackedGroup. Returns False (and changes nothing) when they do not qualify."""
     bases = [p.base for p in members]
-    if len(bases) < 2 or not all(type(b) is PackedLinear for b in bases):
-        return False
-    if len({b.in_features for b in bases}) != 1 or len({b.bias is None for b in bases}) != 1:
+    if PackedGroup.refusal(bases) is not None:
         return False
     group = PackedGroup(bases)
     for i, p in enumerate(members):
