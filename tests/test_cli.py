@@ -138,7 +138,7 @@ def test_adapters_load_list_generate_unload(lora_server, adapter_root, capsys):
     addr = ["--server", lora_server.address]
     assert cli.main(["adapters", "load", "poet", str(adapter_root / "poet"), "--pinned", *addr]) == 0
     line = capsys.readouterr().out
-    assert line.startswith("poet\ttier=host\trank=2-6\t") and "pinned=true" in line
+    assert line.startswith("poet\ttier=device\trank=2-6\t") and "pinned=true" in line
     assert f"source={(adapter_root / 'poet').resolve()}" in line
     assert "modules=q_proj,k_proj,o_proj,down_proj" in line
     assert cli.main(["adapters", "load", "chef", str(adapter_root / "chef"), *addr]) == 0
@@ -188,7 +188,10 @@ BAD_SERVE_FLAGS = [
     (["--max-message-bytes", "0"], "max_message_bytes"),
     (["--max-loras", "0"], "max_loras"),
     (["--max-lora-rank", "0"], "max_lora_rank"),
-    (["--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+    (["--max-cpu-loras", "0"], "max_cpu_loras"),
+    (["--adapter-memory", "lots"], "adapter_memory"),
+    (["--adapter-memory", "0"], "adapter_memory"),
+    (["--adapter-starvation-steps", "0"], "adapter_starvation_steps"),
     (["--max-adapter-bytes", "0"], "max_adapter_bytes"),
     (["--adapter-root", "/no/such/folder"], "adapter_root"),
     (["--allowed-adapter-root", "/no/such/folder"], "allowed_roots"),

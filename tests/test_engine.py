@@ -343,6 +343,9 @@ class FakeLoraManager:
     def release(self, adapter_id):
         self.calls.append(("release", adapter_id))
 
+    def observe_wait(self, seconds):
+        self.calls.append(("wait", seconds))
+
     def build_lora_batch(self, token_slots, row_slots):
         self.batches.append((token_slots.tolist(), row_slots.tolist()))
         return None  # no LoRA weights installed: the model runs the base path
@@ -362,11 +365,12 @@ def test_adapter_slot_seam(loaded, make_engine):
     n = len(ids)
     assert mgr.batches[0] == ([0] * n + [-1] * n + [1] * n, [0, -1, 1])
     assert mgr.batches[1] == ([0, -1, 1], [0, -1, 1])
-    assert sorted(mgr.calls) == sorted([("reserve", "ad-a"), ("reserve", "ad-b"),
+    assert sorted(c for c in mgr.calls if c[0] != "wait") == sorted([("reserve", "ad-a"), ("reserve", "ad-b"),
                                         ("acquire", "ad-a"), ("acquire", "ad-b"),
                                         ("release", "ad-a"), ("release", "ad-b"),
                                         ("finish", "ad-a"), ("finish", "ad-b")])
     assert col.tokens("a") == col.tokens("base") == col.tokens("b")  # no weights: same as base
+    assert [c for c in mgr.calls if c[0] == "wait"] == [("wait", 0.0)] * 2  # both admitted at once
 
 
 def test_idle_engine_does_not_spin(loaded, make_engine):

@@ -20,7 +20,7 @@ Breach -> status, as tested:
   generation RPCs in progress                  RESOURCE_EXHAUSTED (max_concurrent_requests)
   waiting queue                                RESOURCE_EXHAUSTED (max_waiting)
   pinned adapters (device tier)                RESOURCE_EXHAUSTED (pinned)
-  host-tier adapters all pinned or in use      RESOURCE_EXHAUSTED (max_cpu_loras)
+  pinned load, pool full of adapters in use    RESOURCE_EXHAUSTED (adapter_memory)
   adapter file size                            INVALID_ARGUMENT  path (max_bytes)
   streams per connection                       no error: further calls wait on the client
 """
@@ -220,20 +220,31 @@ def test_pinned_adapters_beyond_the_device_tier(s, lib):
         s.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="pin1"))
 
 
-def test_host_tier_full_of_adapters_in_use(s, lib, monkeypatch):
-    for name in ("h1", "h2"):  # max_cpu_loras = 2
-        s.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id=name, path=str(lib / "small"), pinned=name == "h1"))
+def test_load_while_the_pool_is_full_of_adapters_in_use(s, lib, monkeypatch):
+    for name in ("h1", "h2"):  # max_loras = 2: two adapters resident at most
+        s.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id=name, path=str(lib / "small")))
     slow_steps(monkeypatch, s.runtime.engine)
-    stream = s.gen.GenerateStream(greedy(16, adapter_id="h2"))
-    next(stream)  # h2 in use, h1 pinned: nothing on the host tier can make room
+    streams = [s.gen.GenerateStream(greedy(16, adapter_id=name)) for name in ("h1", "h2")]
+    for stream in streams:
+        next(stream)  # h1 and h2 in use: nothing in the pool can make room
     try:
-        code, details = status(s.adapters.LoadAdapter, apb.LoadAdapterRequest(adapter_id="h3", path=str(lib / "small")))
-        assert code == EXHAUSTED and "max_cpu_loras" in details
+        # A pinned load must fit now: refused, naming the flag to raise; nothing changes.
+        code, details = status(s.adapters.LoadAdapter, apb.LoadAdapterRequest(
+            adapter_id="h3", path=str(lib / "small"), pinned=True))
+        assert code == EXHAUSTED and "adapter-memory" in details, details
+        assert "h3" not in [a.adapter_id for a in s.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters]
+        # An unpinned one is registered and waits in host memory for room.
+        info = s.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id="h3", path=str(lib / "small"))).adapter
+        assert info.tier == apb.ADAPTER_TIER_HOST
     finally:
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
     wait_for(lambda: s.srv.server.active_generation_requests == 0)
     monkeypatch.undo()
-    for name in ("h1", "h2"):
+    assert s.gen.Generate(greedy(4, adapter_id="h3")).finish_reason  # idle now: h3 moves in
+    tiers = {a.adapter_id: a.tier for a in s.adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
+    assert tiers["h3"] == apb.ADAPTER_TIER_DEVICE and sorted(tiers.values()).count(apb.ADAPTER_TIER_DISK) == 1
+    for name in ("h1", "h2", "h3"):
         s.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=name))
     still_serves(s)
 

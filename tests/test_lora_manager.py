@@ -1,13 +1,13 @@
-"""LoraManager bookkeeping on the tiny Llama model: device slots, host tier, loads and unloads.
+"""LoraManager on the tiny Llama model: the adapter memory pool, eviction, prefetch, unloads.
 
-Each test builds its own model + manager (the manager installs LoraWeights into the model's
-projections) over a shared folder of PEFT adapters with random weights. The engine's calls are
-simulated directly: reserve (submit) -> acquire (admission) -> release (leaves the batch) ->
-finish (request done).
+Each test builds its own model + manager over a shared folder of PEFT adapters with random
+weights. The engine's calls are simulated directly: reserve (submit) -> acquire (admission) ->
+release (leaves the batch) -> finish (request done). The pool is sized in bytes to hold a given
+number of the rank-4 q/v adapters, so evictions happen where the tests want them.
 
-The slot-reuse test runs the model: an adapter that targets fewer modules (or smaller ranks) than
-the slot's previous all-linear owner must give PEFT's logits, which fails if any stale weight of
-the previous owner survives in the slot.
+The pool-reuse tests run the model: after the pool was filled with garbage and an all-linear
+adapter's extent was reused, an adapter must give PEFT's logits, which fails if the kernels read
+a byte outside its own blocks.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import pytest
 import torch
 
 from loraplex.config import LoraConfig
-from loraplex.engine.errors import AdapterNotFoundError
 from loraplex.lora import manager as manager_module
-from loraplex.lora.errors import AdapterCapacityError, AdapterExistsError
+from loraplex.lora.errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
 from loraplex.lora.manager import LoraManager, Tier
 from loraplex.lora.peft_format import AdapterFormatError, read_adapter
 from loraplex.model.kv_cache import KVCache
@@ -50,17 +49,31 @@ def adapter_root(tiny_model_dir, tmp_path_factory):
     return root
 
 
-def make_manager(model_dir, root, max_loras=2, max_cpu_loras=8, on_demand=False, extra_roots=()):
+def qv4_bytes(model_dir) -> int:
+    """Pool bytes of one rank-4 q/v adapter of the tiny model (float32 pool)."""
     loaded = load_model(model_dir, torch.float32, "cpu")
-    config = LoraConfig(max_loras=max_loras, max_lora_rank=16, max_cpu_loras=max_cpu_loras,
-                        adapter_root=str(root) if on_demand else None,
+    mgr = LoraManager(LoraConfig(adapter_memory="1MiB"), loaded.model, torch.float32, "cpu")
+    try:
+        return mgr.pool.adapter_bytes(("q_proj", "v_proj"), 4)
+    finally:
+        mgr.close()
+
+
+def make_manager(model_dir, root, fit=2, max_cpu_loras=8, on_demand=False, extra_roots=(),
+                 max_loras=None, memory=None):
+    """A manager whose pool holds exactly `fit` rank-4 q/v adapters (or `memory` bytes)."""
+    loaded = load_model(model_dir, torch.float32, "cpu")
+    memory = memory if memory is not None else fit * qv4_bytes(model_dir)
+    config = LoraConfig(adapter_memory=str(memory), max_loras=max_loras, max_lora_rank=16,
+                        max_cpu_loras=max_cpu_loras, adapter_root=str(root) if on_demand else None,
                         allowed_roots=(() if on_demand else (str(root),)) + tuple(map(str, extra_roots)))
     return LoraManager(config, loaded.model, torch.float32, "cpu"), loaded
 
 
 def run_request(mgr, adapter_id) -> int:
-    """A request that gets admitted, runs and finishes: reserve, acquire, release, finish."""
+    """A request that gets admitted, runs and finishes: reserve, (prefetch,) acquire, release, finish."""
     mgr.reserve(adapter_id)
+    assert mgr.prefetcher.drain()
     slot = mgr.acquire(adapter_id)
     assert slot is not None, f"no slot for {adapter_id}"
     mgr.release(adapter_id)
@@ -72,85 +85,123 @@ def tiers(mgr) -> dict[str, Tier]:
     return {info.adapter_id: info.tier for info in mgr.list()}
 
 
-def slot_owners(mgr) -> list[str | None]:
-    return list(mgr._slot_owner)
-
-
 def load_all(mgr, root, names, pinned=()):
     for name in names:
         mgr.load(name, root / name, pinned=name in pinned)
 
 
+def pool_blocks(mgr, adapter_id):
+    """(layer, name) -> (A [r, in], B [out, r], scale) as the kernels would read them."""
+    entry = mgr._entries[adapter_id]
+    out = {}
+    for key, b in entry.layout.blocks.items():
+        table = mgr.pool.groups[b.group].table
+        s = entry.slot
+        r = int(table.ranks[b.member, s])
+        a0, bt0 = int(table.a_offs[b.member, s]), int(table.bt_offs[b.member, s])
+        d_in, d_out = table.d_in, table.d_outs[b.member]
+        A = mgr.pool.tensor[a0:a0 + r * d_in].view(r, d_in)
+        Bt = mgr.pool.tensor[bt0:bt0 + r * d_out].view(r, d_out)
+        out[key] = (A, Bt.T, float(table.scales[b.member, s]))
+    return out
+
+
+def assert_pool_holds(mgr, root, adapter_id, folder=None):
+    want = read_adapter(root / (folder or adapter_id), mgr.base_shapes, 16)
+    got = pool_blocks(mgr, adapter_id)
+    assert set(got) == set(want.modules)
+    for key, module in want.modules.items():
+        A, B, scale = got[key]
+        assert torch.equal(A, module.A) and torch.equal(B, module.B), key
+        assert scale == pytest.approx(module.scale)
+
+
 # ------------------------------------------------------------------------------------------------
-# Device slots
+# The pool: memory by real size, no copy on CPU, eviction
 # ------------------------------------------------------------------------------------------------
 
-def test_device_eviction_takes_the_least_recently_used_slot(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=3)
-    load_all(mgr, adapter_root, "abcd")
-    slots = {name: run_request(mgr, name) for name in "abc"}
-    assert sorted(slots.values()) == [0, 1, 2] and mgr.stats.device_evictions == 0
-    assert run_request(mgr, "a") == slots["a"]  # a hit; a becomes the most recent
-    assert mgr.stats.hits == 1
-    # Use order now b, c, a: d takes b's slot.
-    assert run_request(mgr, "d") == slots["b"]
-    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.HOST, "c": Tier.DEVICE, "d": Tier.DEVICE}
-    # Then c is the oldest: b comes back into c's slot.
-    assert run_request(mgr, "b") == slots["c"]
+def test_load_goes_straight_into_the_pool_at_its_real_size(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=3)
+    load_all(mgr, adapter_root, "ab")
+    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.DEVICE}
+    # CPU: the pool is the only copy (no host tier copy kept).
+    assert all(mgr._entries[n].host is None for n in "ab")
+    assert_pool_holds(mgr, adapter_root, "a")
+    assert_pool_holds(mgr, adapter_root, "b")
+    info = {i.adapter_id: i for i in mgr.list()}
+    assert info["a"].nbytes == qv4_bytes(tiny_model_dir) and mgr.pool_used_bytes == 2 * info["a"].nbytes
+    # Its size is its real one: rank x (in + out) per targeted module and layer, 4-byte floats
+    # here, each block rounded up to the 64-byte alignment at most.
+    shapes = mgr.base_shapes
+    exact = sum(4 * sum(shapes.features[n]) * 4 * shapes.num_layers for n in ("q_proj", "v_proj"))
+    assert exact <= info["a"].nbytes <= exact + 64 * 4 * shapes.num_layers * 2
+    assert mgr.stats.misses == 0 and run_request(mgr, "a") is not None and mgr.stats.hits == 1
+
+
+def test_eviction_takes_the_least_recently_used_idle_adapter(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=3)
+    load_all(mgr, adapter_root, "abc")
+    for name in "bca":
+        run_request(mgr, name)  # use order b, c, a: b is the least recently used
+    mgr.load("d", adapter_root / "d")
+    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.DISK, "c": Tier.DEVICE, "d": Tier.DEVICE}
+    assert mgr.stats.device_evictions == 1
+    # b comes back through the prefetcher (its folder read again), evicting c now.
+    assert mgr.reserve("b") is False and mgr.stats.misses == 1
+    assert mgr.prefetcher.drain()
+    assert mgr.acquire("b") is not None and mgr.stats.prefetch_hits == 1
+    assert tiers(mgr)["c"] == Tier.DISK and mgr.stats.loads["disk_reload"] == 1
+    assert_pool_holds(mgr, adapter_root, "b")
+    mgr.release("b")
+    mgr.finish("b")
+
+
+def test_adapters_in_use_or_pinned_are_never_evicted(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=3)
+    load_all(mgr, adapter_root, "pab", pinned="p")
+    mgr.reserve("a")
+    assert mgr.acquire("a") is not None  # a runs
+    mgr.reserve("b")
+    assert mgr.acquire("b") is not None  # b runs
+    before = mgr.pool_used_bytes
+    mgr.load("c", adapter_root / "c")  # no room: registered, kept in host memory until there is
     assert tiers(mgr)["c"] == Tier.HOST
-    assert mgr.stats.device_evictions == 2
-    assert int(mgr.slot_ranks[slots["c"]]) == 4  # b's rank, written with its weights
+    assert mgr.reserve("c") is False  # nothing may go: c waits, nothing changes
+    assert mgr.prefetcher.drain()
+    assert mgr.acquire("c") is None and mgr.pool_used_bytes == before
+    assert tiers(mgr) == {"p": Tier.DEVICE, "a": Tier.DEVICE, "b": Tier.DEVICE, "c": Tier.HOST}
+    mgr.release("a")  # a goes idle but a request still holds it: it is evicted anyway (last)
+    mgr.finish("a")
+    deadline = time.monotonic() + 10
+    while mgr.acquire("c") is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tiers(mgr)["c"] == Tier.DEVICE and tiers(mgr)["a"] == Tier.DISK and tiers(mgr)["p"] == Tier.DEVICE
+    assert_pool_holds(mgr, adapter_root, "c")
+    assert_pool_holds(mgr, adapter_root, "b")  # the running adapter's weights are untouched
 
 
-def test_pinned_adapter_is_never_evicted(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
-    load_all(mgr, adapter_root, "pabc", pinned="p")
-    p_slot = run_request(mgr, "p")  # p is now the least recently used, but pinned
-    run_request(mgr, "a")
-    run_request(mgr, "b")  # evicts a, not p
-    assert tiers(mgr)["a"] == Tier.HOST
-    run_request(mgr, "c")  # evicts b, not p
-    assert tiers(mgr) == {"p": Tier.DEVICE, "a": Tier.HOST, "b": Tier.HOST, "c": Tier.DEVICE}
-    assert slot_owners(mgr)[p_slot] == "p"
-    # Pinning a too would leave no slot for unpinned adapters (c could never run again): refused,
-    # and nothing changes.
+def test_pinned_adapters_leave_room_for_the_others(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=4)
+    load_all(mgr, adapter_root, "abc", pinned="abc")  # 3 of 4: the 75% the pins may take
     before = mgr.list()
     with pytest.raises(AdapterCapacityError, match="pinned"):
-        mgr.load("a", adapter_root / "a", pinned=True)
-    assert mgr.list() == before and not dict((i.adapter_id, i.pinned) for i in before)["a"]
+        mgr.load("d", adapter_root / "d", pinned=True)
+    assert mgr.list() == before and not mgr.exists("d")
 
 
-def test_slot_in_use_is_never_evicted(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
+def test_adapter_larger_than_the_pool_is_refused_naming_the_flag(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
+    before = mgr.list()
+    with pytest.raises(AdapterCapacityError, match="adapter-memory") as err:
+        mgr.load("all", adapter_root / "all_r8_rslora")
+    assert err.value.field == "adapter_memory"
+    assert mgr.list() == before and mgr.pool_used_bytes == 0
+
+
+def test_max_loras_caps_resident_adapters(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=5, max_loras=2)
     load_all(mgr, adapter_root, "abc")
-    mgr.reserve("a")
-    a_slot = mgr.acquire("a")  # a keeps running: the least recently used, but busy
-    b_slot = run_request(mgr, "b")
-    assert run_request(mgr, "c") == b_slot
-    assert slot_owners(mgr)[a_slot] == "a" and tiers(mgr)["b"] == Tier.HOST
-    mgr.release("a")
-    mgr.finish("a")
-
-
-def test_acquire_returns_none_when_every_slot_is_busy(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
-    load_all(mgr, adapter_root, "abc")
-    for name in ("a", "a", "b"):  # two sequences run on a, one on b
-        mgr.reserve(name)
-    a_slot = mgr.acquire("a")
-    assert mgr.acquire("a") == a_slot  # second sequence of a: same slot, a hit
-    b_slot = mgr.acquire("b")
-    ranks_before = mgr.slot_ranks.clone()
-    mgr.reserve("c")
-    assert mgr.acquire("c") is None  # "not now": nothing changed
-    assert slot_owners(mgr)[a_slot] == "a" and slot_owners(mgr)[b_slot] == "b"
-    assert torch.equal(mgr.slot_ranks, ranks_before)
-    assert tiers(mgr)["c"] == Tier.HOST and mgr.stats.device_evictions == 0
-    mgr.release("a")  # one sequence of a left; a is still busy
-    assert mgr.acquire("c") is None
-    mgr.release("a")
-    assert mgr.acquire("c") == a_slot  # a is idle now and the only candidate
-    assert tiers(mgr)["a"] == Tier.HOST and mgr.stats.device_evictions == 1
+    assert sorted(tiers(mgr).values(), key=str) == sorted([Tier.DEVICE, Tier.DEVICE, Tier.DISK], key=str)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,14 +209,11 @@ def test_acquire_returns_none_when_every_slot_is_busy(tiny_model_dir, adapter_ro
 # ------------------------------------------------------------------------------------------------
 
 def test_unload_while_reserved_defers_the_free_until_finish(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
-    load_all(mgr, adapter_root, "abcd")
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
+    load_all(mgr, adapter_root, "ab")
     mgr.reserve("a")
     slot = mgr.acquire("a")
-    q = mgr._modules[(0, "q_proj")]
-    a_weights = q.A[slot].clone()
-    assert a_weights.abs().sum() > 0
-
+    a_weights = {k: v[0].clone() for k, v in pool_blocks(mgr, "a").items()}
     mgr.unload("a")
     # Gone for new requests at once...
     assert not mgr.exists("a") and "a" not in tiers(mgr)
@@ -174,149 +222,105 @@ def test_unload_while_reserved_defers_the_free_until_finish(tiny_model_dir, adap
     with pytest.raises(AdapterNotFoundError):
         mgr.ensure_available("a")
     with pytest.raises(AdapterNotFoundError):
-        mgr.unload("a")  # a second unload of the same id
-    # ... but the running request keeps its slot and weights.
+        mgr.unload("a")
+    # ... but the running request keeps its weights, even when room is needed.
+    mgr.load("c", adapter_root / "c")  # evicts b, never the unloading a
+    assert tiers(mgr) == {"b": Tier.DISK, "c": Tier.DEVICE}
+    assert all(torch.equal(v[0], a_weights[k]) for k, v in pool_blocks(mgr, "a").items())
     assert mgr.stats.unloads == 0
-    assert slot_owners(mgr)[slot] == "a" and int(mgr.slot_ranks[slot]) == 4
-    assert torch.equal(q.A[slot], a_weights)
-    other = run_request(mgr, "b")  # takes the other slot
-    assert run_request(mgr, "c") == other  # evicts b: a's slot is still in use
     mgr.release("a")
-    assert mgr.stats.unloads == 0  # released the slot but the request has not finished
     mgr.finish("a")
-    assert mgr.stats.unloads == 1
-    assert slot_owners(mgr)[slot] is None and int(mgr.slot_ranks[slot]) == 0
-    assert run_request(mgr, "d") == slot  # a free slot now: no eviction needed
-    assert mgr.stats.device_evictions == 1
-    # The id can be registered again once it is gone.
-    assert mgr.load("a", adapter_root / "a").tier == Tier.HOST
+    assert mgr.stats.unloads == 1 and int(mgr.pool.slot_ranks[slot]) == 0
+    assert mgr.pool_used_bytes == qv4_bytes(tiny_model_dir)  # only c left
+    assert mgr.load("a", adapter_root / "a").tier == Tier.DEVICE
 
 
-def test_unload_of_an_idle_adapter_frees_at_once(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
-    load_all(mgr, adapter_root, "ab")
-    slot = run_request(mgr, "a")
-    mgr.unload("a")
-    assert tiers(mgr) == {"b": Tier.HOST} and mgr.stats.unloads == 1
-    assert slot_owners(mgr)[slot] is None and int(mgr.slot_ranks[slot]) == 0
-    with pytest.raises(AdapterNotFoundError):
-        mgr.unload("never-loaded")
-
-
-def test_loading_an_id_again_while_its_unload_is_pending_keeps_the_running_slot(tiny_model_dir, adapter_root):
-    # The old request still runs on the slot; a new entry under the same id would share the id's
-    # release/finish calls with it, and freeing the old slot would hand a running sequence's slot
-    # to another adapter. The load is refused until the old requests are done.
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
+def test_loading_an_id_again_while_its_unload_is_pending_is_refused(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
     load_all(mgr, adapter_root, "ab")
     mgr.reserve("a")
-    slot = mgr.acquire("a")
+    mgr.acquire("a")
     mgr.unload("a")
     for folder in ("a", "b"):
         with pytest.raises(AdapterExistsError):
             mgr.load("a", adapter_root / folder)
-    assert slot_owners(mgr)[slot] == "a" and int(mgr.slot_ranks[slot]) == 4
-    assert not mgr.exists("a")
     mgr.release("a")
     mgr.finish("a")
     assert mgr.load("a", adapter_root / "b").source == str((adapter_root / "b").resolve())
-    mgr.reserve("a")
-    assert mgr.acquire("a") is not None
-    assert {i.adapter_id: i.requests_in_flight for i in mgr.list()} == {"a": 1, "b": 0}
+    assert_pool_holds(mgr, adapter_root, "a", folder="b")
+
+
+def test_unload_while_the_prefetcher_writes_the_adapter(tiny_model_dir, adapter_root, monkeypatch):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
+    load_all(mgr, adapter_root, "abc")  # a evicted to disk by c
+    assert tiers(mgr)["a"] == Tier.DISK
+    writing, release = threading.Event(), threading.Event()
+    real_write = mgr.pool.write
+
+    def slow_write(*args):
+        writing.set()
+        assert release.wait(10)
+        real_write(*args)
+
+    monkeypatch.setattr(mgr.pool, "write", slow_write)
+    assert mgr.reserve("a") is False  # the prefetcher starts bringing a in
+    assert writing.wait(10)
+    mgr.finish("a")  # the request is cancelled ...
+    mgr.unload("a")  # ... and the adapter unloaded while its extent is being written
+    release.set()
+    assert mgr.prefetcher.drain()
+    assert "a" not in mgr._entries and mgr.stats.unloads == 1
+    used = {o for _, _, o in mgr.pool.allocator.extents()}
+    assert used == {n for n, t in tiers(mgr).items() if t == Tier.DEVICE}
+    assert all(o is None or o != "a" for o in mgr._slot_owner)
 
 
 # ------------------------------------------------------------------------------------------------
-# Host tier
-# ------------------------------------------------------------------------------------------------
-
-def test_host_tier_limit_drops_the_lru_idle_adapter_and_reloads_it(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
-    load_all(mgr, adapter_root, "ab")
-    mgr.load("c", adapter_root / "c")  # host tier full: a, the least recently used, goes to disk
-    assert tiers(mgr) == {"a": Tier.DISK, "b": Tier.HOST, "c": Tier.HOST}
-    assert mgr.stats.host_evictions == 1
-    assert mgr.exists("a")  # still registered...
-    with pytest.raises(AdapterNotFoundError):
-        mgr.reserve("a")  # ...but not servable until brought back
-
-    mgr.ensure_available("a")  # reads a's folder again; b is now the LRU idle one
-    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DISK, "c": Tier.HOST}
-    assert mgr.stats.loads == {"api": 3, "disk_reload": 1} and mgr.stats.host_evictions == 2
-    slot = run_request(mgr, "a")
-    # The reloaded weights are a's, not whatever the slot or the host tier held before.
-    want = read_adapter(adapter_root / "a", mgr.base_shapes, 16)
-    for (layer, name), module in want.modules.items():
-        w = mgr._modules[(layer, name)]
-        assert torch.equal(w.A[slot, :module.rank], module.A)
-        assert torch.equal(w.B[slot, :, :module.rank], module.B)
-        assert float(w.scales[slot]) == pytest.approx(module.scale)
-
-
-def test_an_adapter_brought_back_from_disk_is_not_the_next_host_victim(tiny_model_dir, adapter_root):
-    # ensure_available runs just before the request reserves the adapter; if the reload kept its
-    # old timestamp, any other load in between would drop it straight back to disk.
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
-    load_all(mgr, adapter_root, "abc")  # a -> disk
-    mgr.ensure_available("a")  # b -> disk; c is now the least recently loaded or used
-    mgr.load("d", adapter_root / "d")
-    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DISK, "c": Tier.DISK, "d": Tier.HOST}
-
-
-def test_host_tier_never_drops_pinned_or_in_flight_adapters(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2, max_cpu_loras=2)
-    load_all(mgr, adapter_root, "ab", pinned="a")
-    mgr.reserve("b")  # waiting request: b must stay on the host tier
-    before = mgr.list()
-    with pytest.raises(AdapterCapacityError):
-        mgr.load("c", adapter_root / "c")
-    assert mgr.list() == before and not mgr.exists("c")
-    mgr.finish("b")
-    mgr.load("c", adapter_root / "c")  # now b is idle and goes to disk, never the pinned a
-    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DISK, "c": Tier.HOST}
-
-
-# ------------------------------------------------------------------------------------------------
-# Loads
+# Loads and load failures
 # ------------------------------------------------------------------------------------------------
 
 def test_failed_load_changes_nothing(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
-    load_all(mgr, adapter_root, "ab")  # host tier full: a successful load would drop a
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
+    load_all(mgr, adapter_root, "ab")  # pool full: a successful load would evict one
     run_request(mgr, "b")
     before = mgr.list()
     with pytest.raises(AdapterFormatError, match="safetensors"):
         mgr.load("x", adapter_root / "corrupt")
-    assert mgr.list() == before
-    assert not mgr.exists("x") and mgr.stats.host_evictions == 0
+    assert mgr.list() == before and not mgr.exists("x") and mgr.stats.device_evictions == 0
     assert mgr.stats.load_failures == 1 and mgr.stats.loads == {"api": 2}
-    # Under a taken id the load is refused before anything is read.
     with pytest.raises(AdapterExistsError):
         mgr.load("a", adapter_root / "corrupt")
     assert mgr.list() == before and mgr.stats.load_failures == 1
 
 
-def test_failed_reload_from_disk_leaves_the_adapter_on_disk(tiny_model_dir, adapter_root, tmp_path):
+@pytest.mark.parametrize("damage", ["corrupt", "gone"])
+def test_background_reload_failure_fails_its_requests_only(tiny_model_dir, adapter_root, tmp_path, damage):
     shutil.copytree(adapter_root / "a", tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     good = weights.read_bytes()
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2,
-                          extra_roots=(tmp_path,))
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, extra_roots=(tmp_path,))
     mgr.load("a", tmp_path / "a")
     load_all(mgr, adapter_root, "bc")  # a goes to disk
-    weights.write_bytes(good[: len(good) // 3])  # the folder breaks while a is on disk
-    before = mgr.list()
-    assert {i.adapter_id: i.tier for i in before}["a"] == Tier.DISK
-    with pytest.raises(AdapterFormatError):
-        mgr.ensure_available("a")
-    assert mgr.list() == before and mgr.stats.load_failures == 1
-    assert mgr.stats.host_evictions == 1  # the failed read dropped nothing else to make room
-    weights.write_bytes(good)
-    mgr.ensure_available("a")
-    assert tiers(mgr)["a"] == Tier.HOST
+    assert tiers(mgr)["a"] == Tier.DISK
+    if damage == "corrupt":
+        weights.write_bytes(good[: len(good) // 3])
+    else:
+        shutil.rmtree(tmp_path / "a")
+    mgr.reserve("a")
+    assert mgr.prefetcher.drain()
+    with pytest.raises(AdapterFormatError if damage == "corrupt" else AdapterNotFoundError):
+        mgr.acquire("a")
+    mgr.finish("a")
+    assert run_request(mgr, "b") is not None  # every other adapter goes on
+    if damage == "gone":
+        return
+    weights.write_bytes(good)  # repaired: the next request reads it again
+    assert run_request(mgr, "a") is not None
+    assert_pool_holds(mgr, tmp_path, "a")
 
 
 def test_loading_the_same_folder_again_is_idempotent(tiny_model_dir, adapter_root, tmp_path):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
+    mgr, _ = make_manager(tiny_model_dir, adapter_root)
     first = mgr.load("a", adapter_root / "a")
     assert mgr.load("a", adapter_root / "a") == first
     # Another spelling of the same folder (and a symlink to it) is the same folder.
@@ -328,7 +332,7 @@ def test_loading_the_same_folder_again_is_idempotent(tiny_model_dir, adapter_roo
 
 
 def test_loading_another_folder_under_a_taken_id_is_already_exists(tiny_model_dir, adapter_root):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
+    mgr, _ = make_manager(tiny_model_dir, adapter_root)
     mgr.load("a", adapter_root / "a")
     before = mgr.list()
     with pytest.raises(AdapterExistsError) as err:
@@ -347,7 +351,7 @@ def test_concurrent_loads_of_one_id_read_it_once(tiny_model_dir, adapter_root, m
         return real_read(*args, **kwargs)
 
     monkeypatch.setattr(manager_module, "read_adapter", slow_read)
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2)
+    mgr, _ = make_manager(tiny_model_dir, adapter_root)
     n = 6
     barrier = threading.Barrier(n)
     results, errors = [], []
@@ -366,7 +370,7 @@ def test_concurrent_loads_of_one_id_read_it_once(tiny_model_dir, adapter_root, m
         t.join(timeout=30)
     assert errors == []
     assert len(reads) == 1 and mgr.stats.loads == {"api": 1}
-    assert len(results) == n and all(r.adapter_id == "a" and r.tier == Tier.HOST for r in results)
+    assert len(results) == n and all(r.adapter_id == "a" and r.tier == Tier.DEVICE for r in results)
     assert len(mgr.list()) == 1
 
 
@@ -380,7 +384,7 @@ def test_concurrent_on_demand_loads_read_once(tiny_model_dir, adapter_root, monk
         return real_read(*args, **kwargs)
 
     monkeypatch.setattr(manager_module, "read_adapter", slow_read)
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, max_loras=2, on_demand=True)
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, on_demand=True)
     with pytest.raises(AdapterNotFoundError):
         mgr.ensure_available("no-such-adapter")
     with pytest.raises(AdapterNotFoundError):
@@ -401,7 +405,19 @@ def test_concurrent_on_demand_loads_read_once(tiny_model_dir, adapter_root, monk
     for t in threads:
         t.join(timeout=30)
     assert errors == [] and len(reads) == 1
-    assert mgr.stats.loads == {"on_demand": 1} and tiers(mgr) == {"b": Tier.HOST}
+    assert mgr.stats.loads == {"on_demand": 1} and tiers(mgr) == {"b": Tier.DEVICE}
+
+
+def test_on_demand_load_registers_and_places(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, on_demand=True)
+    with pytest.raises(AdapterNotFoundError):
+        mgr.ensure_available("no-such-adapter")
+    with pytest.raises(AdapterNotFoundError):
+        mgr.ensure_available("../a")
+    mgr.ensure_available("b")
+    assert tiers(mgr) == {"b": Tier.DEVICE} and mgr.stats.loads == {"on_demand": 1}
+    mgr.ensure_available("b")  # known: returns at once, reads nothing
+    assert mgr.stats.load_count == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,15 +447,23 @@ def reuse_reference(tiny_model_dir, adapter_root):
 
 
 @pytest.mark.parametrize("kind", REUSE_KINDS)
-def test_reused_slot_holds_no_stale_weights(tiny_model_dir, adapter_root, reuse_reference, kind):
+def test_reused_pool_memory_holds_no_stale_weights(tiny_model_dir, adapter_root, reuse_reference, kind):
     tokens, want = reuse_reference
-    mgr, loaded = make_manager(tiny_model_dir, adapter_root, max_loras=1, max_cpu_loras=2)
-    mgr.load("all", adapter_root / "all_r8_rslora")  # rank 8 on every projection of every layer
-    mgr.load(kind, adapter_root / kind)
-    assert run_request(mgr, "all") == 0
+    loaded = load_model(tiny_model_dir, torch.float32, "cpu")
+    probe = LoraManager(LoraConfig(adapter_memory="16MiB", allowed_roots=(str(adapter_root),)),
+                        loaded.model, torch.float32, "cpu")
+    all_bytes = probe.load("all", adapter_root / "all_r8_rslora").nbytes  # rank 8, every projection
+    probe.close()
+    # A pool that holds exactly that one adapter, filled with garbage first: the kernels must
+    # read nothing outside each adapter's own blocks.
+    mgr, loaded = make_manager(tiny_model_dir, adapter_root, memory=all_bytes)
+    mgr.pool.tensor.normal_(0, 3.0)
+    mgr.load("all", adapter_root / "all_r8_rslora")
+    run_request(mgr, "all")
+    mgr.load(kind, adapter_root / kind)  # evicts "all" and takes (part of) its memory
+    assert mgr.stats.device_evictions == 1 and tiers(mgr) == {"all": Tier.DISK, kind: Tier.DEVICE}
     mgr.reserve(kind)
-    assert mgr.acquire(kind) == 0  # the same slot, evicted from "all"
-    assert mgr.stats.device_evictions == 1
+    slot = mgr.acquire(kind)
 
     # One batch: the adapter's row and a base row with the same prompt.
     arch = loaded.arch
@@ -447,31 +471,10 @@ def test_reused_slot_holds_no_stale_weights(tiny_model_dir, adapter_root, reuse_
                           torch.float32, "cpu")
     seqs = [PagedSeq(list(tokens)), PagedSeq(list(tokens))]
     batch, rows = make_step(BlockPool(16, BLOCK_SIZE, seed=1), [(s, len(tokens)) for s in seqs])
-    token_slots = torch.tensor([0] * len(tokens) + [-1] * len(tokens), dtype=torch.int64)  # [T]
-    batch.lora = mgr.build_lora_batch(token_slots, torch.tensor([0, -1]))
+    token_slots = torch.tensor([slot] * len(tokens) + [-1] * len(tokens), dtype=torch.int64)  # [T]
+    batch.lora = mgr.build_lora_batch(token_slots, torch.tensor([slot, -1]))
     ours = loaded.model(batch, kv)  # [2L, vocab]
     n = len(tokens)
     torch.testing.assert_close(ours[:n], want[kind], atol=5e-4, rtol=0)
     torch.testing.assert_close(ours[n:], want[None], atol=5e-4, rtol=0)
     assert (want[kind] - want[None]).abs().max() > 1.0  # the adapter does change the logits
-
-
-def test_slot_writes_leave_no_rows_of_the_previous_adapter():
-    """LoraWeights zeroes only the rows a previous adapter left beyond the new rank; whatever the
-    sequence of writes, a slot holds exactly the last adapter (zeros beyond its rank)."""
-    from loraplex.lora.layers import LoraWeights
-
-    g = torch.Generator().manual_seed(0)
-    w = LoraWeights(3, 16, 24, 40, torch.float32, "cpu")
-    for r in (16, 4, 0, 8, 12, 2, 0, 0, 16):
-        if r:
-            A, B = torch.randn(r, 24, generator=g), torch.randn(40, r, generator=g)
-            w.set_slot(1, A, B, 0.5)
-            want_a = torch.cat([A, torch.zeros(16 - r, 24)])
-            want_b = torch.cat([B, torch.zeros(40, 16 - r)], dim=1)
-        else:
-            w.clear_slot(1)
-            want_a, want_b = torch.zeros(16, 24), torch.zeros(40, 16)
-        assert torch.equal(w.A[1], want_a) and torch.equal(w.B[1], want_b), r
-        assert float(w.scales[1]) == (0.5 if r else 0.0)
-        assert torch.count_nonzero(w.A[0]) == torch.count_nonzero(w.A[2]) == 0  # neighbours untouched

@@ -89,8 +89,9 @@ def sampling() -> SamplingParams:
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, adapter_root):
     """One workload on a real engine + manager, observed by metrics and the request logger:
-    phase 1: 2 base requests and one per adapter ad1..ad4, concurrently (ad0 was dropped to disk
-    when the 5th adapter was loaded: 4 host places); phase 2: ad0 alone, reloaded from disk."""
+    phase 1: 2 base requests and one per adapter ad1..ad4, concurrently (at most 2 adapters are
+    resident: --max-loras 2; loading 5 evicted ad0..ad2 to disk); phase 2: ad0 alone, reloaded
+    from disk by the prefetcher."""
     loaded = load_model(tiny_model_dir, torch.float32, "cpu")
     manager = LoraManager(LoraConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=4,
                                      allowed_roots=(str(adapter_root),)),
@@ -222,25 +223,31 @@ def test_batch_histograms(run):
 
 def test_adapter_cache_metrics(run):
     fams, mgr = run["fams"], run["manager"]
+    # 5 adapters through a pool of 2 (--max-loras 2): loading them evicted 3; the requests then
+    # brought evicted ones back through the prefetcher (ad0 at least, in phase 2).
     assert value(fams, "loraplex_adapter_loads_total", source="api", outcome="success") == len(ADAPTERS)
-    assert value(fams, "loraplex_adapter_loads_total", source="disk_reload", outcome="success") == 1
+    reloads = value(fams, "loraplex_adapter_loads_total", source="disk_reload", outcome="success")
+    assert reloads == mgr.stats.loads["disk_reload"] >= 1
     assert value(fams, "loraplex_adapter_loads_total", source="on_demand") == 0
     assert value(fams, "loraplex_adapter_loads_total", outcome="failure") == 0
-    assert value(fams, "loraplex_adapter_load_seconds_count") == len(ADAPTERS) + 1  # 6 folder reads
+    assert value(fams, "loraplex_adapter_load_seconds_count") == len(ADAPTERS) + reloads  # folder reads
     assert value(fams, "loraplex_adapter_load_seconds_sum") > 0
-    # Five adapter requests, five distinct adapters: every admission missed the device cache.
-    assert value(fams, "loraplex_adapter_cache_misses_total") == len(ADAPTERS)
-    assert value(fams, "loraplex_adapter_cache_hits_total") == 0
-    # 5 adapters through 2 slots: at least 2 reuses of a slot, at most 3.
-    assert 2 <= value(fams, "loraplex_adapter_evictions_total", tier="device") <= 3
-    # ad0 dropped when ad4 was loaded, and one more when ad0 came back from disk.
-    assert value(fams, "loraplex_adapter_evictions_total", tier="host") == 2
+    hits, misses = value(fams, "loraplex_adapter_cache_hits_total"), value(fams, "loraplex_adapter_cache_misses_total")
+    assert hits + misses == len(ADAPTERS) and misses >= 1  # five adapter requests
+    assert (hits, misses) == (mgr.stats.hits, mgr.stats.misses)
+    assert 0 <= value(fams, "loraplex_adapter_prefetch_hits_total") <= misses
+    assert value(fams, "loraplex_adapter_evictions_total", tier="device") >= len(ADAPTERS) - 2 + reloads
     tiers = {t: value(fams, "loraplex_adapters_resident", tier=t) for t in ("device", "host", "disk")}
-    assert sum(tiers.values()) == len(ADAPTERS) and tiers["disk"] == 1
+    assert sum(tiers.values()) == len(ADAPTERS) and 1 <= tiers["device"] <= 2
     assert tiers == {t.value: n for t, n in mgr.tier_counts().items()}
-    # Bringing ad0 back may have dropped the LRU idle adapter, and its slot with it, to disk.
-    assert value(fams, "loraplex_adapter_slots_used") == tiers["device"] >= 1
+    assert value(fams, "loraplex_adapter_slots_used") == tiers["device"]
     assert value(fams, "loraplex_adapter_slots") == 2
+    assert value(fams, "loraplex_adapter_pool_bytes") == mgr.device_bytes
+    assert 0 < value(fams, "loraplex_adapter_pool_used_bytes") == mgr.pool_used_bytes
+    assert value(fams, "loraplex_adapter_load_queue_depth") == 0
+    # One adapter wait per adapter request, observed at its admission.
+    assert value(fams, "loraplex_adapter_wait_seconds_count") == len(ADAPTERS)
+    assert value(fams, "loraplex_adapter_wait_seconds_sum") >= 0
 
 
 def test_resident_bytes(run):
@@ -251,11 +258,8 @@ def test_resident_bytes(run):
     params = {p.data_ptr(): p.numel() * p.element_size() for p in loaded.model.parameters()}
     params.update({b.data_ptr(): b.numel() * b.element_size() for b in loaded.model.buffers()})
     assert value(fams, "loraplex_base_model_bytes") == sum(params.values())
-    # Slot tensors: per targeted projection A [slots, R, in], B [slots, out, R], scales [slots].
-    slots, rank = 2, 8
-    expected = sum((slots * rank * p.in_features + slots * p.out_features * rank) * 4 + slots * 4
-                   for _, _, p in loaded.model.iter_projections())
-    assert value(fams, "loraplex_adapter_slot_bytes") == expected
+    # The adapter pool: --adapter-memory (default 1 GiB), whatever the adapters' ranks.
+    assert value(fams, "loraplex_adapter_slot_bytes") == value(fams, "loraplex_adapter_pool_bytes") == 2**30
 
 
 def test_running_waiting_and_kv_gauges(loaded_plain):

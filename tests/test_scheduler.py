@@ -263,3 +263,48 @@ def test_random_workload_invariants(seed):
                 done += 1
     assert done == 20 and sch.block_manager.num_used_blocks == 0
     assert preempted > 0  # 20 requests of up to 60 tokens in 96 slots: preemption is exercised
+
+
+def test_starvation_bound_stops_later_adapter_requests_overtaking():
+    # One slot, held by adapter A; a request for B waits. A steady stream of A requests would
+    # keep A busy forever: past adapter_starvation_steps skips of B, no adapter request behind B
+    # is admitted (a base request still is), the running A request finishes, and B gets in.
+    slots = FakeSlots()
+    waits = []
+    slots.observe_wait = waits.append
+    cfg = EngineConfig(block_size=4, num_kv_blocks=64, adapter_starvation_steps=2)
+    sch = Scheduler(cfg, BlockManager(64, 4), adapter_slots=slots)
+    a0, b = make_seq(3, "a0", "A"), make_seq(3, "b", "B")
+    sch.add(a0)
+    sch.add(b)
+    admitted_b_at = None
+    for step in range(12):
+        sch.add(make_seq(3, f"a{step + 1}", "A"))  # a new A request every step
+        if step == 4:
+            sch.add(make_seq(3, "base"))
+        starved = b.adapter_skips > 2
+        batch = sch.schedule()
+        new = [s.request_id for s in batch.seqs if s.num_computed_tokens == 0]
+        if starved and "b" not in new:
+            assert [r for r in new if r.startswith("a")] == [], (step, new)
+        if step == 4:
+            assert "base" in new
+        advance(batch)
+        if "b" in new:
+            admitted_b_at = step
+            break
+        for s in [s for s in sch.running if s.adapter_id == "A" and s.num_generated >= 2]:
+            sch.finish(s)  # A requests finish after two steps, so A goes idle once none is admitted
+    assert admitted_b_at is not None and admitted_b_at <= 8, admitted_b_at
+    assert b.adapter_slot == 3 and waits and waits[-1] > 0.0
+
+
+def test_adapter_wait_is_observed_once_per_request():
+    slots = FakeSlots()
+    waits = []
+    slots.observe_wait = waits.append
+    sch = Scheduler(EngineConfig(block_size=4, num_kv_blocks=64), BlockManager(64, 4), adapter_slots=slots)
+    a = make_seq(3, "a", "A")
+    sch.add(a)
+    sch.schedule()
+    assert waits == [0.0]  # admitted at once: waited nothing

@@ -8,13 +8,16 @@ as much again once the interpreter's caches are cold from the base model's GEMMs
 
     op = BoundLora(A, Bs, scales)           # A [slots, R, M, in], Bs[m] [slots, out_m, R], scales [slots, M]
     op(ys, x, meta, members)                # == add_lora_multi(ys, x, A, Bs, scales, meta, members)
+
+    op = BoundPooled(pool, table)           # pool [P] flat, table a PoolTable (pool_table.py)
+    op(ys, x, meta, members)                # == add_lora_pooled(ys, x, pool, table, meta, members)
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import backend, lora_native
+from . import backend, cpu, lora_native
 from .meta import LoraMeta
 
 _UNSET = object()
@@ -61,3 +64,41 @@ class BoundLora:
         from . import add_lora_multi
 
         add_lora_multi(ys, x, self.A, self.Bs, self.scales, meta, members)
+
+
+class BoundPooled:
+    """add_lora_pooled bound to one group's pool and PoolTable. Neither moves while the server
+    runs (the table is rewritten in place), so on the CPU backend the compiled kernel's struct of
+    pointers is built once per member set; per call only the activations are checked."""
+
+    def __init__(self, pool: torch.Tensor, table):
+        if pool.dim() != 1:
+            raise ValueError(f"the pool must be 1-D, got {tuple(pool.shape)}")
+        self.pool, self.table = pool, table
+        self._native: dict[tuple[int, ...], lora_native.PreparedPool | None] = {}
+
+    def _prepared(self, members: tuple[int, ...]) -> lora_native.PreparedPool | None:
+        call = self._native.get(members, _UNSET)
+        if call is _UNSET:
+            ok = lora_native.pool_fits(self.pool, self.table, members)
+            call = self._native[members] = lora_native.PreparedPool(self.pool, self.table, members) if ok else None
+        return call
+
+    def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, meta: LoraMeta, members: tuple[int, ...]) -> None:
+        """ys[m] [T, out_m] += member m's LoRA delta of x [T, in], for m in members."""
+        if not meta.has_lora or not members:
+            return
+        table = self.table
+        if meta.num_slots != table.num_slots:
+            raise ValueError(f"meta for {meta.num_slots} slots, the table has {table.num_slots}")
+        if backend.get_backend() == "cpu" and cpu.NATIVE is not False:
+            call = self._prepared(members)
+            chosen = [ys[m] for m in members]
+            if call is not None and x.shape == (meta.num_tokens, table.d_in) \
+                    and all(y.shape[1] == table.d_outs[m] for m, y in zip(members, chosen)) \
+                    and lora_native.activations_fit(x, chosen):
+                call(chosen, x, meta.sorted_token_ids, meta.token_slots)
+                return
+        from . import add_lora_pooled
+
+        add_lora_pooled(ys, x, self.pool, table, meta, members)

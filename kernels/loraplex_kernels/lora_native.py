@@ -1,7 +1,8 @@
 """The compiled per-row multi-LoRA kernel (lora_rows.c) as a Python call: cpu.py's fast path.
 
 The library is built and loaded by native.py; this module binds one projection group's slot
-weights into a C struct once (`prepare`) so that each call passes only what changes per step.
+weights (`prepare`: dense slot tensors) or its view of the adapter memory pool (`PreparedPool`:
+the pool and a PoolTable) into a C struct once, so that each call passes only what changes per step.
 """
 
 from __future__ import annotations
@@ -30,9 +31,28 @@ class _Weights(ctypes.Structure):
     ]
 
 
+class _Pool(ctypes.Structure):
+    """lora_rows.c's lora_pool_t: one projection group's pool and offset tables."""
+
+    _fields_ = [
+        ("d_in", _I64), ("num_slots", _I64), ("pool_numel", _I64),
+        ("w_dtype", ctypes.c_int32), ("num_members", ctypes.c_int32),
+        ("pool", _P), ("a_offs", _P), ("bt_offs", _P), ("ranks", _P), ("scales", _P),
+        ("member_ids", ctypes.c_int32 * MAX_MEMBERS), ("d_outs", _I64 * MAX_MEMBERS),
+    ]
+
+
 _ARGTYPES = [
     ctypes.POINTER(_Weights),
     _P, _I64, _P, _P,  # order, num_rows, idx, ranks
+    _P, ctypes.c_int, _I64,  # x, x_dtype, x_stride
+    _P, _P, _P, _P,  # y0..y3
+    _I64, _I64, _I64, _I64,  # their row strides
+]
+
+_POOLED_ARGTYPES = [
+    ctypes.POINTER(_Pool),
+    _P, _I64, _P,  # order, num_rows, idx
     _P, ctypes.c_int, _I64,  # x, x_dtype, x_stride
     _P, _P, _P, _P,  # y0..y3
     _I64, _I64, _I64, _I64,  # their row strides
@@ -115,3 +135,47 @@ def activations_fit(x: torch.Tensor, ys: list[torch.Tensor]) -> bool:
     if x.dtype not in DTYPE_CODES or x.stride(1) != 1:
         return False
     return all(y.dtype == x.dtype and y.stride(1) == 1 and y.shape[0] == x.shape[0] for y in ys)
+
+
+class PreparedPool:
+    """The kernel bound to one group's pool and PoolTable for one member set: call it per step
+    with the outputs, x and the step's rows. The pool and the table's tensors never move (the
+    table is rewritten in place), so their pointers are taken once here."""
+
+    def __init__(self, pool: torch.Tensor, table, members: tuple[int, ...]):
+        if not 1 <= len(members) <= MAX_MEMBERS:
+            raise ValueError(f"lora_pooled takes 1 to {MAX_MEMBERS} members, got {members}")
+        p = _Pool()
+        p.d_in, p.num_slots, p.pool_numel = table.d_in, table.num_slots, pool.numel()
+        p.w_dtype, p.num_members = DTYPE_CODES[pool.dtype], len(members)
+        p.pool = pool.data_ptr()
+        p.a_offs, p.bt_offs = table.a_offs.data_ptr(), table.bt_offs.data_ptr()
+        p.ranks, p.scales = table.ranks.data_ptr(), table.scales.data_ptr()
+        for i, m in enumerate(members):
+            p.member_ids[i], p.d_outs[i] = m, table.d_outs[m]
+        self.pool_struct = p
+        self.ref = ctypes.byref(p)
+        self._keep = (pool, table)  # the struct points into them
+        self.d_in, self.d_outs = table.d_in, tuple(table.d_outs[m] for m in members)
+
+    def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> None:
+        """ys[i] [T, out_i] += member i's delta for the rows in `order` (lora_rows.c, lora_pooled)."""
+        ptrs = [y.data_ptr() for y in ys] + [None] * (MAX_MEMBERS - len(ys))
+        strides = [y.stride(0) for y in ys] + [0] * (MAX_MEMBERS - len(ys))
+        fn = native.function("loraplex_lora_pooled", _POOLED_ARGTYPES)
+        rc = fn(self.ref, order.data_ptr(), order.shape[0], idx.data_ptr(),
+                x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), *ptrs, *strides)
+        if rc == -2:
+            raise ValueError("a pool table entry of this step points outside the pool (or a slot outside the "
+                             "table): nothing was computed")
+        if rc != 0:
+            raise MemoryError("lora_pooled could not allocate its scratch buffers")
+
+
+def pool_fits(pool: torch.Tensor, table, members: tuple[int, ...]) -> bool:
+    """Can the kernel read this pool: a contiguous 1-D CPU pool of float32/bfloat16, the table's
+    tensors contiguous on the CPU, at most MAX_MEMBERS members, library built."""
+    return (pool.device.type == "cpu" and pool.dim() == 1 and pool.dtype in DTYPE_CODES and pool.is_contiguous()
+            and table.device.type == "cpu" and 1 <= len(members) <= MAX_MEMBERS
+            and all(t.is_contiguous() for t in (table.a_offs, table.bt_offs, table.ranks, table.scales))
+            and native.available())

@@ -13,6 +13,12 @@
  *       y_m[t, o] += sum_k h[k] * Bt_m[s, k, o]                        (float32, then y's dtype)
  * Rows with idx < 0 are not touched. Weights beyond a slot's rank are never read.
  *
+ * Two entry points share every loop below: loraplex_lora_rows reads dense slot tensors
+ * (lora_weights_t: A [slots, R, M, in], Bt_m [slots, R, out_m]), loraplex_lora_pooled finds each
+ * (member, slot)'s blocks in one flat adapter memory pool through offset tables and reads each
+ * member's own rank (lora_pool_t; loraplex_kernels.add_lora_pooled). The loops see a slot's
+ * weights only as a member_view_t (pointers, rank strides, rank, scale).
+ *
  * Rows are visited in `order` (the step's rows sorted by slot, LoraMeta.sorted_token_ids), so the
  * rows of one slot are adjacent: they go through in blocks of 4 and each weight row is loaded
  * once per block, not once per row (on decode steps the weights come from DRAM: the base model's
@@ -143,97 +149,196 @@ typedef struct {
     int64_t bt_slot[MAX_MEMBERS], bt_rank[MAX_MEMBERS], d_outs[MAX_MEMBERS];
 } lora_weights_t;
 
-/* Rows order[0..num_rows) on the calling thread, with its own scratch. */
-static int lora_rows_serial(
-    const lora_weights_t *w,
-    const int64_t *order, int64_t num_rows, const int64_t *idx, const int64_t *ranks,
-    const void *x, int x_dtype, int64_t x_stride,
-    void *y0, void *y1, void *y2, void *y3,
-    int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3)
-{
-    void *const ys[MAX_MEMBERS] = {y0, y1, y2, y3};
-    const int64_t y_strides[MAX_MEMBERS] = {ys0, ys1, ys2, ys3};
-    const int y_dtype = x_dtype;
-    const int64_t d_in = w->d_in, max_rank = w->max_rank;
-    const int w_dtype = w->w_dtype, num_members = w->num_members;
-    const void *A = w->A;
-    const int64_t a_slot = w->a_slot, a_rank = w->a_rank, a_member = w->a_member;
-    const float *scales = w->scales;
-    const int64_t sc_slot = w->sc_slot, sc_member = w->sc_member;
-    const int32_t *member_ids = w->member_ids;
-    const void *const *bts = w->bts;
-    const int64_t *bt_slot = w->bt_slot, *bt_rank = w->bt_rank, *d_outs = w->d_outs;
+/* One projection group's view of the adapter memory pool (loraplex_kernels/pool_table.py): the
+ * pool and the group's tables never move, so this too is built once per group and member set.
+ * Member m's weights for slot s: A = pool + a_offs[m][s], [r, d_in] row-major; Bt = pool +
+ * bt_offs[m][s], [r, d_out_m] row-major; r = ranks[m][s] (0: not targeted, nothing is read). */
+typedef struct {
+    int64_t d_in, num_slots, pool_numel;
+    int32_t w_dtype, num_members;
+    const void *pool;                       /* [pool_numel] */
+    const int64_t *a_offs, *bt_offs, *ranks; /* [M_all, slots] each, contiguous */
+    const float *scales;                    /* [M_all, slots] */
+    int32_t member_ids[MAX_MEMBERS];        /* which members, in the order of ys */
+    int64_t d_outs[MAX_MEMBERS];
+} lora_pool_t;
+
+/* One call's operands. Exactly one of w (dense slot tensors, rank per slot in `ranks`) and p
+ * (the pool) is set; everything below reads weights only through member_view(). */
+typedef struct {
+    const lora_weights_t *w;
+    const lora_pool_t *p;
+    const int64_t *order, *idx, *ranks;
+    int64_t num_rows;
+    const void *x;
+    int x_dtype;
+    int64_t x_stride;
+    void *ys[MAX_MEMBERS];
+    int64_t y_strides[MAX_MEMBERS];
+    int max_rank;                           /* largest member rank of the call's rows (scratch size) */
+    int dense_fused;                        /* dense: all members of an interleaved A asked for */
+} lora_call_t;
+
+/* Member mi's weights for slot s: rank k of A at a + k * a_stride, of Bt at bt + k * bt_stride
+ * (in elements), `rank` of them. */
+typedef struct {
+    const void *a, *bt;
+    int64_t a_stride, bt_stride;
+    float scale;
+    int rank;
+} member_view_t;
+
+static int call_members(const lora_call_t *c) { return c->w ? c->w->num_members : c->p->num_members; }
+static int64_t call_d_in(const lora_call_t *c) { return c->w ? c->w->d_in : c->p->d_in; }
+static int call_w_dtype(const lora_call_t *c) { return c->w ? c->w->w_dtype : c->p->w_dtype; }
+static const int64_t *call_d_outs(const lora_call_t *c) { return c->w ? c->w->d_outs : c->p->d_outs; }
+
+/* Pool entries are checked once per call (pool_entry_ok) before any row is computed. */
+static void member_view(const lora_call_t *c, int64_t s, int mi, member_view_t *v) {
+    if (c->w) {
+        const lora_weights_t *w = c->w;
+        const int64_t m = w->member_ids[mi], wsz = w->w_dtype == 0 ? 4 : 2;
+        int64_t r = c->ranks[s] < w->max_rank ? c->ranks[s] : w->max_rank;
+        v->rank = r > 0 ? (int)r : 0;
+        v->a = (const char *)w->A + (s * w->a_slot + m * w->a_member) * wsz;
+        v->a_stride = w->a_rank;
+        v->bt = (const char *)w->bts[mi] + s * w->bt_slot[mi] * wsz;
+        v->bt_stride = w->bt_rank[mi];
+        v->scale = w->scales[s * w->sc_slot + m * w->sc_member];
+    } else {
+        const lora_pool_t *p = c->p;
+        const int64_t e = (int64_t)p->member_ids[mi] * p->num_slots + s, wsz = p->w_dtype == 0 ? 4 : 2;
+        int64_t r = p->ranks[e];
+        v->rank = r > 0 ? (int)r : 0;
+        v->a = (const char *)p->pool + p->a_offs[e] * wsz;
+        v->a_stride = p->d_in;
+        v->bt = (const char *)p->pool + p->bt_offs[e] * wsz;
+        v->bt_stride = p->d_outs[mi];
+        v->scale = p->scales[e];
+    }
+}
+
+/* A pool entry whose blocks lie inside the pool (rank 0: nothing to check, nothing is read). */
+#define MAX_POOL_RANK 65536
+static int pool_entry_ok(const lora_pool_t *p, int64_t s, int mi) {
+    const int64_t e = (int64_t)p->member_ids[mi] * p->num_slots + s, r = p->ranks[e];
+    if (r <= 0) return 1;
+    const int64_t a = p->a_offs[e], b = p->bt_offs[e];
+    return r <= MAX_POOL_RANK && a >= 0 && b >= 0 && a <= p->pool_numel - r * p->d_in
+           && b <= p->pool_numel - r * p->d_outs[mi];
+}
+
+/* Can the members of one slot be shrunk as one contiguous [rr, d_in] block (one pass over x for
+ * all of them)? Then rank k of member mi is row k * km + mi * mm of it, which starts at v[0].a.
+ * Dense: ranks interleaved ([slots, R, M, in]: row k * M + m). Pool: member blocks adjacent with
+ * equal ranks, member-major (row m * r + k). */
+static int fused_layout(const lora_call_t *c, const member_view_t *v, int n, int *km, int *mm) {
+    if (n < 2 || v[0].rank <= 0) return 0;
+    const int r = v[0].rank;
+    for (int mi = 1; mi < n; mi++)
+        if (v[mi].rank != r) return 0;
+    if (c->w) {
+        if (!c->dense_fused) return 0;
+        *km = n; *mm = 1;
+        return 1;
+    }
+    const int64_t block = (int64_t)r * c->p->d_in * (c->p->w_dtype == 0 ? 4 : 2);  /* bytes */
+    for (int mi = 1; mi < n; mi++)
+        if ((const char *)v[mi].a != (const char *)v[0].a + mi * block) return 0;
+    *km = 1; *mm = r;
+    return 1;
+}
+
+/* Ask for slot s's weights (all members) ahead of their use. */
+static void prefetch_slot(const lora_call_t *c, int64_t s, int n, int64_t d_in, int64_t w_size) {
+    member_view_t v[MAX_MEMBERS];
+    for (int mi = 0; mi < n; mi++) member_view(c, s, mi, &v[mi]);
+    int km, mm;
+    if (fused_layout(c, v, n, &km, &mm)) {
+        prefetch_range(v[0].a, (int64_t)v[0].rank * n * d_in * w_size);
+    } else {
+        for (int mi = 0; mi < n; mi++) {
+            if (v[mi].a_stride == d_in) {
+                prefetch_range(v[mi].a, v[mi].rank * d_in * w_size);
+            } else {
+                for (int k = 0; k < v[mi].rank; k++)
+                    prefetch_range((const char *)v[mi].a + k * v[mi].a_stride * w_size, d_in * w_size);
+            }
+        }
+    }
+    for (int mi = 0; mi < n; mi++)
+        prefetch_range(v[mi].bt, v[mi].rank * v[mi].bt_stride * w_size);
+}
+
+/* Rows order[lo..hi) of the call on the calling thread, with its own scratch. */
+static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
+    const int64_t *order = c->order + lo, *idx = c->idx;
+    const int64_t num_rows = hi - lo;
+    const int y_dtype = c->x_dtype;
+    const int64_t d_in = call_d_in(c), *d_outs = call_d_outs(c);
+    const int w_dtype = call_w_dtype(c), num_members = call_members(c);
+    const int64_t w_size = w_dtype == 0 ? 4 : 2;
+    const int max_r = c->max_rank > 0 ? c->max_rank : 1;
     int64_t max_out = 0;
     for (int m = 0; m < num_members; m++)
         if (d_outs[m] > max_out) max_out = d_outs[m];
     float *xs = malloc((size_t)BLOCK * (size_t)d_in * sizeof(float));
     float *acc = malloc((size_t)BLOCK * (size_t)max_out * sizeof(float));
-    float *h = malloc((size_t)BLOCK * (size_t)(max_rank > 0 ? max_rank : 1) * sizeof(float));
-    float *hall = malloc((size_t)BLOCK * (size_t)(max_rank > 0 ? max_rank : 1) * MAX_MEMBERS * sizeof(float));
+    float *h = malloc((size_t)BLOCK * (size_t)max_r * sizeof(float));
+    float *hall = malloc((size_t)BLOCK * (size_t)max_r * MAX_MEMBERS * sizeof(float));
     if (!xs || !acc || !h || !hall) {
         free(xs); free(acc); free(h); free(hall);
         return -1;
     }
-    /* All members of a contiguous [slots, R, M, in] A asked for, in order: a slot's first r ranks
-     * of every member are one block, read in one sequential pass (not M strided ones). */
-    int fused = num_members > 1 && a_rank == num_members * a_member && a_member == d_in;
-    for (int mi = 0; mi < num_members; mi++)
-        if (member_ids[mi] != mi) fused = 0;
-    int64_t w_size = w_dtype == 0 ? 4 : 2;
     int64_t i = 0;
     while (i < num_rows) {
         int64_t s = idx[order[i]];
         if (s < 0) { i++; continue; }
         int nb = 1;  /* the block: up to BLOCK rows of this slot, adjacent in `order` */
         while (nb < BLOCK && i + nb < num_rows && idx[order[i + nb]] == s) nb++;
-        int r = (int)(ranks[s] < max_rank ? ranks[s] : max_rank);
+        member_view_t v[MAX_MEMBERS];
+        int any = 0;
+        for (int mi = 0; mi < num_members; mi++) {
+            member_view(c, s, mi, &v[mi]);
+            any |= v[mi].rank > 0;
+        }
         /* The next block's slot (the first row of another slot after this block): its weights. */
         int64_t nxt = i + nb;
         while (nxt < num_rows && idx[order[nxt]] == s) nxt++;
-        if (nxt < num_rows && idx[order[nxt]] >= 0) {
-            int64_t s2 = idx[order[nxt]];
-            int r2 = (int)(ranks[s2] < max_rank ? ranks[s2] : max_rank);
-            if (fused) {
-                prefetch_range((const char *)A + s2 * a_slot * w_size, r2 * a_rank * w_size);
-            } else {
-                for (int mi = 0; mi < num_members; mi++) {
-                    const char *a2 = (const char *)A + (s2 * a_slot + member_ids[mi] * a_member) * w_size;
-                    for (int k = 0; k < r2; k++) prefetch_range(a2 + k * a_rank * w_size, d_in * w_size);
-                }
-            }
-            for (int mi = 0; mi < num_members; mi++)
-                prefetch_range((const char *)bts[mi] + s2 * bt_slot[mi] * w_size, r2 * bt_rank[mi] * w_size);
-        }
-        if (r > 0) {
-            for (int j = 0; j < nb; j++) load_row(xs + j * d_in, x, x_dtype, order[i + j], x_stride, d_in);
-            if (fused) {  /* every member's first r ranks: one contiguous [r * M, in] block */
-                int rr = r * num_members;
+        if (nxt < num_rows && idx[order[nxt]] >= 0)
+            prefetch_slot(c, idx[order[nxt]], num_members, d_in, w_size);
+        if (any) {
+            for (int j = 0; j < nb; j++) load_row(xs + j * d_in, c->x, c->x_dtype, order[i + j], c->x_stride, d_in);
+            int km = 0, mm = 0;
+            const int fused = fused_layout(c, v, num_members, &km, &mm);
+            const int rr = fused ? v[0].rank * num_members : 0;
+            if (fused) {  /* every member's ranks: one contiguous [rr, in] block, one pass over x */
                 if (w_dtype == 0)
-                    shrink_f32(hall, xs, nb, d_in, (const float *)A + s * a_slot, a_member, rr);
+                    shrink_f32(hall, xs, nb, d_in, (const float *)v[0].a, d_in, rr);
                 else
-                    shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)A + s * a_slot, a_member, rr);
+                    shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)v[0].a, d_in, rr);
             }
             for (int mi = 0; mi < num_members; mi++) {
-                int m = member_ids[mi];
-                int64_t n = d_outs[mi];
-                int64_t a_off = s * a_slot + m * a_member, b_off = s * bt_slot[mi];
-                float sc = scales[s * sc_slot + m * sc_member];
-                if (fused) {  /* member m's column of the block's dots: rank k is row k * M + m */
-                    int rr = r * num_members;
+                const int r = v[mi].rank;
+                if (r <= 0) continue;  /* the adapter does not target this member: read nothing */
+                const int64_t n = d_outs[mi];
+                const float sc = v[mi].scale;
+                if (fused) {  /* member mi's column of the block's dots */
                     for (int j = 0; j < nb; j++)
-                        for (int k = 0; k < r; k++) h[j * r + k] = hall[j * rr + k * num_members + m] * sc;
+                        for (int k = 0; k < r; k++) h[j * r + k] = hall[j * rr + k * km + mi * mm] * sc;
                 } else {
                     if (w_dtype == 0)
-                        shrink_f32(h, xs, nb, d_in, (const float *)A + a_off, a_rank, r);
+                        shrink_f32(h, xs, nb, d_in, (const float *)v[mi].a, v[mi].a_stride, r);
                     else
-                        shrink_bf16(h, xs, nb, d_in, (const uint16_t *)A + a_off, a_rank, r);
+                        shrink_bf16(h, xs, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r);
                     for (int q = 0; q < nb * r; q++) h[q] *= sc;
                 }
                 if (w_dtype == 0)
-                    expand_f32(acc, h, nb, r, (const float *)bts[mi] + b_off, bt_rank[mi], n);
+                    expand_f32(acc, h, nb, r, (const float *)v[mi].bt, v[mi].bt_stride, n);
                 else
-                    expand_bf16(acc, h, nb, r, (const uint16_t *)bts[mi] + b_off, bt_rank[mi], n);
-                for (int j = 0; j < nb; j++) add_row(ys[mi], y_dtype, order[i + j], y_strides[mi], acc + j * n, n);
+                    expand_bf16(acc, h, nb, r, (const uint16_t *)v[mi].bt, v[mi].bt_stride, n);
+                for (int j = 0; j < nb; j++)
+                    add_row(c->ys[mi], y_dtype, order[i + j], c->y_strides[mi], acc + j * n, n);
             }
         }
         i += nb;
@@ -244,24 +349,6 @@ static int lora_rows_serial(
 
 /* Below this many rows a call runs on one thread (a parallel region costs a few microseconds). */
 #define PARALLEL_MIN_ROWS 8
-
-/* One call's operands, for its shares (lp_run_shares). */
-typedef struct {
-    const lora_weights_t *w;
-    const int64_t *order, *idx, *ranks;
-    int64_t num_rows;
-    const void *x;
-    int x_dtype;
-    int64_t x_stride;
-    void *ys[MAX_MEMBERS];
-    int64_t y_strides[MAX_MEMBERS];
-} lora_call_t;
-
-static int lora_rows_range(const lora_call_t *c, int64_t lo, int64_t hi) {
-    return lora_rows_serial(c->w, c->order + lo, hi - lo, c->idx, c->ranks, c->x, c->x_dtype, c->x_stride,
-                            c->ys[0], c->ys[1], c->ys[2], c->ys[3],
-                            c->y_strides[0], c->y_strides[1], c->y_strides[2], c->y_strides[3]);
-}
 
 /* A thread's share: its ends moved to the end of the slot run they fall in (up to BLOCK rows
  * further), so neighbouring shares rarely both read one slot (neighbours move a shared end alike). */
@@ -274,14 +361,52 @@ static int lora_share(const void *call, int64_t lo, int64_t hi) {
                             && c->idx[c->order[*end]] == c->idx[c->order[*end - 1]]; moved++)
             (*end)++;
     }
-    return hi > lo ? lora_rows_range(c, lo, hi) : 0;
+    return hi > lo ? lora_rows_serial(c, lo, hi) : 0;
 }
 
-/* Returns 0, or -1 when scratch memory cannot be had (nothing written then, or, split over
- * threads, only other rows written). The rows in `order` are split over the calling thread's
- * OpenMP threads (parallel.h) into contiguous shares of equal rank work, each share ending where
- * a slot's run of rows ends when that is close, so a slot's weights are mostly read by one thread;
- * every row is computed by one thread alone, so the result does not depend on the thread count. */
+/* Runs a call: one pass over its rows first (each row's work: 1 + its members' real ranks; the
+ * largest rank, which sizes the scratch; for the pool, that every entry it will read lies inside
+ * the pool and every slot inside the table, so a bad entry is refused before anything is
+ * written), then the rows in `order`, split over the calling thread's OpenMP threads
+ * (parallel.h) into contiguous shares of equal work, each share ending where a slot's run of
+ * rows ends when that is close, so a slot's weights are mostly read by one thread; every row is
+ * computed by one thread alone, so the result does not depend on the thread count.
+ * Returns 0; -1 when scratch memory cannot be had (nothing written then, or, split over threads,
+ * only other rows written); -2 for a pool entry or slot out of range (nothing written). */
+static int lora_run(lora_call_t *c) {
+    const int n = call_members(c);
+    const int nt = lp_max_threads();
+    const int split = nt > 1 && c->num_rows >= PARALLEL_MIN_ROWS;
+    int64_t *cum = split ? malloc((size_t)c->num_rows * sizeof(int64_t)) : NULL;  /* work, running total */
+    if (split && !cum) return -1;
+    int64_t total = 0, prev = -1;
+    int max_r = 0;
+    for (int64_t i = 0; i < c->num_rows; i++) {
+        const int64_t s = c->idx[c->order[i]];
+        if (s >= 0) {
+            if (c->p && s != prev) {  /* rows of one slot are adjacent: check each run once */
+                int ok = s < c->p->num_slots;
+                for (int mi = 0; ok && mi < n; mi++) ok = pool_entry_ok(c->p, s, mi);
+                if (!ok) { free(cum); return -2; }
+            }
+            total += 1;
+            for (int mi = 0; mi < n; mi++) {
+                member_view_t v;
+                member_view(c, s, mi, &v);
+                total += v.rank;
+                if (v.rank > max_r) max_r = v.rank;
+            }
+        }
+        prev = s;
+        if (cum) cum[i] = total;
+    }
+    c->max_rank = max_r;
+    int rc = cum ? lp_run_shares(nt, cum, c->num_rows, lora_share, c) : lora_rows_serial(c, 0, c->num_rows);
+    free(cum);
+    return rc;
+}
+
+/* Semantics: see the top of this file; weights in dense slot tensors (lora_weights_t). */
 int loraplex_lora_rows(
     const lora_weights_t *w,
     const int64_t *order, int64_t num_rows, const int64_t *idx, const int64_t *ranks,
@@ -289,19 +414,30 @@ int loraplex_lora_rows(
     void *y0, void *y1, void *y2, void *y3,
     int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3)
 {
-    const lora_call_t call = {w, order, idx, ranks, num_rows, x, x_dtype, x_stride,
-                              {y0, y1, y2, y3}, {ys0, ys1, ys2, ys3}};
-    int nt = lp_max_threads();
-    if (nt <= 1 || num_rows < PARALLEL_MIN_ROWS) return lora_rows_range(&call, 0, num_rows);
-    int64_t *cum = malloc((size_t)num_rows * sizeof(int64_t));  /* rank work, running total */
-    if (!cum) return -1;
-    int64_t total = 0;
-    for (int64_t i = 0; i < num_rows; i++) {
-        int64_t s = idx[order[i]];
-        total += s < 0 ? 0 : 1 + (ranks[s] < w->max_rank ? ranks[s] : w->max_rank);
-        cum[i] = total;
-    }
-    int rc = lp_run_shares(nt, cum, num_rows, lora_share, &call);
-    free(cum);
-    return rc;
+    lora_call_t call = {w, NULL, order, idx, ranks, num_rows, x, x_dtype, x_stride,
+                        {y0, y1, y2, y3}, {ys0, ys1, ys2, ys3}, 0, 0};
+    /* All members of a contiguous [slots, R, M, in] A asked for, in order: a slot's first r ranks
+     * of every member are one block, read in one sequential pass (not M strided ones). */
+    int fused = w->num_members > 1 && w->a_rank == w->num_members * w->a_member && w->a_member == w->d_in;
+    for (int mi = 0; mi < w->num_members; mi++)
+        if (w->member_ids[mi] != mi) fused = 0;
+    call.dense_fused = fused;
+    return lora_run(&call);
+}
+
+/* Semantics: the same, each member's weights found through the pool tables (lora_pool_t):
+ *   for t in rows with s = idx[t] >= 0, for m in members with r = ranks[m][s] > 0:
+ *     A = pool + a_offs[m][s] ([r, d_in]), Bt = pool + bt_offs[m][s] ([r, d_out_m])
+ *     y_m[t] += scales[m][s] * (x[t] @ A.T) @ Bt
+ * Nothing beyond a member's r rows is read; a member of rank 0 is skipped. */
+int loraplex_lora_pooled(
+    const lora_pool_t *p,
+    const int64_t *order, int64_t num_rows, const int64_t *idx,
+    const void *x, int x_dtype, int64_t x_stride,
+    void *y0, void *y1, void *y2, void *y3,
+    int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3)
+{
+    lora_call_t call = {NULL, p, order, idx, NULL, num_rows, x, x_dtype, x_stride,
+                        {y0, y1, y2, y3}, {ys0, ys1, ys2, ys3}, 0, 0};
+    return lora_run(&call);
 }

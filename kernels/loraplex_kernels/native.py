@@ -125,7 +125,7 @@ def describe() -> str:
         return f"compiled CPU kernels off, torch formulations instead: {unavailable_reason()}"
     threads = (f"each call split over the calling thread's torch threads ({torch.get_num_threads()} here)"
                if multithreaded() else "single-threaded (no OpenMP)")
-    return f"compiled CPU kernels on (LoRA rows, paged attention, RMSNorm, rotary; {threads})"
+    return f"compiled CPU kernels on (LoRA rows: slot tensors and pool, paged attention, RMSNorm, rotary; {threads})"
 
 
 def multithreaded() -> bool:

@@ -2,7 +2,8 @@
 
     loraplex serve [--model PATH] [--host H] [--port P] [--dtype D] [--device D] [engine flags]
                    [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
-                   [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N] [--max-adapter-bytes B]
+                   [--adapter-memory BYTES|FRACTION] [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N]
+                   [--max-adapter-bytes B]
                    [--admin-token-file F] [--generation-token-file F] [--tls-cert F --tls-key F]
                    [--tls-client-ca F] [request limit flags]
     loraplex generate "prompt" [--server HOST:PORT] [--adapter ID] [--max-new-tokens N]
@@ -69,6 +70,9 @@ def _add_serve(sub) -> None:
                    help="largest max_new_tokens a request may ask for")
     p.add_argument("--max-waiting", type=int, default=eng.max_waiting,
                    help="waiting queue bound; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--adapter-starvation-steps", type=int, default=eng.adapter_starvation_steps,
+                   help="a request passed over this many steps while its adapter loads stops later "
+                        "adapter requests from overtaking it")
     p.add_argument("--shutdown-grace", type=float, default=srv.shutdown_grace_seconds,
                    help="seconds in-flight requests may finish on SIGTERM/SIGINT")
     p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
@@ -82,13 +86,17 @@ def _add_serve(sub) -> None:
     a.add_argument("--adapter", metavar="ID=PATH", action="append", default=[],
                    help="load the PEFT folder PATH as adapter ID at start-up (repeatable); "
                         "a failure stops start-up")
+    a.add_argument("--adapter-memory", default=lora.adapter_memory,
+                   help="size of the adapter memory pool: bytes (2GiB, 512MB) or a fraction of the "
+                        "memory free at start-up (0.2); each adapter takes its real size "
+                        "(default %(default)s)")
     a.add_argument("--max-loras", type=int, default=lora.max_loras,
-                   help="device slots: adapters usable in one step (default %(default)s)")
+                   help="optional cap on adapters resident at once (default: no cap; memory bounds it)")
     a.add_argument("--max-lora-rank", type=int, default=lora.max_lora_rank,
-                   help="largest adapter rank accepted (slot size, default %(default)s)")
-    a.add_argument("--max-cpu-loras", type=int,
-                   help=f"adapters kept in host memory; beyond it the least recently used idle one is "
-                        f"dropped to disk (default max({lora.max_cpu_loras}, --max-loras))")
+                   help="largest adapter rank accepted (default %(default)s)")
+    a.add_argument("--max-cpu-loras", type=int, default=lora.max_cpu_loras,
+                   help="adapter copies kept in host memory outside the pool (CUDA: the host tier; "
+                        "CPU: adapters read while the pool had no room) (default %(default)s)")
     a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
                    help="largest adapter file accepted (default %(default)s)")
     s = p.add_argument_group("security (see README: Running it exposed safely)")
@@ -156,9 +164,8 @@ def _lora_config(args):
             ("allowed_roots", r) for r in args.allowed_adapter_root]:
         if value is not None and not os.path.isdir(value):
             raise ValueError(f"{name}: {value} is not a folder")
-    max_cpu = args.max_cpu_loras if args.max_cpu_loras is not None else max(LoraConfig.max_cpu_loras,
-                                                                           args.max_loras)
-    return LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=max_cpu,
+    return LoraConfig(adapter_memory=args.adapter_memory, max_loras=args.max_loras,
+                      max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                       adapter_root=args.adapter_root, allowed_roots=tuple(args.allowed_adapter_root),
                       max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter))
 
@@ -212,7 +219,8 @@ def _server_config(args):
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
-                            max_waiting=args.max_waiting),
+                            max_waiting=args.max_waiting,
+                            adapter_starvation_steps=args.adapter_starvation_steps),
         lora=_lora_config(args),
     )
 

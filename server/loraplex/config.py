@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
+from typing import Callable
 
 
 # Kept in step with loraplex.model.quantize.METHODS (not imported: config stays free of torch).
@@ -51,10 +53,14 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens, capped by the model's own limit
     max_new_tokens_cap: int = 2048  # requests asking for more get INVALID_ARGUMENT
     max_waiting: int = 256  # waiting queue bound; beyond it RESOURCE_EXHAUSTED
+    # Starvation bound of adapter-aware admission (engine/scheduler.py): a request passed over
+    # this many steps because its adapter is not in memory stops every later adapter request
+    # from being admitted ahead of it.
+    adapter_starvation_steps: int = 64
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "max_new_tokens_cap", "max_waiting"):
+                     "max_model_len", "max_new_tokens_cap", "max_waiting", "adapter_starvation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -182,11 +188,34 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes: must be >= 1, got {self.max_message_bytes}")
 
 
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str) -> tuple[int | None, float | None]:
+    """"2GiB" / "512MB" / "1000000" -> (bytes, None); "0.25" (a fraction in (0, 1)) -> (None, 0.25)."""
+    raw = str(text).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)", raw)
+    if m is None or m.group(2).upper() not in _MEMORY_UNITS:
+        raise ValueError(f"adapter_memory: expected bytes (e.g. 2GiB, 512MB) or a fraction of free "
+                         f"memory in (0, 1), got {text!r}")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    if not unit and 0 < value < 1:
+        return None, value
+    n = int(value * _MEMORY_UNITS[unit])
+    if n < 1:
+        raise ValueError(f"adapter_memory: must be more than 0 bytes, got {text!r}")
+    return n, None
+
+
 @dataclass(frozen=True)
 class LoraConfig:
-    max_loras: int = 16  # device slots: adapters usable in one step
-    max_lora_rank: int = 16  # slot size; adapters of a larger rank are refused at load
-    max_cpu_loras: int = 128  # host tier; beyond it the LRU unpinned, idle adapter is dropped to disk
+    # Bytes of the adapter memory pool (lora/pool.py): "2GiB", "512MB", or a fraction of the
+    # memory free at start-up ("0.2"). Adapters take their real size in it.
+    adapter_memory: str = "1GiB"
+    max_loras: int | None = None  # optional cap on adapters resident at once (vLLM's flag); None = no cap
+    max_lora_rank: int = 64  # adapters of a larger rank are refused at load
+    max_cpu_loras: int = 128  # host copies outside the pool (see lora/manager.py Tier.HOST)
     adapter_root: str | None = None  # on-demand loading of <root>/<adapter_id>
     allowed_roots: tuple[str, ...] = ()  # LoadAdapter paths must lie under one of these (or adapter_root)
     max_adapter_bytes: int = 2 * 1024**3  # largest adapter folder accepted
@@ -195,11 +224,12 @@ class LoraConfig:
     preload: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
+        for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_cpu_loras < self.max_loras:
-            raise ValueError("max_cpu_loras: must be >= max_loras (every device adapter is also on the host)")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras: must be >= 1, got {self.max_loras}")
+        parse_memory(self.adapter_memory)
         if any(not r for r in self.allowed_roots):
             raise ValueError("allowed_roots: an allowed root must not be empty")
         ids = [adapter_id for adapter_id, _ in self.preload]
@@ -210,6 +240,11 @@ class LoraConfig:
             raise ValueError("preload: an adapter folder must not be empty")
         if len(self.preload) > self.max_cpu_loras:
             raise ValueError(f"preload: {len(self.preload)} adapters do not fit max_cpu_loras={self.max_cpu_loras}")
+
+    def adapter_memory_bytes(self, available: Callable[[], int]) -> int:
+        """The pool's size in bytes; `available()` is the memory free now (asked for a fraction only)."""
+        nbytes, fraction = parse_memory(self.adapter_memory)
+        return nbytes if nbytes is not None else int(available() * fraction)
 
     @property
     def roots(self) -> tuple[str, ...]:

@@ -97,8 +97,11 @@ def build_lora_manager(loaded, config: LoraConfig):
     device = next(loaded.model.parameters()).device
     _log_kernels(device)
     manager = LoraManager(config, loaded.model, loaded.dtype, device)
-    log.info("LoRA: %d device slots of rank <= %d (%.1f MiB), host tier of %d adapters",
-             config.max_loras, config.max_lora_rank, manager.device_bytes / 2**20, config.max_cpu_loras)
+    log.info("LoRA: adapter memory pool of %.1f MiB (%s, --adapter-memory %s), adapters of rank <= %d, "
+             "at most %d resident (%s); it holds adapters of this model: %s",
+             manager.device_bytes / 2**20, manager.slot_dtype, config.adapter_memory, config.max_lora_rank,
+             manager.pool.num_slots, "--max-loras" if config.max_loras else "table rows",
+             manager.capacity_summary())
     for adapter_id, folder in config.preload:
         try:
             info = manager.load(adapter_id, folder)

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from loraplex.api import convert
-from loraplex.api.adapters_servicer import GENERATE_FIELDS, run_adapter_call
+from loraplex.api.adapters_servicer import GENERATE_FIELDS, adapter_status, bounded_details, run_adapter_call
 from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.config import RequestLimits
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
@@ -101,6 +101,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     finished = True
                     if out.finish_reason is FinishReason.ERROR:
                         log.error("request %s failed: %s", out.request_id, out.error)
+                        status = adapter_status(out.cause, "adapter_id", GENERATE_FIELDS) \
+                            if out.cause is not None else None
+                        if status is not None:
+                            await context.abort(status[0], bounded_details(status[1]))
                         if out.out_of_memory:
                             await context.abort(
                                 grpc.StatusCode.RESOURCE_EXHAUSTED,

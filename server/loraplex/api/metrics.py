@@ -53,6 +53,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0,
                240.0, 480.0)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SEQ_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 BATCH_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -185,13 +186,10 @@ class _StateCollector(Collector):
         self._engine = self._manager = self._model = None
         self._model_bytes: int | None = None  # weights do not change: computed once
         self._lock = threading.Lock()  # collect() may run on several HTTP threads at once
-        # Adapter load latency: the manager keeps the last 1024 durations in a deque
-        # (stats.load_seconds); new entries since the last scrape are found by object identity
-        # (each duration is a distinct float object we keep a reference to) and added to these
-        # cumulative buckets, so the histogram is monotonic even though the deque is not.
-        self._load_counts = [0] * (len(LOAD_BUCKETS) + 1)
-        self._load_sum = 0.0
-        self._load_last: float | None = None
+        # Durations the manager keeps in bounded deques (stats.load_seconds, stats.wait_seconds)
+        # become cumulative histograms here, so they stay monotonic though the deques are not.
+        self._load_hist = _WindowHistogram(LOAD_BUCKETS)
+        self._wait_hist = _WindowHistogram(WAIT_BUCKETS)
 
     def bind(self, engine, manager, model) -> None:
         self._engine, self._manager, self._model = engine, manager, model
@@ -242,12 +240,12 @@ class _StateCollector(Collector):
         for tier, n in tiers.items():
             g.add_metric([tier.value], n)
         yield g
-        slots = mgr.config.max_loras
+        slots = mgr.pool.num_slots
         device = sum(n for t, n in tiers.items() if t.value == "device")  # one slot each
-        yield GaugeMetricFamily("loraplex_adapter_slots_used", "Device adapter slots holding an "
-                                "adapter.", value=device)
-        yield GaugeMetricFamily("loraplex_adapter_slots", "Device adapter slots (--max-loras).",
-                                value=slots)
+        yield GaugeMetricFamily("loraplex_adapter_slots_used", "Adapters resident in the pool "
+                                "(one kernel table row each).", value=device)
+        yield GaugeMetricFamily("loraplex_adapter_slots", "Most adapters resident at once "
+                                "(--max-loras, else the kernel tables' rows).", value=slots)
         s = mgr.stats
         loads = CounterMetricFamily("loraplex_adapter_loads", "Adapter reads into host memory by "
                                     "source (api, on_demand, disk_reload) and outcome; a failed "
@@ -266,33 +264,29 @@ class _StateCollector(Collector):
         ev.add_metric(["device"], s.device_evictions)
         ev.add_metric(["host"], s.host_evictions)
         yield ev
-        yield CounterMetricFamily("loraplex_adapter_cache_hits", "Admissions whose adapter was "
-                                  "already in a device slot.", value=s.hits)
-        yield CounterMetricFamily("loraplex_adapter_cache_misses", "Admissions that had to copy "
-                                  "the adapter into a device slot.", value=s.misses)
+        yield CounterMetricFamily("loraplex_adapter_cache_hits", "Requests whose adapter was "
+                                  "in the adapter memory pool when they arrived.", value=s.hits)
+        yield CounterMetricFamily("loraplex_adapter_cache_misses", "Requests whose adapter had "
+                                  "to be brought into the pool.", value=s.misses)
+        yield CounterMetricFamily("loraplex_adapter_prefetch_hits", "Adapters the background "
+                                  "prefetcher had in the pool before the scheduler first asked "
+                                  "for them (the load cost the request no step).",
+                                  value=s.prefetch_hits)
         yield CounterMetricFamily("loraplex_adapter_unloads", "Adapters unloaded.", value=s.unloads)
-        yield self._load_histogram(s.load_seconds)
-
-    def _load_histogram(self, window) -> HistogramMetricFamily:
-        items = list(window)  # a copy: the manager appends from other threads
-        new = items
-        if self._load_last is not None:
-            for i in range(len(items) - 1, -1, -1):
-                if items[i] is self._load_last:
-                    new = items[i + 1:]
-                    break
-        for v in new:
-            self._load_counts[bisect.bisect_left(LOAD_BUCKETS, v)] += 1
-            self._load_sum += v
-        if items:
-            self._load_last = items[-1]
-        buckets, acc = [], 0
-        for bound, n in zip(LOAD_BUCKETS + (float("inf"),), self._load_counts):
-            acc += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
-        return HistogramMetricFamily("loraplex_adapter_load_seconds",
+        yield GaugeMetricFamily("loraplex_adapter_load_queue_depth", "Adapters waiting for the "
+                                "prefetcher (queued, or waiting for room in the pool).",
+                                value=mgr.load_queue_depth)
+        yield GaugeMetricFamily("loraplex_adapter_pool_bytes", "Size of the adapter memory pool "
+                                "(--adapter-memory).", value=mgr.device_bytes)
+        yield GaugeMetricFamily("loraplex_adapter_pool_used_bytes", "Bytes of the adapter pool "
+                                "held by adapters (loaded or loading).", value=mgr.pool_used_bytes)
+        yield self._load_hist.family("loraplex_adapter_load_seconds",
                                      "Time to read and validate an adapter folder.",
-                                     buckets=buckets, sum_value=self._load_sum)
+                                     s.load_seconds, s.load_count)
+        yield self._wait_hist.family("loraplex_adapter_wait_seconds",
+                                     "Time a request waited in the queue for its adapter to reach "
+                                     "the pool (0 when it was there), observed at admission.",
+                                     s.wait_seconds, s.wait_count)
 
     def _bytes_families(self):
         if self._model is not None:
@@ -301,14 +295,38 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily("loraplex_base_model_bytes", "Base model weights resident "
                                     "(LoRA slot tensors excluded).", value=self._model_bytes)
         if self._manager is not None:
-            yield GaugeMetricFamily("loraplex_adapter_slot_bytes", "Device adapter slot tensors "
-                                    "(allocated for --max-loras x --max-lora-rank).",
+            yield GaugeMetricFamily("loraplex_adapter_slot_bytes", "Memory reserved for adapter "
+                                    "weights: the adapter pool (same as loraplex_adapter_pool_bytes).",
                                     value=self._manager.device_bytes)
         runner = getattr(self._engine, "runner", None)
         kv = getattr(runner, "kv", None)
         if kv is not None:
             yield GaugeMetricFamily("loraplex_kv_cache_bytes", "KV cache tensors allocated.",
                                     value=kv.nbytes)
+
+
+class _WindowHistogram:
+    """A cumulative histogram fed from a bounded deque of durations plus the count of all
+    durations ever appended: each scrape adds the entries appended since the previous one."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.seen = 0
+
+    def family(self, name: str, doc: str, window, total: int) -> HistogramMetricFamily:
+        items = list(window)  # a copy: the manager appends from other threads
+        new = min(total - self.seen, len(items))
+        for v in items[len(items) - new:] if new > 0 else ():
+            self.counts[bisect.bisect_left(self.bounds, v)] += 1
+            self.sum += v
+        self.seen = total
+        buckets, acc = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            acc += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
 def _base_model_bytes(model) -> int:
@@ -337,6 +355,8 @@ METRIC_NAMES = frozenset({
     "loraplex_adapter_loads_total", "loraplex_adapter_evictions_total",
     "loraplex_adapter_cache_hits_total", "loraplex_adapter_cache_misses_total",
     "loraplex_adapter_unloads_total", "loraplex_adapter_load_seconds", "loraplex_base_model_bytes",
+    "loraplex_adapter_prefetch_hits_total", "loraplex_adapter_load_queue_depth",
+    "loraplex_adapter_pool_bytes", "loraplex_adapter_pool_used_bytes", "loraplex_adapter_wait_seconds",
     "loraplex_adapter_slot_bytes", "loraplex_kv_cache_bytes",
 })
 

@@ -79,23 +79,27 @@ def pack_cpu_weights(model: Any) -> None:
 
 
 class _SlotHook:
-    """The scheduler's adapter-slot hook: the LoRA manager, remembering which adapters could not
-    be copied into a device slot for lack of memory, so that their requests end with
-    RESOURCE_EXHAUSTED (retry later) rather than INTERNAL (the scheduler keeps only a message)."""
+    """The scheduler's adapter hook: the LoRA manager, remembering why an adapter could not be
+    acquired (its background load failed, or memory ran out), so that its requests end with the
+    adapter error's own status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) rather than
+    INTERNAL (the scheduler keeps only a message)."""
 
     def __init__(self, manager: Any):
         self.manager = manager
-        self.out_of_memory: set[str] = set()
+        self.errors: dict[str, BaseException] = {}
 
     def acquire(self, adapter_id: str) -> int | None:
         try:
             return self.manager.acquire(adapter_id)
-        except OUT_OF_MEMORY:
-            self.out_of_memory.add(adapter_id)
+        except Exception as exc:
+            self.errors[adapter_id] = exc
             raise
 
     def release(self, adapter_id: str) -> None:
         self.manager.release(adapter_id)
+
+    def observe_wait(self, seconds: float) -> None:
+        self.manager.observe_wait(seconds)
 
 
 class Engine:
@@ -258,10 +262,11 @@ class Engine:
             else:
                 self._schedule_failures = 0
             for seq, message in batch.failed:
-                oom = self._slots is not None and seq.adapter_id in self._slots.out_of_memory
-                self._finish(seq, FinishReason.ERROR, error=message, out_of_memory=oom)
+                cause = self._slots.errors.get(seq.adapter_id) if self._slots is not None else None
+                self._finish(seq, FinishReason.ERROR, error=message,
+                             out_of_memory=isinstance(cause, OUT_OF_MEMORY), cause=cause)
             if self._slots is not None:
-                self._slots.out_of_memory.clear()
+                self._slots.errors.clear()
             if batch.seqs:
                 if self._observers:  # before the run: a client that got its last token sees it
                     self._notify_step(batch)
@@ -338,7 +343,8 @@ class Engine:
             self._finish(seq, reason, (token,), delta + seq.detokenizer.flush())
 
     def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: tuple[int, ...] = (),
-                text_delta: str = "", error: str | None = None, out_of_memory: bool = False) -> None:
+                text_delta: str = "", error: str | None = None, out_of_memory: bool = False,
+                cause: BaseException | None = None) -> None:
         if self._live.get(seq.request_id) is not seq:
             return  # already reported (e.g. aborted and failed in the same step)
         self.scheduler.finish(seq)  # frees KV blocks and the adapter slot
@@ -349,7 +355,8 @@ class Engine:
             seq.request_id, new_token_ids, text_delta, finished=True, finish_reason=reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_generated,
             timings=seq.timings(), error=error if reason is FinishReason.ERROR else None,
-            out_of_memory=out_of_memory and reason is FinishReason.ERROR)
+            out_of_memory=out_of_memory and reason is FinishReason.ERROR,
+            cause=cause if reason is FinishReason.ERROR else None)
         with self._cv:
             if self._live.get(seq.request_id) is seq:
                 del self._live[seq.request_id]

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+# Adapter errors belong to the adapter side; the engine raises this one too, so callers of
+# Engine.submit find it here as well.
+from loraplex.lora.errors import AdapterNotFoundError  # noqa: F401
+
 # What running out of memory raises: host allocations (MemoryError) and CUDA's allocator
 # (torch.OutOfMemoryError). Both map to RESOURCE_EXHAUSTED (retry later), never INTERNAL.
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
@@ -23,14 +27,6 @@ class QueueFullError(EngineError):
     def __init__(self, max_waiting: int):
         super().__init__(f"the engine's waiting queue is full ({max_waiting} requests); retry later")
         self.max_waiting = max_waiting
-
-
-class AdapterNotFoundError(EngineError):
-    """The request names an adapter the LoRA manager does not know (-> NOT_FOUND)."""
-
-    def __init__(self, adapter_id: str):
-        super().__init__(f"adapter {adapter_id!r} is not loaded")
-        self.adapter_id = adapter_id
 
 
 class EngineStoppedError(EngineError):

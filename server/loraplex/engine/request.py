@@ -81,6 +81,9 @@ class RequestOutput:
     timings: Timings | None = None  # set on the finished event
     error: str | None = None  # set when finish_reason is ERROR
     out_of_memory: bool = False  # an ERROR for lack of memory (-> RESOURCE_EXHAUSTED: retry later)
+    # The adapter-side exception behind an ERROR (its background load failed: corrupt file,
+    # folder gone, no room), so the API answers with that error's own status.
+    cause: BaseException | None = None
 
 
 OutputCallback = Callable[[RequestOutput], None]

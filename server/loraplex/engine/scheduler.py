@@ -16,9 +16,17 @@ queue keeping its generated tokens; on re-admission its prompt + generated token
 again. Preempting the youngest first means the oldest sequence always makes progress, so the
 system cannot deadlock as long as one sequence at `max_model_len` fits in the cache.
 
-Adapter slots come from an optional hook (`AdapterSlots`): `acquire(adapter_id)` returns a device
-slot or None ("not now": all slots are pinned by running adapters). A request whose adapter has
-no slot is skipped this step; requests behind it with other adapters may still be admitted.
+Adapter-aware admission. Adapters come from an optional hook (`AdapterSlots`, the LoRA
+manager): `acquire(adapter_id)` returns the adapter's slot when it is in memory, or None ("not
+yet": its background load is still running, or the adapter pool is full of adapters in use).
+Adapter memory is sized in bytes, so while it has room the running batch is as large as KV memory
+allows, exactly as without adapters. A request whose adapter is not ready is passed over, and
+requests behind it whose adapters are ready (or that use none) are admitted: a load never stalls
+the batch. Starvation bound: once a request has been passed over `adapter_starvation_steps`
+times, no adapter request behind it is admitted until it is (requests without an adapter still
+are). Running sequences then finish, their adapters go idle, the pool evicts them and the
+starved request's adapter moves in; so every waiting request is admitted within that many steps
+plus the longest running sequence's remaining tokens plus one adapter load.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class AdapterSlots(Protocol):
     def acquire(self, adapter_id: str) -> int | None: ...  # device slot, or None = not now
 
     def release(self, adapter_id: str) -> None: ...
+
+    def observe_wait(self, seconds: float) -> None: ...  # a request's wait for its adapter, at admission
 
 
 @dataclass
@@ -139,7 +149,8 @@ class Scheduler:
 
         # 3. Admit waiting sequences (FIFO), each with its first chunk. Not in a step that had to
         # preempt: the cache is short, and re-admitting the victim at once would only thrash.
-        skipped: list[Sequence] = []  # waiting on an adapter slot; keep their queue order
+        skipped: list[Sequence] = []  # waiting on their adapter; keep their queue order
+        starving = False  # a request behind which no adapter request may pass (module docstring)
         while (self.waiting and budget > 0 and out.num_preempted == 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
@@ -147,6 +158,9 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, n):
                 break  # FIFO: do not let later (smaller) requests starve this one
             self.waiting.popleft()
+            if starving and seq.adapter_id:
+                skipped.append(seq)
+                continue
             try:
                 got_slot = self._acquire_slot(seq)
             except Exception as exc:  # the adapter vanished, failed to load, ...
@@ -154,6 +168,10 @@ class Scheduler:
                 seq.status = SequenceStatus.FINISHED
                 continue
             if not got_slot:
+                seq.adapter_skips += 1
+                if seq.adapter_wait_start is None:
+                    seq.adapter_wait_start = time.monotonic()
+                starving = starving or seq.adapter_skips > self.config.adapter_starvation_steps
                 skipped.append(seq)
                 continue
             seq.status = SequenceStatus.RUNNING
@@ -203,6 +221,13 @@ class Scheduler:
         slot = self.adapter_slots.acquire(seq.adapter_id)
         if slot is None:
             return False
+        if seq.num_preemptions == 0 and not seq.holds_adapter_slot:  # first admission only
+            waited = 0.0 if seq.adapter_wait_start is None else time.monotonic() - seq.adapter_wait_start
+            observe = getattr(self.adapter_slots, "observe_wait", None)
+            if observe is not None:
+                observe(waited)
+        seq.adapter_wait_start = None
+        seq.adapter_skips = 0
         seq.adapter_slot = slot
         seq.holds_adapter_slot = True
         return True

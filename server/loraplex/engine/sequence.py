@@ -44,6 +44,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     adapter_slot: int = NO_ADAPTER_SLOT
     holds_adapter_slot: bool = False  # True between a successful acquire() and its release()
+    adapter_skips: int = 0  # admission passes that skipped it because its adapter was not ready
+    adapter_wait_start: float | None = None  # when admission first found its adapter not ready
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -19,3 +19,11 @@ class AdapterExistsError(AdapterError):
 
 class AdapterCapacityError(AdapterError):
     """No room: every host or device place is pinned or busy, or out of memory (RESOURCE_EXHAUSTED)."""
+
+
+class AdapterNotFoundError(Exception):
+    """The request names an adapter the LoRA manager does not know (-> NOT_FOUND)."""
+
+    def __init__(self, adapter_id: str, detail: str | None = None):
+        super().__init__(f"adapter {adapter_id!r} is not loaded" + (f": {detail}" if detail else ""))
+        self.adapter_id = adapter_id

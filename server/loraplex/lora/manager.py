@@ -1,45 +1,70 @@
-"""The adapter cache: a host tier of loaded adapters and a pool of device slots.
+"""The adapter cache: registered adapters, the memory pool they run from, and their loads.
 
 Three places an adapter can be, as ListAdapters reports them:
-  DISK   registered (its folder is known) but its weights were dropped from host memory;
-  HOST   weights in host memory (pinned memory on CUDA), ready to copy into a device slot;
-  DEVICE weights also in one of the `max_loras` device slots the kernels index.
+  DISK   registered (its folder is known); no weights in memory, read again on the next use;
+  HOST   weights in host memory, not in the pool: on CUDA the pinned host tier the pool is filled
+         from; on CPU only an adapter read while the pool had no room for it (it moves in as
+         soon as room appears);
+  DEVICE in the adapter memory pool (lora/pool.py), where the kernels read it. On CPU the pool IS
+         host memory: a read from disk goes straight into it (the one copy) and no second
+         copy is kept.
 
-Life of a request's adapter, as the engine drives it:
-  reserve(id)        at submit: NOT_FOUND unless the adapter is on the host tier; counts the
-                     request in flight, which keeps the adapter from being dropped or freed.
-  acquire_slot(id)   at admission (engine thread): a slot, copying the weights in if needed,
-                     evicting the least recently used slot nobody runs on; None = "not now".
-  release_slot(id)   when the sequence leaves the running batch (finish, abort, preemption).
+The pool is sized in bytes (--adapter-memory) and each adapter takes its real size, so how
+many adapters run at once is bounded by memory, not by a slot count (--max-loras, when given,
+caps the number of resident adapters as vLLM's flag does).
+
+Life of a request's adapter, as the servicer and the engine drive it:
+  ensure_available(id) before submit (worker thread): registers an unknown id found under
+                     --adapter-root (reads it, so bad folders fail the request at once) and
+                     puts it into the pool if there is room. Known ids return at once.
+  reserve(id)        at submit: counts the request in flight (its adapter is then never evicted
+                     nor dropped) and, when the adapter is not in the pool, asks the prefetcher
+                     (lora/prefetch.py) to bring it in while the engine keeps stepping.
+  acquire(id)        at admission (engine thread, never blocks): its slot if it is in the pool,
+                     else None ("not yet"); raises the load error if its background load failed.
+  release(id)        when the sequence leaves the running batch (finish, abort, preemption).
   finish(id)         when the request ends; an adapter being unloaded is freed at its last finish.
 
-Disk reads (LoadAdapter, on-demand loads from --adapter-root) happen outside the lock, so the
-step loop never waits for a disk; a failed read changes nothing. Device slot writes only happen
-in acquire_slot, which the engine calls between forwards, so a forward never sees a half-written slot.
+Eviction only takes adapters no request holds (nothing running, waiting or pinned), least
+recently used first within the allocator's window choice (lora/allocator.py). Disk reads and
+pool writes happen outside the lock, in the caller's worker thread or the prefetcher; a pool
+extent becomes visible to the kernels only once it is fully written (pool.publish), and an
+evicted adapter's memory is reused only when no running sequence uses it, so a forward never
+sees half-written or reused weights.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
+import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from loraplex.config import LoraConfig
-from loraplex.engine.errors import AdapterNotFoundError
 
 from loraplex_kernels import build_lora_meta, slot_weight_dtype
 
 from .batch import LoraBatch
-from .errors import AdapterCapacityError, AdapterExistsError
-from .group import LoraGroup
-from .layers import LoraWeights
+from .errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
 from .paths import resolve_under_roots, validate_adapter_id
 from .peft_format import AdapterWeights, BaseShapes, read_adapter
+from .pool import AdapterPool, Layout, available_memory
+from .prefetch import Prefetcher
+
+log = logging.getLogger(__name__)
+
+# Resident adapters are capped by the tables' rows when --max-loras is not given: table memory is
+# ~28 bytes per row per projection, so 4096 rows cost ~10 MB on the default model.
+DEFAULT_TABLE_SLOTS = 4096
+# Added to the last use of an adapter some waiting request holds: evicted only after every idle one.
+_WAITED_FOR = 1e9
+# Pinned adapters never leave the pool; keep a quarter of it for everyone else.
+PINNED_SHARE = 0.75
 
 
 class Tier(enum.Enum):
@@ -55,7 +80,7 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     min_rank: int
     max_rank: int
-    nbytes: int
+    nbytes: int  # bytes the adapter takes in the pool
     tier: Tier
     requests_in_flight: int
     last_used: float  # unix time, 0 = never used
@@ -68,21 +93,26 @@ class _Entry:
     source: Path
     fingerprint: str
     pinned: bool
-    weights: AdapterWeights | None  # None: dropped to DISK, reloaded on the next use
+    host: AdapterWeights | None  # weights in host memory outside the pool (see Tier.HOST)
+    layout: Layout  # where its modules go inside a pool extent (fixed by its ranks)
     target_modules: tuple[str, ...]
     min_rank: int
     max_rank: int
-    nbytes: int
-    slot: int | None = None
-    slot_users: int = 0  # running sequences using the device slot
+    slot: int | None = None  # table row while it holds a pool extent (loading or resident)
+    offset: int | None = None  # pool extent start (elements)
+    resident: bool = False  # in the pool and published: the kernels may read it
+    slot_users: int = 0  # running sequences using it
     in_flight: int = 0  # requests reserved (waiting or running)
     unloading: bool = False
+    error: Exception | None = None  # its last background load failed; waiting requests get it
+    prefetched: bool = False  # placed by the prefetcher and not yet acquired
+    acquire_missed: bool = False  # some acquire found it absent since it was last placed
     last_used: float = 0.0
     last_used_mono: float = field(default_factory=time.monotonic)
 
-
-# Projections of one layer that read the same input; their LoRA deltas are computed together.
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    @property
+    def nbytes(self) -> int:
+        return self.layout.elems
 
 
 class LoraManager:
@@ -94,64 +124,82 @@ class LoraManager:
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}  # one disk read per id at a time
         self._entries: dict[str, _Entry] = {}
-        self._slot_owner: list[str | None] = [None] * config.max_loras
-        # Adapter max rank per slot: the kernel metadata's rank (work per token ∝ this).
-        self.slot_ranks = torch.zeros(config.max_loras, dtype=torch.int32)  # [slots], host
-        self._modules: dict[tuple[int, str], LoraWeights] = {}
-        # Slot weights in the kernel backend's dtype (the model's, or float32 for the CPU torch
-        # fallback, see slot_weight_dtype); the host tier keeps adapters in the model's dtype.
+        # Pool weights in the kernel backend's dtype (the model's, or float32 for the CPU torch
+        # fallback, see slot_weight_dtype).
         self.slot_dtype = slot_weight_dtype(dtype)
-        projections = {(layer_idx, name): proj for layer_idx, name, proj in model.iter_projections()}
-        for key, proj in projections.items():
-            if key in self._modules:
-                continue
-            # q/k/v and gate/up read the same input: their weights form a group applied in one
-            # pass (lora/group.py); o and down (and any set a model lacks) stand alone.
-            layer_idx, name = key
-            names = next((g for g in FUSED_GROUPS if name in g), (name,))
-            keys = [(layer_idx, n) for n in names]
-            members = [projections.get(k) for k in keys]
-            if len(names) > 1 and all(p is not None for p in members):
-                group = LoraGroup(config.max_loras, config.max_lora_rank, proj.in_features,
-                                  [p.out_features for p in members], self.slot_dtype, device)
-                weights = group.members
-            else:
-                keys, members = [key], [proj]
-                weights = [LoraWeights(config.max_loras, config.max_lora_rank, proj.in_features,
-                                       proj.out_features, self.slot_dtype, device)]
-            for k, p, w in zip(keys, members, weights):
-                p.lora_weights = w
-                self._modules[k] = w
+        num_slots = config.max_loras or DEFAULT_TABLE_SLOTS
+        self.pool = AdapterPool(model, config.adapter_memory_bytes(lambda: available_memory(self.device)),
+                                num_slots, self.slot_dtype, self.device)
+        self._free_slots = list(range(num_slots - 1, -1, -1))  # a stack: low rows first
+        self._slot_owner: list[str | None] = [None] * num_slots
         self.base_shapes = BaseShapes.from_model(model)
         self.stats = _Counters()
+        # CUDA: pool writes from pinned host memory go on a side stream, off the compute stream.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.prefetcher = Prefetcher(self._prefetch)
+        self.prefetcher.start()
+
+    def close(self) -> None:
+        self.prefetcher.stop()
 
     # ------------------------------------------------------------------ admin calls (any thread)
     def load(self, adapter_id: str, path: str | Path, pinned: bool = False) -> AdapterInfo:
+        """Register and read an adapter folder, and put it into the pool when there is room (a
+        pinned one must fit now). Any failure leaves the manager exactly as it was."""
         validate_adapter_id(adapter_id)
         real = resolve_under_roots(path, self.config.roots)
+        known = False
         with self._load_lock(adapter_id):
             with self._lock:
                 entry = self._entries.get(adapter_id)
-                if pinned and not (entry is not None and entry.pinned):
-                    self._check_pin_room()
                 if entry is not None and not entry.unloading:
                     if entry.source != real:
                         raise AdapterExistsError(
                             "adapter_id", f"{adapter_id!r} is already loaded from {entry.source}")
-                    if entry.weights is not None:
-                        entry.pinned = entry.pinned or pinned
-                        return self._info(entry)
-            weights = self._read(real)  # slow; outside the lock, nothing changed if it raises
-            return self._register(adapter_id, real, weights, pinned, source_kind="api")
+                    if entry.resident and pinned and not entry.pinned:
+                        self._check_pin_room(entry.nbytes)
+                        entry.pinned = True
+                    if entry.resident or not pinned or entry.pinned:
+                        known = True
+                was_new = entry is None
+            if not known:
+                weights = self._read(real)  # slow; outside the lock, nothing changed if it raises
+                self._register(adapter_id, real, weights, pinned, source_kind="api")
+        if known:  # registered already: bring it in if it is not (a concurrent load may be doing it)
+            self._make_resident(adapter_id)
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is None:
+                    raise AdapterNotFoundError(adapter_id)
+                return self._info(entry)
+        try:
+            self._make_resident(adapter_id, required=pinned)
+        except Exception:
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is not None:
+                    if was_new:
+                        self._entries.pop(adapter_id)
+                    else:
+                        entry.pinned = False
+                self.stats.loads["api"] -= 1
+            raise
+        with self._lock:
+            return self._info(self._entries[adapter_id])
 
-    def _check_pin_room(self) -> None:
-        # Pinned adapters never leave their device slot; keep one slot for everyone else, or
-        # requests for any unpinned adapter would wait forever.
-        pinned = sum(1 for e in self._entries.values() if e.pinned and not e.unloading)
-        if pinned + 1 > self.config.max_loras - 1:
+    def _check_pin_room(self, nbytes: int) -> None:
+        # Pinned adapters never leave the pool; leave room for everyone else, or requests for
+        # unpinned adapters would wait forever.
+        pinned = [e for e in self._entries.values() if e.pinned and not e.unloading]
+        limit = int(self.pool.capacity_bytes * PINNED_SHARE)
+        if sum(e.nbytes for e in pinned) * self.pool.elem_size + nbytes * self.pool.elem_size > limit:
+            raise AdapterCapacityError(
+                "pinned", f"pinned adapters may take at most {PINNED_SHARE:.0%} of the adapter pool "
+                f"({limit / 2**20:.1f} MiB); raise --adapter-memory or unpin one")
+        if self.config.max_loras is not None and len(pinned) + 1 > self.config.max_loras - 1:
             raise AdapterCapacityError(
                 "pinned", f"at most {self.config.max_loras - 1} adapters may be pinned "
-                f"(max_loras {self.config.max_loras} minus one slot kept for unpinned adapters)")
+                f"(--max-loras {self.config.max_loras} minus one kept for unpinned adapters)")
 
     def unload(self, adapter_id: str) -> None:
         """New requests get NOT_FOUND at once; memory is freed when the last running one ends."""
@@ -174,14 +222,15 @@ class LoraManager:
 
     # ------------------------------------------------------------------ request path
     def ensure_available(self, adapter_id: str) -> None:
-        """Make `adapter_id` ready on the host tier, reading it from disk if needed.
+        """Make `adapter_id` known, reading it from --adapter-root if it is not registered yet.
 
-        Blocking (disk): call it from a worker thread, not the event loop or the step loop.
+        Blocking (disk) for a new id only: call it from a worker thread. A registered adapter
+        returns at once, wherever its weights are: reserve() has the prefetcher bring them in.
         Raises AdapterNotFoundError when the id is unknown and not under --adapter-root.
         """
         with self._lock:
             entry = self._entries.get(adapter_id)
-            if entry is not None and not entry.unloading and entry.weights is not None:
+            if entry is not None and not entry.unloading:
                 return
         try:
             validate_adapter_id(adapter_id)
@@ -190,48 +239,58 @@ class LoraManager:
         with self._load_lock(adapter_id):
             with self._lock:
                 entry = self._entries.get(adapter_id)
-                if entry is not None and entry.unloading:
-                    raise AdapterNotFoundError(adapter_id)
-                if entry is not None and entry.weights is not None:
+                if entry is not None:
+                    if entry.unloading:
+                        raise AdapterNotFoundError(adapter_id)
                     return
-                source = entry.source if entry is not None else None
-            if source is None:
-                root = self.config.adapter_root
-                if not root or not (Path(root) / adapter_id).is_dir():
-                    raise AdapterNotFoundError(adapter_id)
-                source = resolve_under_roots(Path(root) / adapter_id, self.config.roots)
+            root = self.config.adapter_root
+            if not root or not (Path(root) / adapter_id).is_dir():
+                raise AdapterNotFoundError(adapter_id)
+            source = resolve_under_roots(Path(root) / adapter_id, self.config.roots)
             weights = self._read(source)
-            self._register(adapter_id, source, weights, pinned=False,
-                           source_kind="disk_reload" if entry is not None else "on_demand")
+            self._register(adapter_id, source, weights, pinned=False, source_kind="on_demand")
+        self._make_resident(adapter_id)  # the one copy, here and now when the pool has room
 
-    def reserve(self, adapter_id: str) -> None:
+    def reserve(self, adapter_id: str) -> bool:
+        """Count a request in flight; returns whether its adapter is already in the pool."""
         with self._lock:
             entry = self._entries.get(adapter_id)
-            if entry is None or entry.unloading or entry.weights is None:
+            if entry is None or entry.unloading:
                 raise AdapterNotFoundError(adapter_id)
             entry.in_flight += 1
+            entry.error = None  # a new request retries a failed background load
             self._touch(entry)
+            if entry.resident:
+                self.stats.hits += 1
+                return True
+            self.stats.misses += 1
+        self.prefetcher.request(adapter_id)
+        return False
 
-    def acquire_slot(self, adapter_id: str) -> int | None:
-        """Engine thread only. A device slot for a reserved adapter, or None if all are busy."""
+    def acquire(self, adapter_id: str) -> int | None:
+        """Engine thread only, never blocks: the adapter's slot if it is in the pool, else None."""
         with self._lock:
             entry = self._entries[adapter_id]
-            if entry.slot is not None:
-                self.stats.hits += 1
-            else:
-                slot = self._free_or_evict_slot()
-                if slot is None:
-                    return None
-                self.stats.misses += 1
-                self._write_slot(slot, entry)
-            entry.slot_users += 1
-            self._touch(entry)
-            return entry.slot
+            if entry.error is not None:
+                raise entry.error
+            if entry.resident:
+                if entry.prefetched and not entry.acquire_missed:
+                    self.stats.prefetch_hits += 1
+                entry.prefetched = False
+                entry.slot_users += 1
+                self._touch(entry)
+                return entry.slot
+            entry.acquire_missed = True
+        self.prefetcher.request(adapter_id)  # idempotent: queued once however often it is asked
+        return None
 
-    def release_slot(self, adapter_id: str) -> None:
+    def release(self, adapter_id: str) -> None:
         with self._lock:
             entry = self._entries[adapter_id]
             entry.slot_users = max(0, entry.slot_users - 1)
+            idle = entry.slot_users == 0
+        if idle:
+            self.prefetcher.notify()  # loads waiting for room may find some now
 
     def finish(self, adapter_id: str) -> None:
         with self._lock:
@@ -241,14 +300,153 @@ class LoraManager:
             entry.in_flight = max(0, entry.in_flight - 1)
             if entry.unloading and entry.in_flight == 0:
                 self._free(entry)
+        self.prefetcher.notify()
 
-    # The engine's names for the slot calls (engine/scheduler.py, engine/model_runner.py).
-    acquire = acquire_slot
-    release = release_slot
+    def observe_wait(self, seconds: float) -> None:
+        """A request waited `seconds` in the queue for its adapter to reach the pool (scheduler)."""
+        self.stats.wait_seconds.append(seconds)
+        self.stats.wait_count += 1
 
     def build_lora_batch(self, token_slots: torch.Tensor, row_slots: torch.Tensor) -> LoraBatch:
         """token_slots [T] int64 (-1 = base) -> the step's LoraBatch, kernel metadata included."""
-        return LoraBatch(token_slots=token_slots, meta=build_lora_meta(token_slots, self.slot_ranks))
+        return LoraBatch(token_slots=token_slots, meta=build_lora_meta(token_slots, self.pool.slot_ranks))
+
+    # ------------------------------------------------------------------ the pool
+    def _make_resident(self, adapter_id: str, required: bool = False) -> bool:
+        """Bring the adapter into the pool (any thread but the engine's). True when it is there
+        (or needs nothing: gone, unloading); False when there is no room now (retry once some
+        adapter goes idle). Reads it from disk first if its weights are nowhere in memory. With
+        `required`, no room raises AdapterCapacityError instead."""
+        with self._load_lock(adapter_id):
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is None or entry.unloading or entry.resident:
+                    return True
+                source, need_read = entry.source, entry.host is None
+            if need_read:
+                try:
+                    if not source.is_dir():
+                        raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
+                    weights = self._read(source)
+                    if weights.fingerprint != entry.fingerprint:
+                        log.warning("adapter %r changed on disk since it was registered; serving the "
+                                    "new weights", adapter_id)
+                except Exception as exc:
+                    with self._lock:
+                        entry.error = exc  # the requests waiting for it fail with this
+                    log.warning("adapter %r could not be read again from %s: %s", adapter_id, source, exc)
+                    return True
+                with self._lock:
+                    if entry.unloading:
+                        return True
+                    entry.host = self._to_host(weights)
+                    entry.layout = self.pool.layout(entry.host)
+                    self.stats.loads["disk_reload"] = self.stats.loads.get("disk_reload", 0) + 1
+            with self._lock:
+                if not self._reserve_extent(entry, required):
+                    return False
+                slot, offset, layout, host = entry.slot, entry.offset, entry.layout, entry.host
+            # The one copy, outside the lock: no table points at this extent yet.
+            t0 = time.perf_counter()
+            try:
+                if self._copy_stream is not None:
+                    with torch.cuda.stream(self._copy_stream):
+                        self.pool.write(offset, layout, host)
+                    self._copy_stream.synchronize()
+                else:
+                    self.pool.write(offset, layout, host)
+            except BaseException:
+                with self._lock:  # nothing points at the extent yet: give it back, as it was
+                    self._drop_extent(entry)
+                    if entry.unloading and entry.in_flight == 0:
+                        self._free(entry)
+                raise
+            self.stats.pool_write_seconds.append(time.perf_counter() - t0)
+            with self._lock:
+                if entry.unloading and entry.in_flight == 0:
+                    self._drop_extent(entry)  # unloaded while it was being written
+                    self._free(entry)
+                    return True
+                self.pool.publish(slot, offset, layout)
+                entry.resident = True
+                entry.prefetched = threading.current_thread() is self.prefetcher.thread
+                entry.acquire_missed = False
+                if self.device.type == "cpu":
+                    entry.host = None  # the pool holds it now; no second copy on CPU
+            return True
+
+    def _prefetch(self, adapter_id: str) -> bool:
+        """The prefetcher's call: _make_resident, any failure recorded for the waiting requests."""
+        try:
+            return self._make_resident(adapter_id)
+        except Exception as exc:
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is not None:
+                    entry.error = exc
+            log.warning("adapter %r could not be brought into the pool: %s", adapter_id, exc)
+            return True
+
+    def _reserve_extent(self, entry: _Entry, required: bool) -> bool:
+        """Under the lock: a table row and a pool extent for `entry`, evicting idle adapters."""
+        need = entry.layout.elems
+        if need > self.pool.allocator.capacity:
+            raise AdapterCapacityError(
+                "adapter_memory", f"adapter {entry.adapter_id!r} needs {need * self.pool.elem_size / 2**20:.1f} MiB, "
+                f"more than the whole adapter pool ({self.pool.capacity_bytes / 2**20:.1f} MiB); raise --adapter-memory")
+        if not self._free_slots:
+            victim = min((e for e in self._entries.values() if self._evictable(e)),
+                         key=lambda e: self._age(e.adapter_id), default=None)
+            if victim is None:
+                return self._no_room(entry, required, f"all {self.pool.num_slots} slots (--max-loras) are in use")
+            self._evict(victim)
+        offset = self.pool.allocator.alloc(need, entry.adapter_id)
+        if offset is None:
+            plan = self.pool.allocator.plan(need, self._age)
+            if plan is None:
+                return self._no_room(entry, required, "the adapter pool is full of adapters in use")
+            for victim_id in plan.victims:
+                self._evict(self._entries[victim_id])
+            self.pool.allocator.take(plan.offset, need, entry.adapter_id)
+            offset = plan.offset
+        entry.slot, entry.offset = self._free_slots.pop(), offset
+        self._slot_owner[entry.slot] = entry.adapter_id
+        return True
+
+    def _no_room(self, entry: _Entry, required: bool, why: str) -> bool:
+        if required:
+            raise AdapterCapacityError("adapter_memory", f"no room for adapter {entry.adapter_id!r} now: "
+                                       f"{why}; raise --adapter-memory or retry later")
+        return False
+
+    def _evictable(self, e: _Entry) -> bool:
+        """In the pool, not pinned, no running sequence on it. Adapters that only WAITING
+        requests hold may go too (they come back through the prefetcher), but last (`_age`):
+        otherwise a queue of waiting requests could hold the pool against the one request the
+        scheduler's starvation bound is waiting to admit."""
+        return e.resident and not e.pinned and e.slot_users == 0
+
+    def _age(self, owner) -> float | None:
+        """Eviction order key (smaller goes first), None = may not be evicted."""
+        e = self._entries.get(owner)
+        if e is None or not self._evictable(e):
+            return None
+        return e.last_used_mono + (_WAITED_FOR if e.in_flight else 0.0)
+
+    def _evict(self, entry: _Entry) -> None:
+        self._drop_extent(entry)
+        self.stats.device_evictions += 1
+
+    def _drop_extent(self, entry: _Entry) -> None:
+        if entry.slot is None:
+            return
+        if entry.resident:
+            self.pool.unpublish(entry.slot, entry.layout)
+        self.pool.allocator.release(entry.offset)
+        self._slot_owner[entry.slot] = None
+        self._free_slots.append(entry.slot)
+        entry.slot = entry.offset = None
+        entry.resident = False
 
     # ------------------------------------------------------------------ internals
     def _load_lock(self, adapter_id: str) -> threading.Lock:
@@ -264,18 +462,30 @@ class LoraManager:
             self.stats.load_failures += 1
             raise
         self.stats.load_seconds.append(time.perf_counter() - t0)
+        self.stats.load_count += 1
+        return weights
+
+    def _to_host(self, weights: AdapterWeights) -> AdapterWeights:
+        """CUDA: cast to the pool dtype and pin, for async copies into the pool. CPU: keep the
+        file's tensors as read (the pool write casts them: one copy, not two)."""
+        if self.device.type == "cuda":
+            return weights.to(dtype=self.slot_dtype, pin_memory=True)
         return weights
 
     def _register(self, adapter_id: str, source: Path, weights: AdapterWeights, pinned: bool,
                   source_kind: str) -> AdapterInfo:
-        weights = _to_host(weights, self.dtype, pin=self.device.type == "cuda")
+        layout = self.pool.layout(weights)
+        if layout.elems > self.pool.allocator.capacity:
+            raise AdapterCapacityError(
+                "adapter_memory", f"adapter {adapter_id!r} needs {layout.elems * self.pool.elem_size / 2**20:.1f} MiB, "
+                f"more than the whole adapter pool ({self.pool.capacity_bytes / 2**20:.1f} MiB); raise --adapter-memory")
+        host = self._to_host(weights)
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is not None and entry.unloading:
-                # Requests still run on the unloaded weights (an unloading entry always has some:
-                # the last finish() frees it). Their device slot, slot_users and in_flight are keyed
-                # by this id, so replacing the entry now would hand their slot to other adapters
-                # mid-generation and let their finish() decrement the new entry's counts.
+                # Requests still run on the unloaded weights; replacing the entry now would hand
+                # their slot to other adapters mid-generation and let their finish() decrement
+                # the new entry's counts.
                 if source_kind == "api":
                     raise AdapterExistsError(
                         "adapter_id", f"{adapter_id!r} is being unloaded and {entry.in_flight} request(s) "
@@ -283,77 +493,47 @@ class LoraManager:
                 raise AdapterNotFoundError(adapter_id)
             if entry is not None and entry.source != source:
                 raise AdapterExistsError("adapter_id", f"{adapter_id!r} is already loaded from {entry.source}")
-            if entry is None or entry.weights is None:
-                self._make_host_room(exclude=adapter_id)
+            if pinned and not (entry is not None and entry.pinned):
+                self._check_pin_room(layout.elems)
+            self._make_host_room(exclude=adapter_id)
             if entry is None:
                 entry = _Entry(adapter_id=adapter_id, source=source, fingerprint=weights.fingerprint,
-                               pinned=pinned, weights=weights,
+                               pinned=pinned, host=host, layout=layout,
                                target_modules=tuple(weights.target_modules),
-                               min_rank=weights.min_rank, max_rank=weights.max_rank,
-                               nbytes=weights.nbytes)
+                               min_rank=weights.min_rank, max_rank=weights.max_rank)
                 self._entries[adapter_id] = entry
             else:
-                entry.weights = weights
+                if not entry.resident:
+                    entry.host, entry.layout = host, layout
                 entry.pinned = entry.pinned or pinned
-                # Brought back for a request about to reserve it: with its old timestamp it would
-                # be the next host-tier victim, dropped again by any load before that reserve.
                 entry.last_used_mono = time.monotonic()
             self.stats.loads[source_kind] = self.stats.loads.get(source_kind, 0) + 1
             return self._info(entry)
 
     def _make_host_room(self, exclude: str) -> None:
-        on_host = [e for e in self._entries.values() if e.weights is not None]
+        """Bound the host copies (--max-cpu-loras): drop the least recently used one that is not
+        needed (its adapter is in the pool already, or nothing waits for it)."""
+        on_host = [e for e in self._entries.values() if e.host is not None]
         if len(on_host) < self.config.max_cpu_loras:
             return
-        idle = [e for e in on_host if e.adapter_id != exclude and not e.pinned
-                and e.in_flight == 0 and e.slot_users == 0]
+        idle = [e for e in on_host if e.adapter_id != exclude and not e.pinned and e.slot is None
+                and e.in_flight == 0]
+        idle += [e for e in on_host if e.adapter_id != exclude and e.resident]
         if not idle:
             raise AdapterCapacityError(
-                "max_cpu_loras", f"host tier full ({self.config.max_cpu_loras}) and every adapter is pinned or in use")
+                "max_cpu_loras", f"host tier full ({self.config.max_cpu_loras}) and every adapter on it is "
+                "waiting to enter the pool")
         victim = min(idle, key=lambda e: e.last_used_mono)
-        self._drop_slot(victim)
-        victim.weights = None  # back to DISK; reloaded from its folder on the next request
+        victim.host = None  # back to DISK (or only in the pool); read again when needed
         self.stats.host_evictions += 1
 
-    def _free_or_evict_slot(self) -> int | None:
-        for slot, owner in enumerate(self._slot_owner):
-            if owner is None:
-                return slot
-        idle = [self._entries[o] for o in self._slot_owner
-                if o is not None and self._entries[o].slot_users == 0 and not self._entries[o].pinned]
-        if not idle:
-            return None
-        victim = min(idle, key=lambda e: e.last_used_mono)
-        slot = victim.slot
-        self._drop_slot(victim)
-        self.stats.device_evictions += 1
-        return slot
-
-    def _write_slot(self, slot: int, entry: _Entry) -> None:
-        assert entry.weights is not None
-        for key, w in self._modules.items():
-            mod = entry.weights.modules.get(key)
-            if mod is None:
-                w.clear_slot(slot)
-            else:
-                w.set_slot(slot, mod.A, mod.B, mod.scale)
-        self.slot_ranks[slot] = entry.max_rank
-        self._slot_owner[slot] = entry.adapter_id
-        entry.slot = slot
-
-    def _drop_slot(self, entry: _Entry) -> None:
-        if entry.slot is None:
+    def _free(self, entry: _Entry) -> None:
+        if entry.in_flight:
             return
-        # Weights may stay in the freed slot: its rank goes to 0 and no token indexes it.
-        self.slot_ranks[entry.slot] = 0
-        self._slot_owner[entry.slot] = None
-        entry.slot = None
-
-    def _free(self, entry: _Entry, force: bool = False) -> None:
-        if entry.in_flight and not force:
-            return
-        self._drop_slot(entry)
-        entry.weights = None
+        if entry.slot is not None and not entry.resident:
+            return  # a load is writing its extent: _make_resident frees it when done
+        self._drop_extent(entry)
+        entry.host = None
         self._entries.pop(entry.adapter_id, None)
         self.stats.unloads += 1
 
@@ -362,10 +542,10 @@ class LoraManager:
         entry.last_used_mono = time.monotonic()
 
     def _info(self, e: _Entry) -> AdapterInfo:
-        tier = Tier.DEVICE if e.slot is not None else Tier.HOST if e.weights is not None else Tier.DISK
+        tier = Tier.DEVICE if e.resident else Tier.HOST if e.host is not None else Tier.DISK
         return AdapterInfo(adapter_id=e.adapter_id, source=str(e.source), target_modules=e.target_modules,
-                           min_rank=e.min_rank, max_rank=e.max_rank, nbytes=e.nbytes, tier=tier,
-                           requests_in_flight=e.in_flight, last_used=e.last_used, pinned=e.pinned)
+                           min_rank=e.min_rank, max_rank=e.max_rank, nbytes=e.nbytes * self.pool.elem_size,
+                           tier=tier, requests_in_flight=e.in_flight, last_used=e.last_used, pinned=e.pinned)
 
     # ------------------------------------------------------------------ gauges
     def tier_counts(self) -> dict[Tier, int]:
@@ -377,21 +557,39 @@ class LoraManager:
 
     @property
     def device_bytes(self) -> int:
-        return sum(w.nbytes for w in self._modules.values())
+        """Bytes reserved for adapter weights on the serving device (the pool)."""
+        return self.pool.capacity_bytes
+
+    @property
+    def pool_used_bytes(self) -> int:
+        return self.pool.used_bytes
+
+    @property
+    def load_queue_depth(self) -> int:
+        return self.prefetcher.depth
+
+    def capacity_summary(self) -> str:
+        """How many adapters of typical shapes fit the pool (start-up log)."""
+        parts = []
+        for label, targets in (("q,v", ("q_proj", "v_proj")), ("all-linear", tuple(
+                {name for _, name in self.pool.features}))):
+            fits = [f"r{r}: {self.pool.capacity_bytes // self.pool.adapter_bytes(targets, r)}" for r in (8, 16, 64)]
+            parts.append(f"{label} " + ", ".join(fits))
+        return "; ".join(parts)
 
 
 @dataclass
 class _Counters:
-    hits: int = 0
+    hits: int = 0  # requests whose adapter was in the pool when submitted
     misses: int = 0
+    prefetch_hits: int = 0  # adapters the prefetcher placed before the scheduler first asked
     device_evictions: int = 0
     host_evictions: int = 0
     unloads: int = 0
     load_failures: int = 0
     loads: dict[str, int] = field(default_factory=dict)
     load_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
-
-
-def _to_host(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> AdapterWeights:
-    """Cast to the serving dtype (halves host memory in bf16) and pin for async H2D copies."""
-    return weights.to(dtype=dtype, pin_memory=pin)
+    load_count: int = 0  # appended to load_seconds, ever (the metrics read the new ones)
+    wait_count: int = 0
+    pool_write_seconds: deque = field(default_factory=lambda: deque(maxlen=1024))
+    wait_seconds: deque = field(default_factory=lambda: deque(maxlen=4096))

@@ -3,7 +3,7 @@
 The model's q/k/v/o and gate/up/down layers are Projections named exactly like HF's modules
 (`model.layers.{i}.self_attn.q_proj`, ...), so PEFT adapter keys map onto them 1:1.
 `base` does the base-model matmul (nn.Linear today; a quantized layer may replace it), and the
-LoRA side installs `lora_weights` (loraplex.lora.layers.LoraWeights) to add its delta in place.
+LoRA side installs `lora_weights` (loraplex.lora.layers.PoolMember) to add its delta in place.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Projection(nn.Module):
         self.base = base  # maps [T, in_features] -> [T, out_features]
         self.in_features = in_features
         self.out_features = out_features
-        self.lora_weights: Any = None  # LoraWeights | None, set by the LoRA manager
+        self.lora_weights: Any = None  # PoolMember | None, set by the LoRA manager
 
     @classmethod
     def linear(cls, in_features: int, out_features: int, bias: bool = False,
@@ -44,7 +44,7 @@ class Projection(nn.Module):
 
 def project_all(projections: tuple[Projection, ...], x: torch.Tensor, lora: Any = None) -> list[torch.Tensor]:
     """[p(x, lora) for p in projections] for projections that read the same x (q/k/v, gate/up):
-    when their LoRA weights form one group (lora/group.py) the deltas are added in one pass."""
+    when their LoRA weights form one group (lora/layers.py PoolGroup) the deltas are added in one pass."""
     # One GEMM when their bases are one packed group (model/fused_linear.py): column views.
     ys = group_outputs(projections, x) or [p.base(x) for p in projections]  # [T, out_p] each
     if lora is None:

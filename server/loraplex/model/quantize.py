@@ -9,7 +9,7 @@ unless QuantSpec.embeddings (--quantize-embeddings, 4-bit only) also keeps the e
 Linear4bit).
 The LoRA path is untouched: Projection.forward computes y = base(x) and adds the LoRA delta from x.
 bitsandbytes layers return the dtype of their input (Linear4bit casts x to the compute dtype and
-the result back), so y keeps the model dtype that LoraWeights is stored in.
+the result back), so y keeps the model dtype that the LoRA pool is stored in.
 
 Quantization happens at load time, layer by layer (see loader.py): each projection's float weight
 is read from the checkpoint, quantized, and the float copy dropped, so the full-precision model is
