@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_lora_serving import (ALL_LINEAR, Job, Shapes, make_engine, random_lora_tensors,  # noqa: E402
-                                run_streams, write_adapter, zipf_jobs)
+from bench_lora_serving import (ALL_LINEAR, Job, Shapes, random_lora_tensors, run_streams,  # noqa: E402
+                                write_adapter, zipf_jobs)
 from bench_serving import QUESTIONS, machine_info  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "many_adapters_cpu.md"
@@ -52,8 +52,8 @@ MIXED_RANKS = (8, 16, 32, 64)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="qv8:1000,mixed:1000,qv8:5000@64MiB",
-                   help="comma-separated SET:N[@ADAPTER_MEMORY] (sets: qv8, mixed; the memory "
-                        "overrides --adapter-memory for that case)")
+                   help="comma-separated SET:N[@ADAPTER_MEMORY][/POP+POP] (sets: qv8, mixed; the "
+                        "memory overrides --adapter-memory, the popularities --popularity for that case)")
     p.add_argument("--popularity", default="uniform,zipf")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--requests", type=int, default=96, help="requests per pass")
@@ -68,12 +68,14 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.cases, a.requests = "qv8:200,mixed:100@64MiB", 32
-    a.case_list, a.case_memory = [], {}
+    a.case_list, a.case_memory, a.case_pops = [], {}, {}
     for c in a.cases.split(","):
+        c, _, pops = c.partition("/")
         spec, _, mem = c.partition("@")
         key = (spec.split(":")[0], int(spec.split(":")[1]))
         a.case_list.append(key)
         a.case_memory[key] = mem or a.adapter_memory
+        a.case_pops[key] = pops.split("+") if pops else a.popularity.split(",")
     a.popularities = a.popularity.split(",")
     return a
 
@@ -93,6 +95,28 @@ def write_set(root: Path, kind: str, n: int, shapes: Shapes, base: str, seed: in
                           rank, 2.0 * rank, targets, base)
         out[aid] = rank
     return out
+
+
+def make_engine(loaded, manager, streams: int, prompt_len: int, max_new_tokens: int):
+    """The engine, with prefix caching OFF: the base passes send the same prompts again and again
+    and would skip their prefills from the cache, while the LoRA passes (one adapter per request)
+    cannot; this benchmark compares adapter overhead, not the prefix cache."""
+    import dataclasses
+
+    from loraplex.config import EngineConfig
+    from loraplex.engine.engine import Engine
+
+    block = 16
+    per_seq_blocks = -(-(prompt_len + max_new_tokens) // block) + 1
+    extra = {"enable_prefix_caching": False} if "enable_prefix_caching" in {
+        f.name for f in dataclasses.fields(EngineConfig)} else {}
+    config = EngineConfig(block_size=block, num_kv_blocks=max(64, streams * per_seq_blocks),
+                          max_num_seqs=streams, max_model_len=prompt_len + max_new_tokens + 16,
+                          max_new_tokens_cap=max(max_new_tokens, 16), **extra)
+    engine = Engine(loaded, config, lora_manager=manager)
+    engine.warmup()
+    engine.start()
+    return engine
 
 
 def rss_bytes() -> int:
@@ -205,7 +229,9 @@ def write_report(ctx, cases: list[dict], path: Path, load_at_start) -> str:
              "pass. Cold: each stream calls `ensure_available` before submitting (a disk read for an "
              "adapter never seen, straight into the pool), and adapters evicted meanwhile come back "
              "through the prefetcher; warm: the same requests again. Base: the same prompts without "
-             "adapters on the same engine, before and after (ratios use their mean). Command: "
+             "adapters on the same engine, before and after (ratios use their mean). Prefix caching "
+             "is off (the base passes would otherwise skip the repeated prompts' prefills, which the "
+             "one-adapter-per-request passes cannot). Command: "
              f"`.venv/bin/python benchmarks/bench_many_adapters.py {' '.join(sys.argv[1:])}`.", "",
              *machine_info(load_at_start), "", "## Summary", ""]
     for c in cases:
@@ -312,7 +338,7 @@ def main(argv=None) -> int:
     cases = []
     try:
         for kind, n in a.case_list:
-            for pop in a.popularities:
+            for pop in a.case_pops[(kind, n)]:
                 cases.append(run_case(ctx, kind, n, pop))
     finally:
         if not a.keep and not a.work_dir:

@@ -478,3 +478,40 @@ def test_reused_pool_memory_holds_no_stale_weights(tiny_model_dir, adapter_root,
     torch.testing.assert_close(ours[:n], want[kind], atol=5e-4, rtol=0)
     torch.testing.assert_close(ours[n:], want[None], atol=5e-4, rtol=0)
     assert (want[kind] - want[None]).abs().max() > 1.0  # the adapter does change the logits
+
+
+def test_unloading_an_evicted_adapter_still_serves_the_requests_it_accepted(tiny_model_dir, adapter_root,
+                                                                              monkeypatch):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
+    load_all(mgr, adapter_root, "abc")  # a evicted to disk
+    queued = []
+    monkeypatch.setattr(mgr.prefetcher, "request", queued.append)  # hold the prefetch back
+    assert mgr.reserve("a") is False
+    mgr.unload("a")  # a request still waits for a: it must be brought in for it
+    monkeypatch.undo()
+    for adapter_id in queued:
+        mgr.prefetcher.request(adapter_id)
+    assert mgr.prefetcher.drain()
+    assert mgr.acquire("a") is not None and not mgr.exists("a")
+    assert_pool_holds(mgr, adapter_root, "a")
+    mgr.release("a")
+    mgr.finish("a")
+    assert "a" not in mgr._entries and mgr.stats.unloads == 1
+
+
+def test_an_adapter_brought_in_for_a_waiting_request_is_not_evicted_before_it_runs(tiny_model_dir, adapter_root):
+    # Room for one adapter, two waiting requests on two adapters: without the protection of a
+    # freshly placed adapter, each load would evict the other before the scheduler admits either.
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=1)
+    load_all(mgr, adapter_root, "abc")  # c resident, a and b on disk
+    assert mgr.reserve("a") is False and mgr.reserve("b") is False
+    assert mgr.prefetcher.drain()
+    time.sleep(0.2)  # b is blocked for room, retried every 50 ms: it must not evict a
+    assert tiers(mgr)["a"] == Tier.DEVICE and tiers(mgr)["b"] != Tier.DEVICE
+    assert mgr.acquire("a") is not None
+    mgr.release("a")
+    mgr.finish("a")  # a ran: now b may take its place
+    deadline = time.monotonic() + 10
+    while mgr.acquire("b") is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tiers(mgr)["b"] == Tier.DEVICE

@@ -82,6 +82,7 @@ BLOCK_SIZE = 16
 ATOL = {"nf4": 1.5, "int8": 6.0}
 MEAN_ATOL = {"nf4": 0.2, "int8": 0.7}
 FLOOR_FACTOR = 2.0
+ROW_FLOOR_FACTOR = 1.25
 FLOAT_ATOL = 1e-3
 # A reference near-tie: its top logit beats its logit for our token by at most this. Measured
 # margins where choices differed (two adapter std settings tried): nf4 0.017-0.064 at prompt
@@ -245,7 +246,14 @@ def test_mixed_adapter_logits_match_transformers_bnb_peft(ours, reference, promp
     assert err < ATOL[method], f"max |ours - transformers+bnb+PEFT| = {err:.3g} (per row ours/floor: {per_row})"
     assert err <= max(FLOOR_FACTOR * floor_max, FLOAT_ATOL), (
         f"max error {err:.3g} is more than {FLOOR_FACTOR}x the reference's own eager/sdpa spread {floor_max:.3g}")
-    assert mean_err < MEAN_ATOL[method], f"a row's mean |ours - transformers+bnb+PEFT| = {mean_err:.3g} ({per_row})"
+    # Each row within MEAN_ATOL, or within ROW_FLOOR_FACTOR of that row's own eager/sdpa spread
+    # where the reference is noisier than that: pure LLM.int8() re-rounds every activation row, so
+    # a last-bit difference in a LoRA sum (another float32 summation order) can move a row's logits
+    # as much as the reference's two attention kernels do (measured: the patterns_r6 row, 0.85
+    # against the reference's own 0.81). A dropped adapter moves its row by > 1.5 x MEAN_ATOL.
+    for row_mean, row_floor in zip(row_means, floor_row_means):
+        assert row_mean < max(MEAN_ATOL[method], ROW_FLOOR_FACTOR * row_floor), (
+            f"a row's mean |ours - transformers+bnb+PEFT| = {row_mean:.3g} ({per_row})")
     assert mean_err <= max(FLOOR_FACTOR * floor_mean, FLOAT_ATOL), (
         f"mean error {mean_err:.3g} is more than {FLOOR_FACTOR}x the reference's eager/sdpa spread {floor_mean:.3g}")
     # Next-token choices: equal, except at near-ties of the reference (its logit for its own top

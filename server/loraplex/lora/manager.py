@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TABLE_SLOTS = 4096
 # Added to the last use of an adapter some waiting request holds: evicted only after every idle one.
 _WAITED_FOR = 1e9
+# How long an adapter brought in for waiting requests is kept from eviction until one of them is
+# admitted (then running sequences protect it). Bounded, so a request the scheduler cannot admit
+# (no KV blocks, starvation bound) never pins memory for long.
+FRESH_SECONDS = 1.0
 # Pinned adapters never leave the pool; keep a quarter of it for everyone else.
 PINNED_SHARE = 0.75
 
@@ -107,6 +111,7 @@ class _Entry:
     error: Exception | None = None  # its last background load failed; waiting requests get it
     prefetched: bool = False  # placed by the prefetcher and not yet acquired
     acquire_missed: bool = False  # some acquire found it absent since it was last placed
+    placed_mono: float = 0.0  # when it entered the pool; 0 once a sequence was admitted on it
     last_used: float = 0.0
     last_used_mono: float = field(default_factory=time.monotonic)
 
@@ -277,6 +282,7 @@ class LoraManager:
                 if entry.prefetched and not entry.acquire_missed:
                     self.stats.prefetch_hits += 1
                 entry.prefetched = False
+                entry.placed_mono = 0.0  # admitted once: no longer protected as freshly placed
                 entry.slot_users += 1
                 self._touch(entry)
                 return entry.slot
@@ -302,6 +308,16 @@ class LoraManager:
                 self._free(entry)
         self.prefetcher.notify()
 
+    def content_key(self, adapter_id: str) -> str:
+        """What the adapter's weights are, for caches keyed by them (the prefix cache's KV depends
+        on them): a sha256 over its config and weights bytes. The same id loaded again with other
+        weights (unload + load, or a folder changed on disk before a reload) gets another key."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None:
+                raise AdapterNotFoundError(adapter_id)
+            return entry.fingerprint
+
     def observe_wait(self, seconds: float) -> None:
         """A request waited `seconds` in the queue for its adapter to reach the pool (scheduler)."""
         self.stats.wait_seconds.append(seconds)
@@ -320,7 +336,8 @@ class LoraManager:
         with self._load_lock(adapter_id):
             with self._lock:
                 entry = self._entries.get(adapter_id)
-                if entry is None or entry.unloading or entry.resident:
+                # An adapter being unloaded is still brought in for the requests it accepted.
+                if entry is None or entry.resident or (entry.unloading and entry.in_flight == 0):
                     return True
                 source, need_read = entry.source, entry.host is None
             if need_read:
@@ -337,8 +354,9 @@ class LoraManager:
                     log.warning("adapter %r could not be read again from %s: %s", adapter_id, source, exc)
                     return True
                 with self._lock:
-                    if entry.unloading:
+                    if entry.unloading and entry.in_flight == 0:
                         return True
+                    entry.fingerprint = weights.fingerprint  # new content: a new content_key
                     entry.host = self._to_host(weights)
                     entry.layout = self.pool.layout(entry.host)
                     self.stats.loads["disk_reload"] = self.stats.loads.get("disk_reload", 0) + 1
@@ -369,6 +387,7 @@ class LoraManager:
                     return True
                 self.pool.publish(slot, offset, layout)
                 entry.resident = True
+                entry.placed_mono = time.monotonic()
                 entry.prefetched = threading.current_thread() is self.prefetcher.thread
                 entry.acquire_missed = False
                 if self.device.type == "cpu":
@@ -424,7 +443,11 @@ class LoraManager:
         requests hold may go too (they come back through the prefetcher), but last (`_age`):
         otherwise a queue of waiting requests could hold the pool against the one request the
         scheduler's starvation bound is waiting to admit."""
-        return e.resident and not e.pinned and e.slot_users == 0
+        if not e.resident or e.pinned or e.slot_users:
+            return False
+        # Just brought in for a waiting request that has not been admitted yet: evicting it now
+        # for another waiting request's adapter would let two loads evict each other forever.
+        return not (e.in_flight and time.monotonic() - e.placed_mono < FRESH_SECONDS)
 
     def _age(self, owner) -> float | None:
         """Eviction order key (smaller goes first), None = may not be evicted."""
