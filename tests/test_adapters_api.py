@@ -292,6 +292,38 @@ def test_more_busy_adapters_than_room_wait_and_all_complete(small):
         assert got == first[k]
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "gone"])
+def test_evicted_adapter_whose_folder_breaks_fails_only_its_requests(small, dirs, damage):
+    """An adapter evicted from the pool is read again by the prefetcher when a request names it:
+    if its file became corrupt meanwhile the request gets INVALID_ARGUMENT, if its folder is gone
+    NOT_FOUND; requests for the other adapters go on, and a repaired folder serves again."""
+    name = f"fragile-{damage}"
+    folder = shutil.copytree(dirs.library / KINDS[0], dirs.ondemand_small / name)
+    want = tokens(small.gen, name)  # read on demand, into the pool
+    for kind in KINDS[1:3]:  # two others take both places: the fragile adapter goes to disk
+        tokens(small.gen, kind)
+    assert listed(small)[name].tier == apb.ADAPTER_TIER_DISK
+    weights = folder / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    if damage == "corrupt":
+        weights.write_bytes(good[: len(good) // 3])
+    else:
+        shutil.rmtree(folder)
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(small.gen.Generate, greedy_req(name))
+        other = pool.submit(tokens, small.gen, KINDS[1])
+        err = bad.exception(timeout=60)
+        assert len(other.result(timeout=60)) == 10
+    assert isinstance(err, grpc.RpcError), err
+    code = grpc.StatusCode.INVALID_ARGUMENT if damage == "corrupt" else grpc.StatusCode.NOT_FOUND
+    assert err.code() == code and err.details().startswith("adapter_id:"), (err.code(), err.details())
+    folder.mkdir(exist_ok=True)
+    shutil.copytree(dirs.library / KINDS[0], folder, dirs_exist_ok=True)
+    assert tokens(small.gen, name) == want
+    small.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=name))
+    shutil.rmtree(folder)
+
+
 # --- hostile and corrupt input -------------------------------------------------------------------
 def _bad_loads(d) -> dict[str, tuple[str, Path | str, grpc.StatusCode, tuple[str, ...]]]:
     """case -> (adapter_id, path, code, what the details must name)."""
