@@ -26,6 +26,7 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/loraplex convert-default --cache-dir /opt/loraplex/cache
 
 ENV PATH=/opt/venv/bin:$PATH
-EXPOSE 50051 9400
+# 50051 gRPC, 8000 the OpenAI-compatible HTTP API, 9400 metrics (with --metrics-port 9400).
+EXPOSE 50051 8000 9400
 # Adapters are mounted under /adapters; the server loads /adapters/<id> on demand.
 ENTRYPOINT ["loraplex", "serve", "--host", "0.0.0.0", "--cache-dir", "/opt/loraplex/cache"]

@@ -176,6 +176,9 @@ def test_adapters_errors_exit_1_with_status(lora_server, adapter_root, tmp_path,
 BAD_SERVE_FLAGS = [
     (["--port", "70000"], "port"),
     (["--port", "abc"], "--port"),
+    (["--http-port", "70000"], "http_port"),
+    (["--port", "9123", "--http-port", "9123"], "http_port"),
+    (["--generation-config", "/no/such/folder"], "generation_config"),
     (["--block-size", "0"], "block_size"),
     (["--num-kv-blocks", "-5"], "num_kv_blocks"),
     (["--max-num-seqs", "0"], "max_num_seqs"),
@@ -230,7 +233,7 @@ def test_serve_process_end_to_end(tiny_model_dir, adapter_root, tmp_path):
     ondemand.mkdir()
     os.symlink(adapter_root / "chef", ondemand / "chef-od")  # a link inside the root, to a root
     proc, address, log = start_serve(
-        [str(SCRIPT), "serve", "--model", str(tiny_model_dir), "--port", "0", "--dtype", "float32",
+        [str(SCRIPT), "serve", "--model", str(tiny_model_dir), "--port", "0", "--http-port", "0", "--dtype", "float32",
          "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "256", "--shutdown-grace", "1",
          "--adapter", f"poet={adapter_root / 'poet'}", "--adapter-root", str(ondemand),
          "--allowed-adapter-root", str(adapter_root), "--max-loras", "2", "--max-lora-rank", "8"], env)
@@ -260,7 +263,8 @@ def test_serve_process_end_to_end(tiny_model_dir, adapter_root, tmp_path):
 
 def test_serve_with_an_unusable_model_folder_exits_1(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    rc = cli.main(["serve", "--model", str(tmp_path), "--port", "0", "--dtype", "float32", "--device", "cpu"])
+    rc = cli.main(["serve", "--model", str(tmp_path), "--port", "0", "--http-port", "0", "--dtype", "float32",
+                   "--device", "cpu"])
     assert rc == 1
     err = capsys.readouterr().err
     assert "loraplex serve: error:" in err and "architectures" in err, err
@@ -270,7 +274,7 @@ def test_serve_stops_when_a_start_up_adapter_is_unusable(tiny_model_dir, tmp_pat
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
-    rc = cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", "--dtype", "float32",
+    rc = cli.main(["serve", "--model", str(tiny_model_dir), "--port", "0", "--http-port", "0", "--dtype", "float32",
                    "--device", "cpu", "--num-kv-blocks", "16", "--adapter", f"bad={bad}"])
     assert rc == 1
     err = capsys.readouterr().err

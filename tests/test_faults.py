@@ -464,7 +464,7 @@ def test_sigterm_drains_a_real_server(tiny_model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc, address, log = start_serve(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
-         "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512",
+         "--http-port", "0", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512",
          "--max-new-tokens-cap", "500", "--shutdown-grace", str(GRACE)], env)
     try:
         reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # keep draining

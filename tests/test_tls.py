@@ -193,7 +193,7 @@ def test_a_missing_or_bad_cert_file_stops_start_up_with_a_clear_message(pki, tmp
 def test_serve_with_a_missing_cert_exits_1_before_loading_the_model(tmp_path, capsys, pki):
     missing = str(tmp_path / "missing.crt")
     # A model folder that does not hold a model: start-up must stop on the certificate first.
-    code = cli.main(["serve", "--model", str(tmp_path), "--port", "0", "--tls-cert", missing,
+    code = cli.main(["serve", "--model", str(tmp_path), "--port", "0", "--http-port", "0", "--tls-cert", missing,
                      "--tls-key", pki.server[1]])
     assert code == 1
     assert f"tls_cert: cannot read {missing}" in capsys.readouterr().err

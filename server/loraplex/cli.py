@@ -1,6 +1,7 @@
 """The `loraplex` command.
 
-    loraplex serve [--model PATH] [--host H] [--port P] [--dtype D] [--device D] [engine flags]
+    loraplex serve [--model PATH] [--host H] [--port P] [--http-port P | --no-http] [--dtype D] [--device D]
+                   [--generation-config auto|neutral|FOLDER] [engine flags]
                    [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
                    [--adapter-memory BYTES|FRACTION] [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N]
                    [--max-adapter-bytes B]
@@ -36,11 +37,22 @@ def _add_serve(sub) -> None:
     from loraplex.config import EngineConfig, LoraConfig, RequestLimits, ServerConfig
 
     eng, srv, lora, lim = EngineConfig(), ServerConfig(), LoraConfig(), RequestLimits()
-    p = sub.add_parser("serve", help="run the gRPC server",
-                       description="Load a model and serve it over gRPC (health and reflection on).")
+    p = sub.add_parser("serve", help="run the server (gRPC + OpenAI-compatible HTTP)",
+                       description="Load a model and serve it over gRPC (health and reflection on) and "
+                                   "over the OpenAI-compatible HTTP API.")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default=srv.host, help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=srv.port, help="port, 0 = any free one (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=srv.http_port,
+                   help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, ...) on --host, 0 = any free one (default %(default)s)")
+    p.add_argument("--no-http", dest="http", action="store_false",
+                   help="serve gRPC only: no OpenAI-compatible HTTP API")
+    p.add_argument("--generation-config", default=srv.generation_config, metavar="auto|neutral|FOLDER",
+                   help="sampling defaults for requests that leave temperature/top_p/top_k/"
+                        "repetition_penalty unset: auto = the model folder's generation_config.json, "
+                        "neutral (or vllm) = temperature 1, top_p 1, no top_k, no penalty; or a folder "
+                        "holding a generation_config.json (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight/compute dtype (auto: bfloat16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -73,6 +85,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--adapter-starvation-steps", type=int, default=eng.adapter_starvation_steps,
                    help="a request passed over this many steps while its adapter loads stops later "
                         "adapter requests from overtaking it")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt: no sharing of KV blocks between requests with the "
+                        "same leading tokens and adapter (on by default)")
     p.add_argument("--shutdown-grace", type=float, default=srv.shutdown_grace_seconds,
                    help="seconds in-flight requests may finish on SIGTERM/SIGINT")
     p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
@@ -209,6 +224,7 @@ def _server_config(args):
     auth, tls, limits = _security_configs(args)
     return ServerConfig(
         host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
+        http_port=args.http_port if args.http else None, generation_config=args.generation_config,
         max_message_bytes=args.max_message_bytes, auth=auth, tls=tls, limits=limits,
         metrics_port=args.metrics_port, metrics_top_adapters=args.metrics_top_adapters,
         log_format=args.log_format,
@@ -220,7 +236,8 @@ def _server_config(args):
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
                             max_waiting=args.max_waiting,
-                            adapter_starvation_steps=args.adapter_starvation_steps),
+                            adapter_starvation_steps=args.adapter_starvation_steps,
+                            enable_prefix_caching=args.prefix_caching),
         lora=_lora_config(args),
     )
 
@@ -229,6 +246,8 @@ def _serve(args) -> int:
     try:
         if args.model is not None and not os.path.isdir(args.model):
             raise ValueError(f"model: {args.model} is not a folder")
+        if args.generation_config not in ("auto", "neutral", "vllm") and not os.path.isdir(args.generation_config):
+            raise ValueError(f"generation_config: {args.generation_config} is neither auto, neutral nor a folder")
         config = _server_config(args)
     except ValueError as err:
         args.parser.error(str(err))  # exits 2 with the usage line and the message
@@ -257,41 +276,31 @@ def _serve(args) -> int:
     return 0
 
 
-# --- clients -------------------------------------------------------------------------------------
-def _channel(args):
-    """A channel to --server: TLS when --tls-ca is given (with a client certificate when
-    --tls-cert/--tls-key are), plaintext otherwise."""
-    import grpc
+# --- clients (all through loraplex.client) ----------------------------------------------------
+def _client(args):
+    """A loraplex.client.Client for --server: TLS when --tls-ca is given (with a client
+    certificate when --tls-cert/--tls-key are), plaintext otherwise; --token / --token-file."""
+    from loraplex.client import Client
 
-    if args.tls_ca is None:
-        if args.tls_cert is not None or args.tls_key is not None:
-            raise ValueError("--tls-cert/--tls-key need --tls-ca")
-        return grpc.insecure_channel(args.server)
-    from loraplex.api.tls import channel_credentials
-
-    return grpc.secure_channel(args.server, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
-
-
-def _metadata(args) -> tuple[tuple[str, str], ...]:
-    """`authorization: Bearer <token>` from --token / --token-file, or nothing."""
+    if args.tls_ca is None and (args.tls_cert is not None or args.tls_key is not None):
+        raise ValueError("--tls-cert/--tls-key need --tls-ca")
     if args.token is not None and args.token_file is not None:
         raise ValueError("give --token or --token-file, not both")
     token = read_token_file("token_file", args.token_file) if args.token_file is not None else args.token
-    return (("authorization", f"Bearer {token}"),) if token else ()
+    return Client(args.server, token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                  tls_key=args.tls_key)
 
 
 def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Print an RPC failure as `error: CODE: details` and exit 1."""
 
     def wrapper(args) -> int:
-        import grpc
+        from loraplex.client import LoraplexError
 
         try:
             return fn(args)
-        except grpc.RpcError as err:
-            code = err.code().name if hasattr(err, "code") else "UNKNOWN"
-            details = err.details() if hasattr(err, "details") else str(err)
-            print(f"error: {code}: {details}", file=sys.stderr)
+        except LoraplexError as err:
+            print(f"error: {err.code}: {err.details}", file=sys.stderr)
             return 1
         except ValueError as err:  # a client flag (token file, TLS file) that cannot be used
             print(f"error: {err}", file=sys.stderr)
@@ -328,28 +337,17 @@ def _add_generate(sub) -> None:
 
 
 def _generate(args) -> int:
-    from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
-
-    req = generation_pb2.GenerateRequest(adapter_id=args.adapter)
-    if args.chat:
-        req.messages.messages.add(role="user", content=args.prompt)
-    else:
-        req.prompt = args.prompt
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
-        if getattr(args, name) is not None:
-            setattr(req.sampling, name, getattr(args, name))
-    req.sampling.stop.extend(args.stop)
-    with _channel(args) as channel:
+    sampling = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+    inputs = ({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt})
+    with _client(args) as client:
         last = None
-        for chunk in generation_pb2_grpc.GenerationStub(channel).GenerateStream(req, timeout=args.timeout,
-                                                                                metadata=_metadata(args)):
+        for chunk in client.stream(adapter=args.adapter, stop=args.stop, timeout=args.timeout, **inputs, **sampling):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()  # tokens appear as they come
             last = chunk
         sys.stdout.write("\n")
-    if args.verbose and last is not None:
-        reason = generation_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
-        print(f"[finish_reason={reason} prompt_tokens={last.usage.prompt_tokens} "
+    if args.verbose and last is not None and last.usage is not None:
+        print(f"[finish_reason={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
               f"completion_tokens={last.usage.completion_tokens} "
               f"ttft={last.timings.time_to_first_token_seconds:.3f}s total={last.timings.total_seconds:.3f}s]",
               file=sys.stderr)
@@ -363,15 +361,14 @@ def _add_info(sub) -> None:
 
 
 def _info(args) -> int:
-    from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
-
-    with _channel(args) as channel:
-        info = generation_pb2_grpc.GenerationStub(channel).GetModelInfo(generation_pb2.GetModelInfoRequest(),
-                                                                        metadata=_metadata(args))
+    with _client(args) as client:
+        info = client.model_info().raw  # every field of ModelInfo, as the proto has them
     for field in info.DESCRIPTOR.fields:
         value = getattr(info, field.name)
         if field.is_repeated:
             value = ", ".join(map(str, value))
+        elif field.message_type is not None:  # a nested message: its fields on one line
+            value = ", ".join(f"{f.name}={getattr(value, f.name)}" for f in value.DESCRIPTOR.fields)
         print(f"{field.name}: {value}")
     return 0
 
@@ -394,42 +391,28 @@ def _add_adapters(sub) -> None:
 
 
 def _print_adapter(a) -> None:
-    from loraplex.api.pb.loraplex.v1 import adapters_pb2
-
-    tier = adapters_pb2.AdapterTier.Name(a.tier).removeprefix("ADAPTER_TIER_").lower()
     rank = str(a.max_rank) if a.min_rank == a.max_rank else f"{a.min_rank}-{a.max_rank}"
-    print(f"{a.adapter_id}\ttier={tier}\trank={rank}\tbytes={a.bytes}\tin_flight={a.requests_in_flight}"
+    print(f"{a.adapter_id}\ttier={a.tier}\trank={rank}\tbytes={a.bytes}\tin_flight={a.requests_in_flight}"
           f"\tpinned={str(a.pinned).lower()}\tmodules={','.join(a.target_modules)}\tsource={a.source}")
 
 
 def _adapters_load(args) -> int:
-    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
-
-    with _channel(args) as channel:
-        resp = adapters_pb2_grpc.AdaptersStub(channel).LoadAdapter(adapters_pb2.LoadAdapterRequest(
-            adapter_id=args.adapter_id, path=args.path, pinned=args.pinned), metadata=_metadata(args))
-    _print_adapter(resp.adapter)
+    with _client(args) as client:
+        _print_adapter(client.load_adapter(args.adapter_id, args.path, pinned=args.pinned))
     return 0
 
 
 def _adapters_unload(args) -> int:
-    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
-
-    with _channel(args) as channel:
-        adapters_pb2_grpc.AdaptersStub(channel).UnloadAdapter(
-            adapters_pb2.UnloadAdapterRequest(adapter_id=args.adapter_id), metadata=_metadata(args))
+    with _client(args) as client:
+        client.unload_adapter(args.adapter_id)
     print(f"unloaded {args.adapter_id}")
     return 0
 
 
 def _adapters_list(args) -> int:
-    from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc
-
-    with _channel(args) as channel:
-        resp = adapters_pb2_grpc.AdaptersStub(channel).ListAdapters(adapters_pb2.ListAdaptersRequest(),
-                                                                    metadata=_metadata(args))
-    for a in resp.adapters:
-        _print_adapter(a)
+    with _client(args) as client:
+        for a in client.list_adapters():
+            _print_adapter(a)
     return 0
 
 

@@ -57,6 +57,9 @@ class EngineConfig:
     # this many steps because its adapter is not in memory stops every later adapter request
     # from being admitted ahead of it.
     adapter_starvation_steps: int = 64
+    # Automatic prefix caching (engine/block_manager.py): full KV blocks are shared between
+    # requests with the same leading tokens and the same adapter weights (--no-prefix-caching).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -167,6 +170,11 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     lora: "LoraConfig" = field(default_factory=lambda: LoraConfig())
     metrics_port: int | None = None  # Prometheus http://host:PORT/metrics; None = off, 0 = any free port
+    # OpenAI-compatible HTTP (api/http/) on the same host; None = off (`--no-http`), 0 = any free port.
+    http_port: int | None = 8000
+    # Sampling defaults: "auto" (the model folder's generation_config.json), "neutral" (or "vllm":
+    # SamplingParams' own), or a folder holding a generation_config.json (model/generation_config.py).
+    generation_config: str = "auto"
     metrics_top_adapters: int = 10  # adapters with their own `adapter` label; the rest count as "other"
     log_format: str = "text"  # text | json: every log line, incl. one per finished request
     limits: RequestLimits = field(default_factory=RequestLimits)
@@ -178,6 +186,12 @@ class ServerConfig:
             raise ValueError(f"port: must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not (0 <= self.metrics_port < 65536):
             raise ValueError(f"metrics_port: must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not (0 <= self.http_port < 65536):
+            raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
+        if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
+            raise ValueError(f"http_port: {self.http_port} is the gRPC port too; choose another (or --no-http)")
+        if not self.generation_config:
+            raise ValueError("generation_config: must not be empty (auto, neutral or a folder)")
         if self.metrics_top_adapters < 0:
             raise ValueError(f"metrics_top_adapters: must be >= 0, got {self.metrics_top_adapters}")
         if self.log_format not in ("text", "json"):

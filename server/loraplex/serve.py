@@ -70,7 +70,13 @@ def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
     log.info("%s", memory_summary(loaded))
     manager = build_lora_manager(loaded, config.lora)
     observers = [RequestLogger()] + ([metrics] if metrics is not None else [])
-    runtime = start_engine(loaded, config.engine, manager, observers=observers, metrics=metrics)
+    from loraplex.model.generation_config import resolve_sampling_defaults
+
+    defaults = resolve_sampling_defaults(config.generation_config, path)
+    log.info("sampling defaults (--generation-config %s): %s", config.generation_config,
+             ", ".join(f"{k}={v}" for k, v in defaults.effective().items()) + f" from {defaults.source}")
+    runtime = start_engine(loaded, config.engine, manager, observers=observers, metrics=metrics,
+                           sampling_defaults=defaults)
     if metrics is not None:
         metrics.bind(runtime.engine, manager, loaded.model)
     return runtime
@@ -112,14 +118,17 @@ def build_lora_manager(loaded, config: LoraConfig):
     return manager
 
 
-def start_engine(loaded, config: EngineConfig, lora_manager=None, observers=(), metrics=None) -> Runtime:
-    """Build, warm up and start the engine; `lora_manager` None serves the base model only."""
+def start_engine(loaded, config: EngineConfig, lora_manager=None, observers=(), metrics=None,
+                 sampling_defaults=None) -> Runtime:
+    """Build, warm up and start the engine; `lora_manager` None serves the base model only;
+    `sampling_defaults` (model/generation_config.py) None = neutral."""
     from loraplex.engine.engine import Engine
 
     engine = Engine(loaded, config, lora_manager=lora_manager, observers=observers)
     engine.warmup()
     engine.start()
-    return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager, metrics=metrics)
+    return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager, metrics=metrics,
+                   sampling_defaults=sampling_defaults)
 
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:
@@ -152,11 +161,20 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
 
 async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> None:
     """Run until SIGTERM/SIGINT. `max_message_bytes` overrides config.max_message_bytes."""
+    max_bytes = config.max_message_bytes if max_message_bytes is None else max_message_bytes
     # Raises ValueError (before the model load) when a TLS file cannot be used.
-    server = GrpcServer(config.host, config.port,
-                        config.max_message_bytes if max_message_bytes is None else max_message_bytes,
-                        limits=config.limits, auth=config.auth, tls=config.tls)
+    server = GrpcServer(config.host, config.port, max_bytes, limits=config.limits, auth=config.auth,
+                        tls=config.tls)
     await server.start()
+    http = None
+    if config.http_port is not None:
+        try:  # bound now: a taken port fails in a second, not after the model load
+            http = _http_server(server, config.host, config.http_port, limits=config.limits,
+                                auth=config.auth, tls=config.tls, max_body_bytes=max_bytes)
+            await http.start()
+        except BaseException:
+            await server.shutdown(0)
+            raise
     metrics, metrics_http = None, None
     if config.metrics_port is not None:
         from loraplex.api.metrics import LoraplexMetrics, start_metrics_server
@@ -166,6 +184,8 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
             metrics_http, _ = start_metrics_server(config.metrics_port, config.host, metrics.registry)
         except OSError:
             await server.shutdown(0)
+            if http is not None:
+                await http.stop()
             raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -182,35 +202,52 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
             return
         runtime = load.result()  # raises if loading failed
         await server.attach(runtime)
+        if http is not None:
+            http.attach(runtime)
         log.info("serving %s on %s (%s, %s)", runtime.loaded.path, server.address,
                  "TLS" if server.tls else "plaintext",
                  "bearer tokens" if config.auth.enabled else "no authentication")
         await waiter
         log.info("shutting down (grace %.1fs)", config.shutdown_grace_seconds)
     finally:
+        if http is not None:
+            http.begin_shutdown()  # /health 503 while the engine drains (server.shutdown)
         await server.shutdown(config.shutdown_grace_seconds)
+        if http is not None:
+            await http.stop()
         if metrics_http is not None:
             metrics_http.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
-class ServerThread:
-    """A GrpcServer for `runtime` on its own event loop in a daemon thread.
+def _http_server(grpc_server: GrpcServer, host: str, port: int, **kwargs):
+    """The OpenAI-compatible HTTP front, sharing the gRPC server's generation places."""
+    from loraplex.api.http.server import HttpServer
 
-        with ServerThread(runtime) as srv:
+    return HttpServer(host, port, slots=grpc_server.concurrency.slots, **kwargs)
+
+
+class ServerThread:
+    """A GrpcServer (and, with `http_port`, the OpenAI-compatible HttpServer) for `runtime` on
+    its own event loop in a daemon thread.
+
+        with ServerThread(runtime, http_port=0) as srv:
             channel = grpc.insecure_channel(srv.address)
+            httpx.get(srv.http_url + "/v1/models")
     """
 
     def __init__(self, runtime: Runtime | None, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, limits: RequestLimits | None = None,
-                 auth: AuthConfig | None = None, tls: TlsConfig | None = None):
+                 auth: AuthConfig | None = None, tls: TlsConfig | None = None, http_port: int | None = None):
         self._runtime = runtime
         self._args = (host, port, max_message_bytes)
         self._kwargs = dict(limits=limits, auth=auth, tls=tls)
+        self._http_port = http_port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loraplex-grpc", daemon=True)
         self.server: GrpcServer | None = None
+        self.http = None  # api.http.server.HttpServer when http_port is not None
 
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -225,23 +262,39 @@ class ServerThread:
         async def _start() -> GrpcServer:
             server = GrpcServer(*self._args, **self._kwargs)
             await server.start()
+            if self._http_port is not None:
+                self.http = _http_server(server, self._args[0], self._http_port, max_body_bytes=self._args[2],
+                                         **self._kwargs)
+                await self.http.start()
             if self._runtime is not None:
                 await server.attach(self._runtime)
+                if self.http is not None:
+                    self.http.attach(self._runtime)
             return server
 
         self.server = self._call(_start(), timeout=60)
         return self
 
+    @property
+    def http_url(self) -> str:
+        return self.http.url
+
     def attach(self, runtime: Runtime) -> None:
         self._call(self.server.attach(runtime), timeout=60)
+        if self.http is not None:
+            self.http.attach(runtime)
 
     def stop(self, grace_seconds: float = 0.0) -> None:
         """Graceful shutdown (engine included), then the loop and its thread end."""
         if not self._thread.is_alive():
             return
         try:
+            if self.http is not None:
+                self.http.begin_shutdown()
             if self.server is not None:
                 self._call(self.server.shutdown(grace_seconds), timeout=grace_seconds + 60)
+            if self.http is not None:
+                self._call(self.http.stop(), timeout=30)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)

@@ -1,4 +1,5 @@
-"""Bearer-token authentication for the loraplex services, as a grpc.aio server interceptor.
+"""Bearer-token authentication for the loraplex services: the rules (`accepted_for`,
+`check_token`), shared by both front doors, and the grpc.aio server interceptor that applies them.
 
 Who needs which token (`authorization: Bearer <token>` call metadata):
 
@@ -6,6 +7,10 @@ Who needs which token (`authorization: Bearer <token>` call metadata):
     Adapters/LoadAdapter, Adapters/UnloadAdapter admin              generation (*)
     Adapters/ListAdapters, Generation/*          -                  generation or admin
     grpc.health.v1.*, reflection                 open               open
+
+The HTTP front applies the same table to its routes (`Authorization: Bearer <token>` header):
+/v1/load_lora_adapter and /v1/unload_lora_adapter need admin, /v1/completions,
+/v1/chat/completions and /v1/models generation, /health is open.
 
 (*) Only when no admin token is set: the calls that change what is served are never less
 protected than generation. With neither token set everything is open (local use).
@@ -25,6 +30,7 @@ from typing import Awaitable, Callable, Sequence
 
 import grpc
 
+from loraplex.api.status import ApiError, Code
 from loraplex.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -63,24 +69,55 @@ def token_matches(presented: str, accepted: Sequence[str]) -> bool:
     return ok
 
 
+# What an operation needs, the same for both front doors (the HTTP routes map to these too).
+ADMIN, GENERATION, OPEN = "admin", "generation", "open"
+
+
+def accepted_for(config: AuthConfig, access: str) -> tuple[str, ...] | None:
+    """Tokens that open an operation of `access` (ADMIN, GENERATION, OPEN); None = open."""
+    admin, generation = config.admin_token, config.generation_token
+    if access == ADMIN:
+        if admin is not None:
+            return (admin,)
+        return (generation,) if generation is not None else None
+    if access == GENERATION:
+        if generation is None:
+            return None
+        return (generation,) + ((admin,) if admin is not None else ())
+    return None
+
+
+def check_token(presented: str | None, accepted: tuple[str, ...] | None, what: str,
+                how: str = "`authorization: Bearer <token>` metadata") -> None:
+    """Raise ApiError UNAUTHENTICATED (no bearer credential presented) or PERMISSION_DENIED (a
+    token that matches none of `accepted`); `what` names the operation in the message."""
+    if accepted is None:
+        return
+    if presented is None:
+        raise ApiError(Code.UNAUTHENTICATED, f"{what} needs {how}")
+    if not token_matches(presented, accepted):
+        log.warning("refused %s: wrong token", what)
+        raise ApiError(Code.PERMISSION_DENIED, f"the token is not valid for {what}")
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls that lack the token their method needs (see the module docstring)."""
 
     def __init__(self, config: AuthConfig):
         self._config = config
 
+    @staticmethod
+    def access(method: str) -> str:
+        """ADMIN, GENERATION or OPEN for a full gRPC method path."""
+        if method.startswith(ADAPTERS_SERVICE) and method not in ADAPTERS_READ_METHODS:
+            return ADMIN
+        if method.startswith(GENERATION_SERVICE) or method in ADAPTERS_READ_METHODS:
+            return GENERATION
+        return OPEN  # health, reflection, unknown methods (grpc answers UNIMPLEMENTED)
+
     def accepted_tokens(self, method: str) -> tuple[str, ...] | None:
         """Tokens that open `method` (a full gRPC path); None = the method is open."""
-        admin, generation = self._config.admin_token, self._config.generation_token
-        if method.startswith(ADAPTERS_SERVICE) and method not in ADAPTERS_READ_METHODS:
-            if admin is not None:
-                return (admin,)
-            return (generation,) if generation is not None else None
-        if method.startswith(GENERATION_SERVICE) or method in ADAPTERS_READ_METHODS:
-            if generation is None:
-                return None
-            return (generation,) + ((admin,) if admin is not None else ())
-        return None  # health, reflection, unknown methods (grpc answers UNIMPLEMENTED)
+        return accepted_for(self._config, self.access(method))
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -89,14 +126,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         accepted = self.accepted_tokens(details.method)
         if accepted is None or handler is None:
             return handler
-        presented = bearer_token(details.invocation_metadata)
-        if presented is None:
-            return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                    f"{details.method} needs `authorization: Bearer <token>` metadata")
-        if not token_matches(presented, accepted):
-            log.warning("refused %s: wrong token", details.method)
-            return refusing_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                    f"the token is not valid for {details.method}")
+        try:
+            check_token(bearer_token(details.invocation_metadata), accepted, details.method)
+        except ApiError as err:
+            return refusing_handler(handler, err.code, err.message)
         return handler
 
 

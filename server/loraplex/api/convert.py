@@ -8,7 +8,7 @@ Field names in errors are the proto paths a client sees: "prompt", "prompt_token
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import loraplex
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, generation_pb2
@@ -35,41 +35,78 @@ def _rename(err: InvalidRequestError, field: str) -> InvalidRequestError:
     return InvalidRequestError(field, message[len(prefix):] if message.startswith(prefix) else message)
 
 
-def sampling_from_proto(sp: generation_pb2.SamplingParams, max_new_tokens_cap: int) -> SamplingParams:
-    """Unset `optional` fields take SamplingParams' defaults (max_new_tokens 64, temperature 1.0,
-    top_p 1.0, top_k 0 = off, repetition_penalty 1.0, seed None = random)."""
+def sampling_params(kwargs: dict[str, Any], max_new_tokens_cap: int, defaults: Any = None,
+                    field: Callable[[str], str] = lambda name: name) -> SamplingParams:
+    """SamplingParams from the fields a request set (`kwargs`, SamplingParams' names); unset ones
+    take `defaults` (model/generation_config.SamplingDefaults: the model's generation_config.json)
+    and then SamplingParams' own. Errors name `field(name)`, the request's path of the field."""
+    merged = dict(defaults.as_kwargs()) if defaults is not None else {}
+    merged.update(kwargs)
+    try:
+        params = SamplingParams(**merged)
+    except InvalidRequestError as err:
+        raise _rename(err, field(err.field)) from None
+    if params.max_new_tokens > max_new_tokens_cap:
+        raise InvalidRequestError(field("max_new_tokens"),
+                                  f"{params.max_new_tokens} is above the server's cap of {max_new_tokens_cap}")
+    return params
+
+
+def sampling_from_proto(sp: generation_pb2.SamplingParams, max_new_tokens_cap: int,
+                        defaults: Any = None) -> SamplingParams:
+    """Unset `optional` fields take the model's defaults (`defaults`), then SamplingParams'
+    (max_new_tokens 64, temperature 1.0, top_p 1.0, top_k 0 = off, repetition_penalty 1.0,
+    seed None = random)."""
     kwargs: dict[str, Any] = {}
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if sp.HasField(name):
             kwargs[name] = getattr(sp, name)
     kwargs["stop"] = tuple(sp.stop)
     kwargs["ignore_eos"] = sp.ignore_eos
-    try:
-        params = SamplingParams(**kwargs)
-    except InvalidRequestError as err:
-        raise _rename(err, f"sampling.{err.field}") from None
-    if params.max_new_tokens > max_new_tokens_cap:
-        raise InvalidRequestError("sampling.max_new_tokens",
-                                  f"{params.max_new_tokens} is above the server's cap of {max_new_tokens_cap}")
-    return params
+    return sampling_params(kwargs, max_new_tokens_cap, defaults, lambda name: f"sampling.{name}")
+
+
+def render_chat(conversation: Sequence[dict[str, str]], tokenizer: Any, field: str = "messages") -> list[int]:
+    """[{"role", "content"}, ...] -> prompt token ids through the model's own chat template."""
+    if not conversation:
+        raise InvalidRequestError(field, "must hold at least one message")
+    for i, m in enumerate(conversation):
+        if m["role"] not in MESSAGE_ROLES:
+            raise InvalidRequestError(f"{field}[{i}].role",
+                                      f"unknown role {m['role']!r}; expected one of {', '.join(MESSAGE_ROLES)}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(field, "this model has no chat template; send a prompt instead")
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    # The template already wrote the special tokens (BOS, role markers); adding them again would
+    # put a second BOS in front.
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def render_messages(messages: generation_pb2.Messages, tokenizer: Any) -> list[int]:
     """Chat messages -> prompt token ids through the model's own chat template."""
-    if not messages.messages:
-        raise InvalidRequestError("messages", "must hold at least one message")
-    conversation = []
-    for i, m in enumerate(messages.messages):
-        if m.role not in MESSAGE_ROLES:
-            raise InvalidRequestError(f"messages[{i}].role",
-                                      f"unknown role {m.role!r}; expected one of {', '.join(MESSAGE_ROLES)}")
-        conversation.append({"role": m.role, "content": m.content})
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    # The template already wrote the special tokens (BOS, role markers); adding them again would
-    # put a second BOS in front.
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return render_chat([{"role": m.role, "content": m.content} for m in messages.messages], tokenizer)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_prompt_length(ids: Sequence[int], max_model_len: int, field: str) -> None:
+    if not ids:
+        raise InvalidRequestError(field, "must not be empty")
+    if len(ids) >= max_model_len:
+        # At least one generated token must fit next to the prompt.
+        raise InvalidRequestError(field, f"{len(ids)} tokens is longer than the context: at most "
+                                         f"{max_model_len - 1} prompt tokens fit (max_model_len {max_model_len})")
+
+
+def encode_text(text: str, tokenizer: Any, field: str) -> list[int]:
+    """Raw text -> token ids (special tokens such as BOS added as the tokenizer does by default)."""
+    if not text:
+        raise InvalidRequestError(field, "must not be empty")
+    return list(tokenizer.encode(text))
 
 
 def prompt_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab_size: int,
@@ -80,62 +117,67 @@ def prompt_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab
         raise InvalidRequestError("input", "set one of prompt, prompt_token_ids or messages")
     if which == "prompt":
         field = "prompt"
-        if not req.prompt:
-            raise InvalidRequestError(field, "must not be empty")
-        ids = list(tokenizer.encode(req.prompt))
+        ids = encode_text(req.prompt, tokenizer, field)
     elif which == "prompt_token_ids":
         field = "prompt_token_ids.ids"
         ids = list(req.prompt_token_ids.ids)
-        bad = next((t for t in ids if t >= vocab_size), None)  # uint32: never negative
-        if bad is not None:
-            raise InvalidRequestError(field, f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        check_token_ids(ids, vocab_size, field)
     else:
         field = "messages"
         ids = render_messages(req.messages, tokenizer)
-    if not ids:
-        raise InvalidRequestError(field, "must not be empty")
-    if len(ids) >= max_model_len:
-        # At least one generated token must fit next to the prompt.
-        raise InvalidRequestError(field, f"{len(ids)} tokens is longer than the context: at most "
-                                         f"{max_model_len - 1} prompt tokens fit (max_model_len {max_model_len})")
+    check_prompt_length(ids, max_model_len, field)
     return ids
+
+
+def check_request_id(request_id: str, limits: RequestLimits, field: str = "request_id") -> None:
+    if len(request_id) > limits.max_request_id_chars:
+        raise InvalidRequestError(field, f"{len(request_id)} characters; at most "
+                                         f"{limits.max_request_id_chars} (max_request_id_chars)")
+
+
+def check_stop(stop: Sequence[str], limits: RequestLimits, field: str) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequestError(field, f"{len(stop)} stop strings; at most "
+                                         f"{limits.max_stop_strings} (max_stop_strings)")
+    i, longest = max(enumerate(len(s) for s in stop), key=lambda p: p[1], default=(0, 0))
+    if longest > limits.max_stop_chars:
+        raise InvalidRequestError(f"{field}[{i}]", f"{longest} characters; at most "
+                                                   f"{limits.max_stop_chars} (max_stop_chars)")
+
+
+def check_prompt_chars(text_len: int, limits: RequestLimits, max_model_len: int, field: str) -> None:
+    max_chars = limits.prompt_chars(max_model_len)
+    if text_len > max_chars:
+        raise InvalidRequestError(field, f"{text_len} characters; at most {max_chars} (max_prompt_chars)")
+
+
+def check_messages(contents: Sequence[str], limits: RequestLimits, max_model_len: int,
+                   field: str = "messages") -> None:
+    if len(contents) > limits.max_messages:
+        raise InvalidRequestError(field, f"{len(contents)} messages; at most {limits.max_messages} (max_messages)")
+    total = sum(len(c) for c in contents)
+    max_chars = limits.prompt_chars(max_model_len)
+    if total > max_chars:
+        raise InvalidRequestError(field, f"{total} characters of content; at most {max_chars} (max_prompt_chars)")
 
 
 def check_limits(req: generation_pb2.GenerateRequest, limits: RequestLimits, max_model_len: int) -> None:
     """The size bounds of `limits` (see config.RequestLimits), checked before any tokenizing: a
     16 MiB prompt must cost a length check, not a tokenizer run."""
-    if len(req.request_id) > limits.max_request_id_chars:
-        raise InvalidRequestError("request_id", f"{len(req.request_id)} characters; at most "
-                                                f"{limits.max_request_id_chars} (max_request_id_chars)")
-    stop = req.sampling.stop
-    if len(stop) > limits.max_stop_strings:
-        raise InvalidRequestError("sampling.stop", f"{len(stop)} stop strings; at most "
-                                                   f"{limits.max_stop_strings} (max_stop_strings)")
-    i, longest = max(enumerate(len(s) for s in stop), key=lambda p: p[1], default=(0, 0))
-    if longest > limits.max_stop_chars:
-        raise InvalidRequestError(f"sampling.stop[{i}]", f"{longest} characters; at most "
-                                                         f"{limits.max_stop_chars} (max_stop_chars)")
+    check_request_id(req.request_id, limits)
+    check_stop(req.sampling.stop, limits, "sampling.stop")
     which = req.WhichOneof("input")
-    max_chars = limits.prompt_chars(max_model_len)
-    if which == "prompt" and len(req.prompt) > max_chars:
-        raise InvalidRequestError("prompt", f"{len(req.prompt)} characters; at most {max_chars} "
-                                            f"(max_prompt_chars)")
+    if which == "prompt":
+        check_prompt_chars(len(req.prompt), limits, max_model_len, "prompt")
     if which == "messages":
-        messages = req.messages.messages
-        if len(messages) > limits.max_messages:
-            raise InvalidRequestError("messages", f"{len(messages)} messages; at most "
-                                                  f"{limits.max_messages} (max_messages)")
-        total = sum(len(m.content) for m in messages)
-        if total > max_chars:
-            raise InvalidRequestError("messages", f"{total} characters of content; at most {max_chars} "
-                                                  f"(max_prompt_chars)")
+        check_messages([m.content for m in req.messages.messages], limits, max_model_len)
 
 
 def request_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, vocab_size: int,
                        max_model_len: int, max_new_tokens_cap: int,
-                       limits: RequestLimits | None = None) -> Request:
+                       limits: RequestLimits | None = None, defaults: Any = None) -> Request:
     check_limits(req, limits or RequestLimits(), max_model_len)
-    sampling = sampling_from_proto(req.sampling, max_new_tokens_cap)
+    sampling = sampling_from_proto(req.sampling, max_new_tokens_cap, defaults)
     ids = prompt_from_proto(req, tokenizer, vocab_size, max_model_len)
     return Request(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
                    sampling=sampling, adapter_id=req.adapter_id)
@@ -147,7 +189,8 @@ def finish_reason_to_proto(reason: FinishReason | None) -> int:
 
 
 def usage_to_proto(out: RequestOutput) -> generation_pb2.Usage:
-    return generation_pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
+    return generation_pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                cached_prompt_tokens=out.cached_prompt_tokens)
 
 
 def timings_to_proto(t: Timings | None) -> generation_pb2.Timings:
@@ -179,7 +222,7 @@ def response_to_proto(outputs: list[RequestOutput]) -> generation_pb2.GenerateRe
     )
 
 
-def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
+def model_info_to_proto(loaded: Any, engine: Any, sampling_defaults: Any = None) -> generation_pb2.ModelInfo:
     from loraplex.model.quantize import float16_weight_bytes, quantized_bytes
 
     model = loaded.model
@@ -201,7 +244,16 @@ def model_info_to_proto(loaded: Any, engine: Any) -> generation_pb2.ModelInfo:
         max_new_tokens_cap=engine.config.max_new_tokens_cap,
         eos_token_ids=sorted(engine.eos_token_ids),
         float16_weight_bytes=float16_weight_bytes(model),  # quantized layers at their logical shape
+        sampling_defaults=sampling_defaults_to_proto(sampling_defaults),
     )
+
+
+def sampling_defaults_to_proto(defaults: Any) -> generation_pb2.SamplingDefaults:
+    """model.generation_config.SamplingDefaults (None = neutral) -> what a request gets unset."""
+    from loraplex.model.generation_config import NEUTRAL
+
+    defaults = defaults or NEUTRAL
+    return generation_pb2.SamplingDefaults(**defaults.effective(), source=defaults.source)
 
 
 # --- adapters (used once the Adapters service is implemented) -------------------------------------

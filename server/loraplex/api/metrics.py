@@ -228,6 +228,18 @@ class _StateCollector(Collector):
                                   "request end).", value=st.generation_tokens_total)
         yield CounterMetricFamily("loraplex_preemptions", "Running sequences preempted to free KV "
                                   "blocks.", value=st.preemptions_total)
+        # Hit ratio in tokens = rate(hit) / rate(queried).
+        yield CounterMetricFamily("loraplex_prefix_cache_queried_tokens", "Tokens of admitted "
+                                  "requests looked up in the prefix cache (re-admissions after "
+                                  "preemption included).", value=st.prefix_cache_queried_tokens_total)
+        yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Looked-up tokens whose KV "
+                                  "the prefix cache held (not computed again).",
+                                  value=st.prefix_cache_hit_tokens_total)
+        yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks holding a cached prefix "
+                                "(in use or evictable).", value=st.prefix_cache_blocks)
+        yield CounterMetricFamily("loraplex_prefix_cache_evictions", "Cached KV blocks evicted "
+                                  "(least recently used first) to make room.",
+                                  value=st.prefix_cache_evictions_total)
 
     def _manager_families(self):
         mgr = self._manager
@@ -358,6 +370,8 @@ METRIC_NAMES = frozenset({
     "loraplex_adapter_prefetch_hits_total", "loraplex_adapter_load_queue_depth",
     "loraplex_adapter_pool_bytes", "loraplex_adapter_pool_used_bytes", "loraplex_adapter_wait_seconds",
     "loraplex_adapter_slot_bytes", "loraplex_kv_cache_bytes",
+    "loraplex_prefix_cache_queried_tokens_total", "loraplex_prefix_cache_hit_tokens_total",
+    "loraplex_prefix_cache_blocks", "loraplex_prefix_cache_evictions_total",
 })
 
 

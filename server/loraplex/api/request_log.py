@@ -7,8 +7,9 @@ top level, so log shippers (Loki, Elasticsearch, Cloud Logging) index them witho
 
     {"ts": "2026-11-23T11:20:03.512Z", "level": "INFO", "logger": "loraplex.requests",
      "msg": "request finished", "request_id": "r1", "adapter_id": "sql", "finish_reason": "eos",
-     "prompt_tokens": 12, "completion_tokens": 40, "queue_seconds": 0.002, "ttft_seconds": 0.031,
-     "total_seconds": 0.52, "itl_mean_seconds": 0.012, "itl_max_seconds": 0.04}
+     "prompt_tokens": 12, "completion_tokens": 40, "cached_prompt_tokens": 0,
+     "queue_seconds": 0.002, "ttft_seconds": 0.031, "total_seconds": 0.52,
+     "itl_mean_seconds": 0.012, "itl_max_seconds": 0.04}
 
 `configure_logging(fmt, level)` sets the root handler for `loraplex serve --log-format`.
 """
@@ -39,10 +40,11 @@ class RequestLogger:
             return  # building the fields is the only cost; skip it when nobody listens
         fields = request_fields(req)
         self.log.info(
-            "request finished id=%s adapter=%s reason=%s prompt_tokens=%d completion_tokens=%d "
-            "queue=%.3fs ttft=%.3fs total=%.3fs", fields["request_id"], fields["adapter_id"] or "-",
-            fields["finish_reason"], fields["prompt_tokens"], fields["completion_tokens"],
-            fields["queue_seconds"], fields["ttft_seconds"], fields["total_seconds"],
+            "request finished id=%s adapter=%s reason=%s prompt_tokens=%d cached_prompt_tokens=%d "
+            "completion_tokens=%d queue=%.3fs ttft=%.3fs total=%.3fs", fields["request_id"],
+            fields["adapter_id"] or "-", fields["finish_reason"], fields["prompt_tokens"],
+            fields["cached_prompt_tokens"], fields["completion_tokens"], fields["queue_seconds"],
+            fields["ttft_seconds"], fields["total_seconds"],
             extra={"request": fields})
 
 
@@ -56,6 +58,7 @@ def request_fields(req) -> dict:
         "finish_reason": req.finish_reason.value,
         "prompt_tokens": req.prompt_tokens,
         "completion_tokens": req.completion_tokens,
+        "cached_prompt_tokens": getattr(req, "cached_prompt_tokens", 0),
         "queue_seconds": round(t.queue_seconds, 6) if t else None,
         "ttft_seconds": round(t.ttft_seconds, 6) if t and req.completion_tokens else None,
         "total_seconds": round(t.total_seconds, 6) if t else None,

@@ -52,6 +52,7 @@ class FinishedRequest:
     completion_tokens: int
     timings: Timings
     inter_token_gaps: tuple[float, ...]  # seconds between consecutive generated tokens
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 class EngineObserver(Protocol):
@@ -128,7 +129,8 @@ class Engine:
                      config.max_model_len, self.max_model_len, loaded.arch.max_position_embeddings,
                      config.num_kv_blocks * config.block_size)
 
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
         self._slots = _SlotHook(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config, self.block_manager, adapter_slots=self._slots)
         self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
@@ -173,6 +175,8 @@ class Engine:
             self.lora_manager.reserve(request.adapter_id)
             reserved = True
         try:
+            if self.config.enable_prefix_caching:
+                seq.prefix_cache_key = self._prefix_cache_key(request.adapter_id)
             with self._cv:
                 if not self._accepting:
                     raise EngineStoppedError("the engine is shutting down")
@@ -234,7 +238,17 @@ class Engine:
             generation_tokens_total=counters["generation_tokens"],
             preemptions_total=self.scheduler.num_preemptions_total,
             finished_total=finished,
+            prefix_cache_queried_tokens_total=self.block_manager.queried_tokens_total,
+            prefix_cache_hit_tokens_total=self.block_manager.hit_tokens_total,
+            prefix_cache_blocks=self.block_manager.num_cached_blocks,
+            prefix_cache_evictions_total=self.block_manager.evictions_total,
         )
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (e.g. to measure cold prompts); blocks in use stay with
+        their requests. Returns how many blocks were registered. Any thread."""
+        with self._step_lock:
+            return self.block_manager.reset_prefix_cache()
 
     def warmup(self) -> None:
         """One tiny forward (a 2-token prefill) so the first real request pays no first-call costs."""
@@ -314,6 +328,7 @@ class Engine:
             return
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.commit(seq)  # its newly full blocks become shareable
         with self._cv:
             self._counters["prompt_tokens"] += batch.num_tokens - num_decodes
             self._counters["generation_tokens"] += len(tokens)
@@ -354,6 +369,7 @@ class Engine:
         out = RequestOutput(
             seq.request_id, new_token_ids, text_delta, finished=True, finish_reason=reason,
             prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_generated,
+            cached_prompt_tokens=seq.num_cached_prompt_tokens,
             timings=seq.timings(), error=error if reason is FinishReason.ERROR else None,
             out_of_memory=out_of_memory and reason is FinishReason.ERROR,
             cause=cause if reason is FinishReason.ERROR else None)
@@ -381,7 +397,8 @@ class Engine:
         summary = FinishedRequest(
             request_id=seq.request_id, adapter_id=seq.adapter_id, finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-            timings=out.timings, inter_token_gaps=tuple(b - a for a, b in zip(times, times[1:])))
+            cached_prompt_tokens=out.cached_prompt_tokens, timings=out.timings,
+            inter_token_gaps=tuple(b - a for a, b in zip(times, times[1:])))
         for obs in self._observers:
             try:
                 obs.on_finish(summary)
@@ -430,6 +447,16 @@ class Engine:
                 with self._cv:
                     if not (self._stop or self._inbox or self._abort_ids):
                         self._cv.wait(_BLOCKED_POLL_SECONDS)
+
+    def _prefix_cache_key(self, adapter_id: str) -> str | None:
+        """What a request's K/V depends on besides its tokens: nothing for the base model, else
+        the adapter's weights (the manager's content key: another one when the id is loaded again
+        with other weights). Read once, at submit: reserve() keeps the weights until the end.
+        None (never cached) for an adapter manager that cannot name its weights."""
+        if not adapter_id:
+            return ""
+        content_key = getattr(self.lora_manager, "content_key", None)
+        return None if content_key is None else content_key(adapter_id)
 
     # --- validation ----------------------------------------------------------------------------
     def _validate(self, request: Request) -> None:

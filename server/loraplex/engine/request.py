@@ -78,6 +78,9 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens whose K/V came from the prefix cache (OpenAI usage.prompt_tokens_details.
+    # cached_tokens); set on the finished event.
+    cached_prompt_tokens: int = 0
     timings: Timings | None = None  # set on the finished event
     error: str | None = None  # set when finish_reason is ERROR
     out_of_memory: bool = False  # an ERROR for lack of memory (-> RESOURCE_EXHAUSTED: retry later)

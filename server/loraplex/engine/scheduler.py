@@ -7,14 +7,17 @@ Every step packs, under a token budget (`max_num_batched_tokens`) and a sequence
    so that streams already producing text never stall behind long prompts.
 2. prefill chunks of running sequences whose prompt is only partly cached (chunked prefill).
 3. admissions from the waiting queue (FIFO), each with a first chunk, while KV blocks for that
-   chunk are free and its adapter can get a device slot.
+   chunk are free and its adapter can get a device slot. A request whose leading tokens the
+   prefix cache holds (same tokens, same adapter weights; block_manager.py) starts with them
+   computed: its first chunk begins after them.
 
 KV blocks are allocated as sequences grow. When a running sequence cannot get a block, the most
 recently admitted running sequence that is not already in this step is preempted by *recompute*:
 its blocks are freed, its adapter slot released, and it goes back to the front of the waiting
 queue keeping its generated tokens; on re-admission its prompt + generated tokens are prefilled
-again. Preempting the youngest first means the oldest sequence always makes progress, so the
-system cannot deadlock as long as one sequence at `max_model_len` fits in the cache.
+again (less what the prefix cache still holds of them). Preempting the youngest first means the
+oldest sequence always makes progress, so the system cannot deadlock as long as one sequence at
+`max_model_len` fits in the cache.
 
 Adapter-aware admission. Adapters come from an optional hook (`AdapterSlots`, the LoRA
 manager): `acquire(adapter_id)` returns the adapter's slot when it is in memory, or None ("not
@@ -154,8 +157,11 @@ class Scheduler:
         while (self.waiting and budget > 0 and out.num_preempted == 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            # Its leading tokens whose K/V the prefix cache holds are not computed again: the
+            # first chunk starts after them (so the step's budget admits more requests).
+            cached = self.block_manager.cached_prefix_tokens(seq)
+            n = min(seq.num_uncomputed_tokens - cached, budget)
+            if not self.block_manager.can_allocate(seq, n, cached):
                 break  # FIFO: do not let later (smaller) requests starve this one
             self.waiting.popleft()
             if starving and seq.adapter_id:
@@ -176,8 +182,10 @@ class Scheduler:
                 continue
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.block_manager.use_cached_prefix(seq, cached)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self._add(out, in_batch, seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))

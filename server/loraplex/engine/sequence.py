@@ -47,6 +47,12 @@ class Sequence:
     adapter_skips: int = 0  # admission passes that skipped it because its adapter was not ready
     adapter_wait_start: float | None = None  # when admission first found its adapter not ready
     num_preemptions: int = 0
+    # Prefix cache (engine/block_manager.py). The key names what the KV depends on besides the
+    # tokens: "" for the base model, the adapter's content key otherwise; None = never cached.
+    prefix_cache_key: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of its full blocks (memo)
+    num_hashed_blocks: int = 0  # leading blocks of block_table already offered to the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the cache at first admission
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None

@@ -17,6 +17,12 @@ class EngineStats:
     generation_tokens_total: int = 0  # tokens sampled
     preemptions_total: int = 0
     finished_total: dict[str, int] = field(default_factory=dict)  # FinishReason.value -> count
+    # Prefix cache: tokens looked up at admission, how many were found cached, blocks holding a
+    # cached prefix now (in use or evictable), cached blocks evicted for room.
+    prefix_cache_queried_tokens_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
+    prefix_cache_blocks: int = 0
+    prefix_cache_evictions_total: int = 0
 
     @property
     def kv_usage(self) -> float:

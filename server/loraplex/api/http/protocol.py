@@ -1,0 +1,433 @@
+"""OpenAI request bodies -> engine Requests, engine events -> OpenAI response objects. No HTTP here:
+bad input raises InvalidRequestError naming the body field (the app answers 400 with OpenAI's
+error object, `param` = the field), so every rule is testable without a server.
+
+What is accepted (everything else is refused with 400 naming the field, never silently ignored):
+
+    both routes    model (the base model's name or an adapter id), max_tokens, temperature, top_p,
+                   n, seed, stop (string or list), stream, stream_options.include_usage, user
+                   (accepted, not used), presence_penalty / frequency_penalty / logit_bias only at
+                   their neutral values (0, 0, {}); extensions as vLLM spells them: top_k (-1 or
+                   0 = off), repetition_penalty, ignore_eos
+    completions    prompt: a string, a list of strings, a list of token ids, a list of lists of
+                   token ids (one choice each, times n); echo false; logprobs null; best_of
+                   null or = n; suffix null
+    chat           messages (role system | developer (read as system) | user | assistant; content a
+                   string or a list of {"type": "text", "text"} parts), max_completion_tokens (wins
+                   over max_tokens), logprobs false, top_logprobs null/0, response_format
+                   {"type": "text"}, tools / functions null or [], tool_choice / function_call
+                   null or "none"
+
+Defaults: max_tokens 16 for completions (as OpenAI and vLLM); for chat what fits the context
+(max_model_len - prompt tokens), at most --max-new-tokens-cap. temperature / top_p / top_k /
+repetition_penalty left unset take the model's generation_config.json (Runtime.sampling_defaults).
+With n > 1 and a seed, choice i samples with seed + i (the same seed n times would give n copies).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loraplex.api import convert
+from loraplex.config import RequestLimits
+from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
+
+MAX_CHOICES = 128  # prompts x n in one call: each is an engine request
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_SEED_RANGE = 2**64
+
+_FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+           FinishReason.CANCELLED: "abort", FinishReason.ERROR: "error"}
+
+# The names of SamplingParams fields in OpenAI bodies (errors name what the client sent).
+_SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+                   "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
+                   "stop": "stop", "ignore_eos": "ignore_eos"}
+
+
+def _neutral(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: any(v == x and type(v) is type(x) or (v is None and x is None) for x in values)
+
+
+def _zero(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+
+# OpenAI fields we know but do not implement: accepted only at the value that changes nothing.
+_NOT_SUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": _zero, "frequency_penalty": _zero,
+    "logit_bias": lambda v: v is None or v == {},
+}
+_NOT_SUPPORTED_COMPLETIONS = {
+    **_NOT_SUPPORTED_COMMON,
+    "echo": _neutral(False, None), "logprobs": lambda v: v is None, "suffix": lambda v: v is None,
+}
+_NOT_SUPPORTED_CHAT = {
+    **_NOT_SUPPORTED_COMMON,
+    "logprobs": _neutral(False, None), "top_logprobs": _zero,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "tools": lambda v: v is None or v == [], "functions": lambda v: v is None or v == [],
+    "tool_choice": _neutral(None, "none"), "function_call": _neutral(None, "none"),
+    "parallel_tool_calls": lambda v: v is None, "store": _neutral(False, None),
+    "metadata": lambda v: v is None or v == {}, "service_tier": _neutral(None, "auto", "default"),
+    "modalities": lambda v: v is None or v == ["text"], "audio": lambda v: v is None,
+    "prediction": lambda v: v is None, "reasoning_effort": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
+           "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos"}
+COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of"})
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"})
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# --- typed reads ---------------------------------------------------------------------------------
+_KINDS = {"string": str, "boolean": bool, "object": dict, "array": list}
+_ARTICLE = {"integer": "an integer", "number": "a finite number", "string": "a string",
+            "boolean": "a boolean", "object": "an object", "array": "an array"}
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object",
+            list: "array"}.get(type(v), type(v).__name__)
+
+
+def _get(body: dict, name: str, kind: str) -> Any:
+    """body[name] if present and not null, checked to be of `kind` (integer, number, string,
+    boolean, object, array); None when absent or null."""
+    v = body.get(name)
+    if v is None:
+        return None
+    ok = (isinstance(v, int) and not isinstance(v, bool) if kind == "integer" else
+          (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if kind == "number" else
+          isinstance(v, _KINDS[kind]))
+    if not ok:
+        raise InvalidRequestError(name, f"expected {_ARTICLE[kind]}, got {_type_name(v)}")
+    return v
+
+
+def check_fields(body: Any, allowed: frozenset[str], not_supported: dict[str, Callable[[Any], bool]]) -> None:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", f"expected a JSON object, got {_type_name(body)}")
+    for name, value in body.items():
+        if name in allowed:
+            continue
+        if name in not_supported:
+            if not not_supported[name](value):
+                raise InvalidRequestError(name, f"not supported by this server (got {value!r:.100})")
+            continue
+        raise InvalidRequestError(name, "unknown field")
+
+
+# --- requests ------------------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One parsed completions / chat call: what to submit and how to answer."""
+
+    kind: str  # "completion" | "chat"
+    model: str  # as the client sent it (echoed in responses)
+    adapter_id: str
+    prompts: list[list[int]]  # token ids, one per prompt
+    n: int
+    stream: bool
+    include_usage: bool
+    sampling: list[Any] = field(default_factory=list)  # SamplingParams per engine request
+    id: str = ""
+    created: int = 0
+
+    def requests(self) -> list[Request]:
+        """One engine request per choice: prompt-major, n per prompt (choice index = p * n + i)."""
+        out = []
+        for p, ids in enumerate(self.prompts):
+            for i in range(self.n):
+                k = p * self.n + i
+                out.append(Request(request_id=f"{self.id}-{k}", prompt_token_ids=list(ids),
+                                   sampling=self.sampling[k], adapter_id=self.adapter_id))
+        return out
+
+
+@dataclass(frozen=True)
+class Context:
+    """What parsing needs from the server."""
+
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    max_new_tokens_cap: int
+    limits: RequestLimits
+    base_model_names: frozenset[str]  # `model` values that mean the base model
+    sampling_defaults: Any = None
+
+
+def resolve_model(body: dict, ctx: Context) -> tuple[str, str]:
+    """(model as sent, adapter id: "" for the base model)."""
+    model = _get(body, "model", "string")
+    if model is None:
+        raise InvalidRequestError("model", "required: the base model's name or an adapter id (GET /v1/models)")
+    if not model:
+        raise InvalidRequestError("model", "must not be empty")
+    return model, "" if model in ctx.base_model_names else model
+
+
+def _stop(body: dict, limits: RequestLimits) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidRequestError("stop", f"expected a string or a list of strings, got {_type_name(v)}")
+    convert.check_stop(stops, limits, "stop")
+    return tuple(stops)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = bool(_get(body, "stream", "boolean"))
+    options = _get(body, "stream_options", "object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise InvalidRequestError("stream_options", "only allowed when stream is true")
+        for key, value in options.items():
+            if key != "include_usage":
+                raise InvalidRequestError(f"stream_options.{key}", "unknown field")
+            if value is not None and not isinstance(value, bool):
+                raise InvalidRequestError("stream_options.include_usage", f"expected a boolean, got {_type_name(value)}")
+            include_usage = bool(value)
+    return stream, include_usage
+
+
+def _sampling(body: dict, ctx: Context, prompts: list[list[int]], n: int, max_tokens_field: str,
+              default_max_tokens: Callable[[list[int]], int]) -> list[Any]:
+    kwargs: dict[str, Any] = {"stop": _stop(body, ctx.limits)}
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        v = _get(body, name, "number")
+        if v is not None:
+            kwargs[name] = float(v)
+    top_k = _get(body, "top_k", "integer")
+    if top_k is not None:
+        kwargs["top_k"] = 0 if top_k == -1 else top_k  # vLLM's -1 = off
+    if _get(body, "ignore_eos", "boolean"):
+        kwargs["ignore_eos"] = True
+    seed = _get(body, "seed", "integer")
+    if seed is not None and not 0 <= seed < _SEED_RANGE:
+        raise InvalidRequestError("seed", f"must be in [0, 2^64), got {seed}")
+    max_tokens = _get(body, max_tokens_field, "integer")
+    names = dict(_SAMPLING_NAMES, max_new_tokens=max_tokens_field)
+    out = []
+    for ids in prompts:
+        room = ctx.max_model_len - len(ids)
+        want = max_tokens if max_tokens is not None else min(default_max_tokens(ids), ctx.max_new_tokens_cap, room)
+        for i in range(n):
+            k = dict(kwargs, max_new_tokens=want)
+            if seed is not None:
+                k["seed"] = (seed + i) % _SEED_RANGE
+            out.append(convert.sampling_params(k, ctx.max_new_tokens_cap, ctx.sampling_defaults,
+                                               lambda name: names.get(name, name)))
+    return out
+
+
+def _n(body: dict) -> int:
+    n = _get(body, "n", "integer")
+    if n is None:
+        return 1
+    if n < 1:
+        raise InvalidRequestError("n", f"must be >= 1, got {n}")
+    return n
+
+
+def _check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
+        raise InvalidRequestError("n", f"{prompts} prompt(s) x n={n} choices; at most {MAX_CHOICES} in one call")
+
+
+def _new_id(prefix: str, request_id: str | None) -> str:
+    return request_id or f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _prompt_ids(body: dict, ctx: Context) -> list[list[int]]:
+    """The completions `prompt`: string | [string] | [int] | [[int]] -> token ids per prompt."""
+    v = body.get("prompt")
+    if v is None:
+        raise InvalidRequestError("prompt", "required")
+    if isinstance(v, str):
+        items: list[Any] = [v]
+        single = True
+    elif isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        items, single = [v], True
+    elif isinstance(v, list) and v:
+        items, single = v, False
+    else:
+        raise InvalidRequestError("prompt", "expected a non-empty string, list of strings, list of token ids "
+                                            "or list of lists of token ids" + (", got an empty list" if v == [] else
+                                                                                f", got {_type_name(v)}"))
+    chars = 0
+    out = []
+    for i, item in enumerate(items):
+        name = "prompt" if single else f"prompt[{i}]"
+        if isinstance(item, str):
+            chars += len(item)
+            convert.check_prompt_chars(chars, ctx.limits, ctx.max_model_len, name)
+            ids = convert.encode_text(item, ctx.tokenizer, name)
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            ids = list(item)
+            convert.check_token_ids(ids, ctx.vocab_size, name)
+        else:
+            raise InvalidRequestError(name, f"expected a string or a list of token ids, got {_type_name(item)}")
+        convert.check_prompt_length(ids, ctx.max_model_len, name)
+        out.append(ids)
+    return out
+
+
+def parse_completion(body: Any, ctx: Context, request_id: str | None = None) -> Call:
+    check_fields(body, COMPLETIONS_FIELDS, _NOT_SUPPORTED_COMPLETIONS)
+    model, adapter_id = resolve_model(body, ctx)
+    n = _n(body)
+    best_of = _get(body, "best_of", "integer")
+    if best_of is not None and best_of != n:
+        raise InvalidRequestError("best_of", f"not supported by this server unless equal to n ({n}), got {best_of}")
+    stream, include_usage = _stream(body)
+    _get(body, "user", "string")
+    prompts = _prompt_ids(body, ctx)
+    _check_choices(len(prompts), n)
+    sampling = _sampling(body, ctx, prompts, n, "max_tokens", lambda ids: COMPLETIONS_DEFAULT_MAX_TOKENS)
+    return Call("completion", model, adapter_id, prompts, n, stream, include_usage, sampling,
+                _new_id("cmpl", request_id), int(time.time()))
+
+
+def _message_content(m: dict, i: int) -> str:
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise InvalidRequestError(f"messages[{i}].content", "required")
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"messages[{i}].content", f"expected a string or a list of text parts, "
+                                                            f"got {_type_name(content)}")
+    texts = []
+    for j, part in enumerate(content):
+        name = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict):
+            raise InvalidRequestError(name, f"expected an object, got {_type_name(part)}")
+        if part.get("type") != "text":
+            raise InvalidRequestError(f"{name}.type", f"only \"text\" parts are supported, got {part.get('type')!r}")
+        extra = set(part) - {"type", "text"}
+        if extra:
+            raise InvalidRequestError(f"{name}.{sorted(extra)[0]}", "unknown field")
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequestError(f"{name}.text", f"expected a string, got {_type_name(part.get('text'))}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _conversation(body: dict, ctx: Context) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequestError("messages", "required")
+    if not isinstance(messages, list):
+        raise InvalidRequestError("messages", f"expected an array, got {_type_name(messages)}")
+    conversation = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"messages[{i}]", f"expected an object, got {_type_name(m)}")
+        extra = set(m) - {"role", "content"}
+        if extra:
+            name = sorted(extra)[0]
+            raise InvalidRequestError(f"messages[{i}].{name}", "not supported by this server" if name in
+                                      ("name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio")
+                                      else "unknown field")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"unknown role {role!r}; expected one of "
+                                                             f"{', '.join(_ROLES)}")
+        conversation.append({"role": _ROLES[role], "content": _message_content(m, i)})
+    convert.check_messages([m["content"] for m in conversation], ctx.limits, ctx.max_model_len)
+    return conversation
+
+
+def parse_chat(body: Any, ctx: Context, request_id: str | None = None) -> Call:
+    check_fields(body, CHAT_FIELDS, _NOT_SUPPORTED_CHAT)
+    model, adapter_id = resolve_model(body, ctx)
+    n = _n(body)
+    stream, include_usage = _stream(body)
+    _get(body, "user", "string")
+    max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    ids = convert.render_chat(_conversation(body, ctx), ctx.tokenizer)
+    convert.check_prompt_length(ids, ctx.max_model_len, "messages")
+    _check_choices(1, n)
+    sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p))
+    return Call("chat", model, adapter_id, [ids], n, stream, include_usage, sampling,
+                _new_id("chatcmpl", request_id), int(time.time()))
+
+
+# --- responses -----------------------------------------------------------------------------------
+def finish_reason(reason: FinishReason | None) -> str | None:
+    return None if reason is None else _FINISH[reason]
+
+
+def usage(call: Call, finals: dict[int, RequestOutput]) -> dict:
+    """OpenAI usage over the finished events of every choice: each prompt counted once."""
+    prompt = cached = completion = 0
+    for k, out in finals.items():
+        completion += out.completion_tokens
+        if k % call.n == 0:  # the first choice of each prompt
+            prompt += out.prompt_tokens
+            cached += getattr(out, "cached_prompt_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def full_response(call: Call, texts: dict[int, list[str]], finals: dict[int, RequestOutput]) -> dict:
+    choices = []
+    for k in range(len(call.sampling)):
+        text = "".join(texts.get(k, ()))
+        reason = finish_reason(finals[k].finish_reason)
+        if call.kind == "chat":
+            choices.append({"index": k, "message": {"role": "assistant", "content": text},
+                            "logprobs": None, "finish_reason": reason})
+        else:
+            choices.append({"index": k, "text": text, "logprobs": None, "finish_reason": reason})
+    return {"id": call.id, "object": "chat.completion" if call.kind == "chat" else "text_completion",
+            "created": call.created, "model": call.model, "choices": choices, "usage": usage(call, finals)}
+
+
+def chunk(call: Call, index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+    """One streamed chunk for choice `index`."""
+    if call.kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        obj = "text_completion"
+    out = {"id": call.id, "object": obj, "created": call.created, "model": call.model, "choices": [choice]}
+    if call.include_usage:
+        out["usage"] = None  # as OpenAI: null on every chunk but the last, usage-only one
+    return out
+
+
+def usage_chunk(call: Call, finals: dict[int, RequestOutput]) -> dict:
+    return {"id": call.id, "object": "chat.completion.chunk" if call.kind == "chat" else "text_completion",
+            "created": call.created, "model": call.model, "choices": [], "usage": usage(call, finals)}
+
+
+def model_card(model_id: str, created: int, root: str, parent: str | None, **extra: Any) -> dict:
+    """One entry of GET /v1/models, as vLLM lists the base model and its adapters."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loraplex", "root": root,
+            "parent": parent, "permission": [], **extra}
+
+
+def rename_field(message: str, mapping: dict[str, str]) -> str:
+    """"adapter_id: ..." -> "model: ..." (the core's field names -> this front door's)."""
+    head, sep, rest = message.partition(": ")
+    return f"{mapping[head]}: {rest}" if sep and head in mapping else message
+
