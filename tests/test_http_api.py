@@ -110,6 +110,19 @@ def test_completion_matches_grpc(srv, client):
     assert got.usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def test_presence_and_frequency_penalties_as_over_grpc(srv, client):
+    """The penalties change a greedy completion (the tiny model repeats itself) and the HTTP and
+    gRPC doors give the same tokens for the same penalties."""
+    plain = grpc_greedy(srv, 24, prompt=PROMPT)
+    want = srv.grpc.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingParams(
+        max_new_tokens=24, temperature=0.0, ignore_eos=True, presence_penalty=1.5, frequency_penalty=2.0)))
+    assert list(want.token_ids) != list(plain.token_ids)
+    got = client.completions.create(model=srv.model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                    presence_penalty=1.5, frequency_penalty=2.0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text
+
+
 def test_chat_matches_grpc_messages(srv, client):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi!"}]
     want = grpc_greedy(srv, 10, messages=pb.Messages(messages=[pb.Message(**m) for m in messages]))
@@ -258,8 +271,9 @@ def test_unload_unknown_adapter_is_404(srv):
     ({"frobnicate": 1}, "frobnicate"),
     ({"logprobs": 2}, "logprobs"),
     ({"echo": True}, "echo"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": "lots"}, "frequency_penalty"),
     ({"best_of": 3}, "best_of"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from loraplex.engine.request import SamplingParams
+from loraplex.engine.request import InvalidRequestError, SamplingParams
 from loraplex.engine.sampler import Sampler, apply_repetition_penalty, apply_top_k_top_p
 
 
@@ -151,3 +151,32 @@ def test_mixed_batch_greedy_rows_unaffected_by_sampling_rows():
     assert tokens[1] in logits[1].topk(3).indices.tolist()
     assert all(0 <= t < 100 for t in tokens)
     assert not math.isnan(sum(tokens))
+
+
+def test_presence_and_frequency_penalties_match_a_plain_reference():
+    """OpenAI semantics over the generated tokens only (the prompt's tokens are not penalised):
+    logit -= presence * (count > 0) + frequency * count; checked on random logits in float64."""
+    from loraplex.engine.sampler import apply_presence_frequency
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 50
+    logits = torch.randn(4, vocab, generator=g) * 3  # [S, V]
+    histories = [[1, 2, 3, 3, 7], [4, 4, 4], [], [9, 1, 1]]
+    prompt_lens = [2, 0, 0, 3]  # row 3: everything is prompt
+    presence, frequency = [0.5, -1.0, 2.0, 1.5], [0.25, 0.75, 0.0, 2.0]
+    want = logits.double().clone()
+    for r, (ids, start) in enumerate(zip(histories, prompt_lens)):
+        for t in set(ids[start:]):
+            n = ids[start:].count(t)
+            want[r, t] -= presence[r] + frequency[r] * n
+    got = apply_presence_frequency(logits.clone(), [h[s:] for h, s in zip(histories, prompt_lens)],
+                                   presence, frequency)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # Through the sampler, greedy: a token the penalty pushes below the runner-up is not chosen.
+    row = torch.zeros(1, vocab)
+    row[0, 5], row[0, 6] = 3.0, 2.5
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.3)]
+    assert Sampler()(row.clone(), params, [[0, 5, 5]], [None], prompt_lens=[1]) == [6]  # 3 - 0.6 < 2.5
+    assert Sampler()(row.clone(), params, [[5, 5, 0]], [None], prompt_lens=[2]) == [5]  # prompt 5s are free
+    with pytest.raises(InvalidRequestError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)

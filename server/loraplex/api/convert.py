@@ -58,7 +58,8 @@ def sampling_from_proto(sp: generation_pb2.SamplingParams, max_new_tokens_cap: i
     (max_new_tokens 64, temperature 1.0, top_p 1.0, top_k 0 = off, repetition_penalty 1.0,
     seed None = random)."""
     kwargs: dict[str, Any] = {}
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                 "presence_penalty", "frequency_penalty"):
         if sp.HasField(name):
             kwargs[name] = getattr(sp, name)
     kwargs["stop"] = tuple(sp.stop)

@@ -320,7 +320,8 @@ class Engine:
             # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
             rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
             tokens = self.sampler(rows, [s.sampling for s in sampled],
-                                  [s.token_ids for s in sampled], [s.generator for s in sampled])
+                                  [s.token_ids for s in sampled], [s.generator for s in sampled],
+                                  [s.num_prompt_tokens for s in sampled])
         except Exception as exc:  # fail this step's requests only; the loop goes on
             log.exception("engine step failed for %d requests", len(batch))
             for seq in batch.seqs:

@@ -38,6 +38,9 @@ class SamplingParams:
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; HF semantics (divide positive logits, multiply negative)
+    # OpenAI semantics over the generated tokens: logit -= presence * (count > 0) + frequency * count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None  # None = nondeterministic
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -54,6 +57,10 @@ class SamplingParams:
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidRequestError(
                 "repetition_penalty", f"must be finite and > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(name, f"must be in [-2, 2], got {value}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
 

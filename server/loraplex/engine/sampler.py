@@ -41,6 +41,25 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
     return logits
 
 
+def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], presence: Seq[float],
+                             frequency: Seq[float]) -> torch.Tensor:
+    """OpenAI semantics, in place: logits[r, t] -= presence[r] * (count > 0) + frequency[r] * count,
+    count = how often token t occurs in row r's generated tokens. logits: [S, V]."""
+    rows = [i for i in range(len(generated)) if (presence[i] or frequency[i]) and len(generated[i]) > 0]
+    if not rows:
+        return logits
+    dev = logits.device
+    counts = torch.zeros(len(rows), logits.shape[1], dtype=logits.dtype, device=dev)  # [R, V]
+    for j, i in enumerate(rows):  # one scatter per penalised row: O(generated tokens), no [V] loop
+        ids = torch.tensor(list(generated[i]), dtype=torch.long, device=dev)
+        counts[j].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=dev))
+    row_idx = torch.tensor(rows, dtype=torch.long, device=dev)  # [R]
+    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=dev).unsqueeze(1)  # [R, 1]
+    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=dev).unsqueeze(1)
+    logits[row_idx] -= pres * (counts > 0).to(logits.dtype) + freq * counts
+    return logits
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (set to -inf) what top-k and then top-p exclude. logits: [S, V] (temperature already
     applied); top_k: [S] int64, 0 = off; top_p: [S] float, 1 = off. Returns a new tensor.
@@ -66,16 +85,25 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
-                 token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None]) -> list[int]:
+                 token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None],
+                 prompt_lens: Seq[int] | None = None) -> list[int]:
         """logits: [S, V] float32, one row per sequence; token_ids: each row's prompt + generated
-        tokens (for the repetition penalty). Returns one token id per row."""
+        tokens (for the penalties), of which the first prompt_lens[i] are the prompt (None: all
+        generated). Returns one token id per row."""
         num_rows, vocab = logits.shape
         if num_rows == 0:
             return []
         penalties = [p.repetition_penalty for p in params]
         logits = logits.float()
+        cloned = False
         if any(p != 1.0 for p in penalties):  # the penalty writes in place: not into the caller's tensor
-            logits = apply_repetition_penalty(logits.clone(), token_ids, penalties)
+            logits, cloned = apply_repetition_penalty(logits.clone(), token_ids, penalties), True
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            starts = prompt_lens if prompt_lens is not None else [0] * num_rows
+            generated = [ids[start:] for ids, start in zip(token_ids, starts)]
+            logits = apply_presence_frequency(logits if cloned else logits.clone(), generated,
+                                              [p.presence_penalty for p in params],
+                                              [p.frequency_penalty for p in params])
         out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
 
         rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -6,9 +6,9 @@ What is accepted (everything else is refused with 400 naming the field, never si
 
     both routes    model (the base model's name or an adapter id), max_tokens, temperature, top_p,
                    n, seed, stop (string or list), stream, stream_options.include_usage, user
-                   (accepted, not used), presence_penalty / frequency_penalty / logit_bias only at
-                   their neutral values (0, 0, {}); extensions as vLLM spells them: top_k (-1 or
-                   0 = off), repetition_penalty, ignore_eos
+                   (accepted, not used), presence_penalty / frequency_penalty (in [-2, 2], over the
+                   generated tokens), logit_bias only at its neutral value {}; extensions as vLLM
+                   spells them: top_k (-1 or 0 = off), repetition_penalty, ignore_eos
     completions    prompt: a string, a list of strings, a list of token ids, a list of lists of
                    token ids (one choice each, times n); echo false; logprobs null; best_of
                    null or = n; suffix null
@@ -46,7 +46,8 @@ _FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LEN
 # The names of SamplingParams fields in OpenAI bodies (errors name what the client sent).
 _SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
                    "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
-                   "stop": "stop", "ignore_eos": "ignore_eos"}
+                   "stop": "stop", "ignore_eos": "ignore_eos", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty"}
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
@@ -59,7 +60,6 @@ def _zero(v: Any) -> bool:
 
 # OpenAI fields we know but do not implement: accepted only at the value that changes nothing.
 _NOT_SUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _zero, "frequency_penalty": _zero,
     "logit_bias": lambda v: v is None or v == {},
 }
 _NOT_SUPPORTED_COMPLETIONS = {
@@ -79,7 +79,8 @@ _NOT_SUPPORTED_CHAT = {
     "web_search_options": lambda v: v is None,
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
-           "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos"}
+           "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty",
+           "frequency_penalty"}
 COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of"})
 CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -205,7 +206,7 @@ def _stream(body: dict) -> tuple[bool, bool]:
 def _sampling(body: dict, ctx: Context, prompts: list[list[int]], n: int, max_tokens_field: str,
               default_max_tokens: Callable[[list[int]], int]) -> list[Any]:
     kwargs: dict[str, Any] = {"stop": _stop(body, ctx.limits)}
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         v = _get(body, name, "number")
         if v is not None:
             kwargs[name] = float(v)
