@@ -59,8 +59,8 @@ def server(tiny_model_dir, tmp_path_factory):
     for name in ADAPTERS[1:]:
         shutil.copytree(tmp / "adapters" / ADAPTERS[0], tmp / "adapters" / name)
     loaded = load_model(tiny_model_dir, torch.float32, "cpu")
-    manager = LoraManager(LoraConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=4,
-                                     allowed_roots=(str(tmp / "adapters"),)),
+    # No --max-loras cap: the three adapters stay in the pool, each loaded exactly once.
+    manager = LoraManager(LoraConfig(max_lora_rank=8, max_cpu_loras=4, allowed_roots=(str(tmp / "adapters"),)),
                           loaded.model, torch.float32, "cpu")
     for name in ADAPTERS:
         manager.load(name, tmp / "adapters" / name)
