@@ -297,7 +297,8 @@ def run_streams(engine, manager, jobs: list[Job], streams: int, max_new_tokens: 
                      mean_running=mean(0), mean_waiting=mean(1))
 
 
-def make_engine(loaded, manager, streams: int, prompt_len: int, max_new_tokens: int):
+def make_engine(loaded, manager, streams: int, prompt_len: int, max_new_tokens: int, **engine_kw):
+    """A started engine sized for `streams` sequences; `engine_kw`: other EngineConfig fields."""
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
 
@@ -305,7 +306,7 @@ def make_engine(loaded, manager, streams: int, prompt_len: int, max_new_tokens: 
     per_seq_blocks = -(-(prompt_len + max_new_tokens) // block) + 1
     config = EngineConfig(block_size=block, num_kv_blocks=max(64, streams * per_seq_blocks),
                           max_num_seqs=streams, max_model_len=prompt_len + max_new_tokens + 16,
-                          max_new_tokens_cap=max(max_new_tokens, 16))
+                          max_new_tokens_cap=max(max_new_tokens, 16), **engine_kw)
     engine = Engine(loaded, config, lora_manager=manager)
     engine.warmup()
     engine.start()

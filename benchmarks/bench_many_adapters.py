@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_lora_serving import (ALL_LINEAR, Job, Shapes, random_lora_tensors, run_streams,  # noqa: E402
-                                write_adapter, zipf_jobs)
+from bench_lora_serving import (ALL_LINEAR, Job, Shapes, make_engine, random_lora_tensors,  # noqa: E402
+                                run_streams, write_adapter, zipf_jobs)
 from bench_serving import QUESTIONS, machine_info  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "many_adapters_cpu.md"
@@ -97,28 +97,6 @@ def write_set(root: Path, kind: str, n: int, shapes: Shapes, base: str, seed: in
     return out
 
 
-def make_engine(loaded, manager, streams: int, prompt_len: int, max_new_tokens: int):
-    """The engine, with prefix caching OFF: the base passes send the same prompts again and again
-    and would skip their prefills from the cache, while the LoRA passes (one adapter per request)
-    cannot; this benchmark compares adapter overhead, not the prefix cache."""
-    import dataclasses
-
-    from loraplex.config import EngineConfig
-    from loraplex.engine.engine import Engine
-
-    block = 16
-    per_seq_blocks = -(-(prompt_len + max_new_tokens) // block) + 1
-    extra = {"enable_prefix_caching": False} if "enable_prefix_caching" in {
-        f.name for f in dataclasses.fields(EngineConfig)} else {}
-    config = EngineConfig(block_size=block, num_kv_blocks=max(64, streams * per_seq_blocks),
-                          max_num_seqs=streams, max_model_len=prompt_len + max_new_tokens + 16,
-                          max_new_tokens_cap=max(max_new_tokens, 16), **extra)
-    engine = Engine(loaded, config, lora_manager=manager)
-    engine.warmup()
-    engine.start()
-    return engine
-
-
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -169,7 +147,11 @@ def run_case(ctx, kind: str, n: int, popularity: str) -> dict:
     base_jobs = [Job(j.prompt, "") for j in jobs]
     manager = LoraManager(LoraConfig(adapter_memory=a.case_memory[(kind, n)], max_lora_rank=64, adapter_root=str(root)),
                           loaded.model, loaded.dtype, "cpu")
-    engine = make_engine(loaded, manager, a.streams, max(len(p) for p in prompts), a.max_new_tokens)
+    # Prefix caching off: the base passes send the same prompts again and again and would skip
+    # their prefills from the cache, while the LoRA passes (one adapter per request) cannot; this
+    # benchmark compares adapter overhead, not the prefix cache.
+    engine = make_engine(loaded, manager, a.streams, max(len(p) for p in prompts), a.max_new_tokens,
+                         enable_prefix_caching=False)
     name = f"{kind}{n}-{popularity}"
     out = {"kind": kind, "n": n, "popularity": popularity, "distinct": len({j.adapter for j in jobs}),
            "pool_bytes": manager.device_bytes, "memory": a.case_memory[(kind, n)]}

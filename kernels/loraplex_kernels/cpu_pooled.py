@@ -112,8 +112,7 @@ def add_lora_pooled_torch(ys: list[torch.Tensor], x: torch.Tensor, pool: torch.T
     if not meta.has_lora:
         return
     # Members no active slot targets cost nothing (a host-side check on Python sets, no sync).
-    active = {s for bk in meta.buckets for s in bk.group_slot_ids}
-    members = tuple(m for m in members if not table.targets(m).isdisjoint(active))
+    members = tuple(m for m in members if not table.targets(m).isdisjoint(meta.active_slots))
     if not members:
         return
     if pool.numel() < max(table.d_in, *(table.d_outs[m] for m in members)):

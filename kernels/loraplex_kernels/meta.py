@@ -160,6 +160,12 @@ class LoraMeta:
     def num_active_slots(self) -> int:
         return int(self.seg_slots.shape[0])
 
+    @cached_property
+    def active_slots(self) -> frozenset[int]:
+        """The slots some row uses, on the host: built once per step, then every projection's
+        "does any adapter of this step target me" is a set intersection, no device sync."""
+        return frozenset(s for b in self.buckets for s in b.group_slot_ids)
+
     @property
     def device(self) -> torch.device:
         return self.token_slots.device

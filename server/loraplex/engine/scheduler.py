@@ -229,7 +229,7 @@ class Scheduler:
         slot = self.adapter_slots.acquire(seq.adapter_id)
         if slot is None:
             return False
-        if seq.num_preemptions == 0 and not seq.holds_adapter_slot:  # first admission only
+        if seq.num_preemptions == 0:  # its first admission (re-admissions after preemption: not a wait)
             waited = 0.0 if seq.adapter_wait_start is None else time.monotonic() - seq.adapter_wait_start
             observe = getattr(self.adapter_slots, "observe_wait", None)
             if observe is not None:

@@ -26,8 +26,7 @@ class PoolGroup:
     def targeted(self, lora, member: int) -> bool:
         """Does any adapter of this step target this member? Plain Python sets, no device sync:
         a step whose adapters all skip a module (q/v adapters at gate/up/down) costs nothing there."""
-        filled = self.table.targets(member)
-        return bool(filled) and any(s in filled for b in lora.meta.buckets for s in b.group_slot_ids)
+        return not self.table.targets(member).isdisjoint(lora.meta.active_slots)
 
     def apply(self, ys: list[torch.Tensor], x: torch.Tensor, lora) -> None:
         """ys[m] [T, out_m] += member m's per-token LoRA delta of x [T, in], for the members some

@@ -116,7 +116,7 @@ class _Entry:
     last_used_mono: float = field(default_factory=time.monotonic)
 
     @property
-    def nbytes(self) -> int:
+    def elems(self) -> int:  # pool elements it takes (layout.elems)
         return self.layout.elems
 
 
@@ -162,7 +162,7 @@ class LoraManager:
                         raise AdapterExistsError(
                             "adapter_id", f"{adapter_id!r} is already loaded from {entry.source}")
                     if entry.resident and pinned and not entry.pinned:
-                        self._check_pin_room(entry.nbytes)
+                        self._check_pin_room(entry.elems)
                         entry.pinned = True
                     if entry.resident or not pinned or entry.pinned:
                         known = True
@@ -192,12 +192,12 @@ class LoraManager:
         with self._lock:
             return self._info(self._entries[adapter_id])
 
-    def _check_pin_room(self, nbytes: int) -> None:
+    def _check_pin_room(self, elems: int) -> None:
         # Pinned adapters never leave the pool; leave room for everyone else, or requests for
         # unpinned adapters would wait forever.
         pinned = [e for e in self._entries.values() if e.pinned and not e.unloading]
         limit = int(self.pool.capacity_bytes * PINNED_SHARE)
-        if sum(e.nbytes for e in pinned) * self.pool.elem_size + nbytes * self.pool.elem_size > limit:
+        if (sum(e.elems for e in pinned) + elems) * self.pool.elem_size > limit:
             raise AdapterCapacityError(
                 "pinned", f"pinned adapters may take at most {PINNED_SHARE:.0%} of the adapter pool "
                 f"({limit / 2**20:.1f} MiB); raise --adapter-memory or unpin one")
@@ -409,10 +409,7 @@ class LoraManager:
     def _reserve_extent(self, entry: _Entry, required: bool) -> bool:
         """Under the lock: a table row and a pool extent for `entry`, evicting idle adapters."""
         need = entry.layout.elems
-        if need > self.pool.allocator.capacity:
-            raise AdapterCapacityError(
-                "adapter_memory", f"adapter {entry.adapter_id!r} needs {need * self.pool.elem_size / 2**20:.1f} MiB, "
-                f"more than the whole adapter pool ({self.pool.capacity_bytes / 2**20:.1f} MiB); raise --adapter-memory")
+        self._check_fits(entry.adapter_id, need)
         if not self._free_slots:
             victim = min((e for e in self._entries.values() if self._evictable(e)),
                          key=lambda e: self._age(e.adapter_id), default=None)
@@ -431,6 +428,12 @@ class LoraManager:
         entry.slot, entry.offset = self._free_slots.pop(), offset
         self._slot_owner[entry.slot] = entry.adapter_id
         return True
+
+    def _check_fits(self, adapter_id: str, elems: int) -> None:
+        if elems > self.pool.allocator.capacity:
+            raise AdapterCapacityError(
+                "adapter_memory", f"adapter {adapter_id!r} needs {elems * self.pool.elem_size / 2**20:.1f} MiB, "
+                f"more than the whole adapter pool ({self.pool.capacity_bytes / 2**20:.1f} MiB); raise --adapter-memory")
 
     def _no_room(self, entry: _Entry, required: bool, why: str) -> bool:
         if required:
@@ -498,10 +501,7 @@ class LoraManager:
     def _register(self, adapter_id: str, source: Path, weights: AdapterWeights, pinned: bool,
                   source_kind: str) -> AdapterInfo:
         layout = self.pool.layout(weights)
-        if layout.elems > self.pool.allocator.capacity:
-            raise AdapterCapacityError(
-                "adapter_memory", f"adapter {adapter_id!r} needs {layout.elems * self.pool.elem_size / 2**20:.1f} MiB, "
-                f"more than the whole adapter pool ({self.pool.capacity_bytes / 2**20:.1f} MiB); raise --adapter-memory")
+        self._check_fits(adapter_id, layout.elems)
         host = self._to_host(weights)
         with self._lock:
             entry = self._entries.get(adapter_id)
@@ -567,7 +567,7 @@ class LoraManager:
     def _info(self, e: _Entry) -> AdapterInfo:
         tier = Tier.DEVICE if e.resident else Tier.HOST if e.host is not None else Tier.DISK
         return AdapterInfo(adapter_id=e.adapter_id, source=str(e.source), target_modules=e.target_modules,
-                           min_rank=e.min_rank, max_rank=e.max_rank, nbytes=e.nbytes * self.pool.elem_size,
+                           min_rank=e.min_rank, max_rank=e.max_rank, nbytes=e.elems * self.pool.elem_size,
                            tier=tier, requests_in_flight=e.in_flight, last_used=e.last_used, pinned=e.pinned)
 
     # ------------------------------------------------------------------ gauges
