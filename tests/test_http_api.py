@@ -269,12 +269,13 @@ def test_unload_unknown_adapter_is_404(srv):
 # --- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, param", [
     ({"frobnicate": 1}, "frobnicate"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"echo": True, "logprobs": 0}, "echo"),
+    ({"suffix": "x"}, "suffix"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"frequency_penalty": "lots"}, "frequency_penalty"),
-    ({"best_of": 3}, "best_of"),
+    ({"n": 3, "best_of": 2}, "best_of"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
     ({"top_p": 0}, "top_p"),
@@ -300,7 +301,7 @@ def test_completion_field_errors(srv, client, extra, param):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),

@@ -66,6 +66,17 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A generated token's log-probability (asked with logprobs=k), with the k most likely
+    alternatives at that step as (token id, token text, logprob), most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     request_id: str
     text: str
@@ -73,6 +84,7 @@ class Completion:
     finish_reason: str  # "eos" | "length" | "stop" | "cancelled"
     usage: Usage
     timings: Timings
+    logprobs: tuple[Logprob, ...] = ()  # one per token id when asked
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: tuple[Logprob, ...] = ()  # one per token id of this chunk when asked
 
 
 @dataclass(frozen=True)
@@ -142,15 +155,20 @@ def _timings(t: Any) -> Timings:
     return Timings(t.queue_seconds, t.time_to_first_token_seconds, t.total_seconds)
 
 
+def _logprobs(msg: Any) -> tuple[Logprob, ...]:
+    return tuple(Logprob(lp.token_id, lp.token, lp.logprob,
+                         tuple((t.token_id, t.token, t.logprob) for t in lp.top_logprobs)) for lp in msg.logprobs)
+
+
 def _chunk(msg: Any) -> Chunk:
     last = msg.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
     return Chunk(msg.request_id, msg.text, tuple(msg.token_ids), _reason(msg.finish_reason),
-                 _usage(msg.usage) if last else None, _timings(msg.timings) if last else None)
+                 _usage(msg.usage) if last else None, _timings(msg.timings) if last else None, _logprobs(msg))
 
 
 def _completion(msg: Any) -> Completion:
     return Completion(msg.request_id, msg.text, tuple(msg.token_ids), _reason(msg.finish_reason) or "",
-                      _usage(msg.usage), _timings(msg.timings))
+                      _usage(msg.usage), _timings(msg.timings), _logprobs(msg))
 
 
 def _adapter(a: Any) -> Adapter:
@@ -167,7 +185,8 @@ def _model_info(m: Any) -> ModelInfo:
                      SamplingDefaults(d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.source), m)
 
 
-_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+             "presence_penalty", "frequency_penalty", "logprobs")
 
 
 def build_request(prompt: str | None = None, *, messages: Iterable[Mapping[str, str]] | None = None,
@@ -176,6 +195,8 @@ def build_request(prompt: str | None = None, *, messages: Iterable[Mapping[str, 
                   top_p: float | None = None, top_k: int | None = None,
                   repetition_penalty: float | None = None, seed: int | None = None,
                   stop: Sequence[str] = (), ignore_eos: bool = False,
+                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                  logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
                   request_id: str = "") -> generation_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (ValueError unless exactly one input is given)."""
     given = [name for name, v in (("prompt", prompt), ("messages", messages),
@@ -193,10 +214,12 @@ def build_request(prompt: str | None = None, *, messages: Iterable[Mapping[str, 
         req.prompt_token_ids.ids.extend(prompt_token_ids)
         req.prompt_token_ids.SetInParent()
     values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                  repetition_penalty=repetition_penalty, seed=seed)
+                  repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, logprobs=logprobs)
     for name in _SAMPLING:
         if values[name] is not None:
             setattr(req.sampling, name, values[name])
+    req.sampling.logit_bias.update(logit_bias or {})
     req.sampling.stop.extend(stop)
     req.sampling.ignore_eos = ignore_eos
     return req

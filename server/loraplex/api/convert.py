@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import loraplex
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, generation_pb2
 from loraplex.config import RequestLimits
+from loraplex.engine.logprobs import TokenLogprob
 from loraplex.engine.request import (FinishReason, InvalidRequestError, Request, RequestOutput,
                                      SamplingParams, Timings)
 
@@ -64,6 +65,9 @@ def sampling_from_proto(sp: generation_pb2.SamplingParams, max_new_tokens_cap: i
             kwargs[name] = getattr(sp, name)
     kwargs["stop"] = tuple(sp.stop)
     kwargs["ignore_eos"] = sp.ignore_eos
+    if sp.HasField("logprobs"):
+        kwargs["logprobs"] = sp.logprobs
+    kwargs["logit_bias"] = tuple(sorted(sp.logit_bias.items()))
     return sampling_params(kwargs, max_new_tokens_cap, defaults, lambda name: f"sampling.{name}")
 
 
@@ -200,9 +204,19 @@ def timings_to_proto(t: Timings | None) -> generation_pb2.Timings:
                                   total_seconds=t.total_seconds)
 
 
-def stream_chunk_to_proto(out: RequestOutput) -> generation_pb2.GenerateStreamResponse:
+def logprobs_to_proto(logprobs: Sequence[TokenLogprob], token_text: Any) -> list[generation_pb2.TokenLogprob]:
+    """token_text: api/token_text.TokenText of the served tokenizer."""
+    return [generation_pb2.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, token=token_text.text(lp.token_id),
+        top_logprobs=[generation_pb2.TopLogprob(token_id=t, logprob=v, token=token_text.text(t))
+                      for t, v in lp.top]) for lp in logprobs]
+
+
+def stream_chunk_to_proto(out: RequestOutput, token_text: Any = None) -> generation_pb2.GenerateStreamResponse:
     chunk = generation_pb2.GenerateStreamResponse(request_id=out.request_id, text=out.text_delta,
                                                   token_ids=out.new_token_ids)
+    if out.logprobs:
+        chunk.logprobs.extend(logprobs_to_proto(out.logprobs, token_text))
     if out.finished:
         chunk.finish_reason = finish_reason_to_proto(out.finish_reason)
         chunk.usage.CopyFrom(usage_to_proto(out))
@@ -210,10 +224,12 @@ def stream_chunk_to_proto(out: RequestOutput) -> generation_pb2.GenerateStreamRe
     return chunk
 
 
-def response_to_proto(outputs: list[RequestOutput]) -> generation_pb2.GenerateResponse:
+def response_to_proto(outputs: list[RequestOutput], token_text: Any = None) -> generation_pb2.GenerateResponse:
     """All events of one request (the last one finished) -> the unary response."""
     last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in o.logprobs]
     return generation_pb2.GenerateResponse(
+        logprobs=logprobs_to_proto(logprobs, token_text) if logprobs else (),
         request_id=last.request_id,
         text="".join(o.text_delta for o in outputs),
         token_ids=[t for o in outputs for t in o.new_token_ids],

@@ -25,6 +25,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer, check_finish
 from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError, EngineStoppedError, QueueFullError
+from loraplex.engine.logprobs import TokenLogprob, gather_logprobs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (FinishReason, InvalidRequestError, OutputCallback, Request,
                                      RequestOutput, SamplingParams, Timings)
@@ -322,6 +323,10 @@ class Engine:
             tokens = self.sampler(rows, [s.sampling for s in sampled],
                                   [s.token_ids for s in sampled], [s.generator for s in sampled],
                                   [s.num_prompt_tokens for s in sampled])
+            top_ks = [s.sampling.logprobs for s in sampled]
+            # From the raw logits: the sampler never writes into its input (it clones first).
+            logprobs = (gather_logprobs(rows, tokens, top_ks) if any(k is not None for k in top_ks)
+                        else [None] * len(tokens))
         except Exception as exc:  # fail this step's requests only; the loop goes on
             log.exception("engine step failed for %d requests", len(batch))
             for seq in batch.seqs:
@@ -333,10 +338,10 @@ class Engine:
         with self._cv:
             self._counters["prompt_tokens"] += batch.num_tokens - num_decodes
             self._counters["generation_tokens"] += len(tokens)
-        for seq, token in zip(sampled, tokens):
-            self._on_token(seq, token)
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            self._on_token(seq, token, logprob)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         try:
             now = time.monotonic()
             seq.append_token(token)
@@ -353,14 +358,15 @@ class Engine:
             log.exception("postprocessing failed for request %s", seq.request_id)
             self._finish(seq, FinishReason.ERROR, (token,), error=f"{type(exc).__name__}: {exc}")
             return
+        logprobs = () if logprob is None else (logprob,)
         if reason is None:
-            self._deliver(seq, RequestOutput(seq.request_id, (token,), delta))
+            self._deliver(seq, RequestOutput(seq.request_id, (token,), delta, logprobs=logprobs))
         else:
-            self._finish(seq, reason, (token,), delta + seq.detokenizer.flush())
+            self._finish(seq, reason, (token,), delta + seq.detokenizer.flush(), logprobs=logprobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: tuple[int, ...] = (),
                 text_delta: str = "", error: str | None = None, out_of_memory: bool = False,
-                cause: BaseException | None = None) -> None:
+                cause: BaseException | None = None, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if self._live.get(seq.request_id) is not seq:
             return  # already reported (e.g. aborted and failed in the same step)
         self.scheduler.finish(seq)  # frees KV blocks and the adapter slot
@@ -373,7 +379,7 @@ class Engine:
             cached_prompt_tokens=seq.num_cached_prompt_tokens,
             timings=seq.timings(), error=error if reason is FinishReason.ERROR else None,
             out_of_memory=out_of_memory and reason is FinishReason.ERROR,
-            cause=cause if reason is FinishReason.ERROR else None)
+            cause=cause if reason is FinishReason.ERROR else None, logprobs=logprobs)
         with self._cv:
             if self._live.get(seq.request_id) is seq:
                 del self._live[seq.request_id]
@@ -472,6 +478,9 @@ class Engine:
             raise InvalidRequestError(
                 "prompt", f"{len(prompt)} tokens is longer than the context: at most "
                 f"{self.max_model_len - 1} prompt tokens fit (max_model_len {self.max_model_len})")
+        bad = next((t for t, _ in request.sampling.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
         cap = self.config.max_new_tokens_cap
         if request.sampling.max_new_tokens > cap:
             raise InvalidRequestError(

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from loraplex.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
+
 
 class FinishReason(enum.Enum):
     EOS = "eos"
@@ -44,6 +46,13 @@ class SamplingParams:
     seed: int | None = None  # None = nondeterministic
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None = no log-probabilities; k >= 0 = the sampled token's logprob and the k most likely
+    # alternatives, at every step (engine/logprobs.py: of the raw model distribution).
+    logprobs: int | None = None
+    # OpenAI's logit_bias: (token id, bias) pairs added to the logits before sampling, bias in
+    # [-100, 100] (-100 effectively bans the token, 100 forces it). Token ids are checked against
+    # the vocabulary by the engine.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,6 +72,13 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {value}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for token, bias in self.logit_bias:
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError("logit_bias", f"bias of token {token} must be in [-100, 100], got {bias}")
+            if token < 0:
+                raise InvalidRequestError("logit_bias", f"token id {token} must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +107,8 @@ class RequestOutput:
     timings: Timings | None = None  # set on the finished event
     error: str | None = None  # set when finish_reason is ERROR
     out_of_memory: bool = False  # an ERROR for lack of memory (-> RESOURCE_EXHAUSTED: retry later)
+    # One per new_token_ids entry when the request asked for logprobs; () otherwise.
+    logprobs: tuple[TokenLogprob, ...] = ()
     # The adapter-side exception behind an ERROR (its background load failed: corrupt file,
     # folder gone, no room), so the API answers with that error's own status.
     cause: BaseException | None = None

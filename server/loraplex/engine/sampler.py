@@ -1,7 +1,7 @@
 """Next-token selection for a batch of sequences, one row of logits each.
 
-Order of operations (as in transformers' generate): repetition penalty -> temperature -> top-k ->
-top-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised logits. All the maths
+Order of operations (as in transformers' generate): repetition penalty -> presence / frequency
+penalties -> logit_bias -> temperature -> top-k -> top-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised logits. All the maths
 is batched over rows; only drawing the random numbers of *seeded* rows loops in Python, because
 each seeded request owns a torch.Generator so that its draws never depend on its batch companions.
 
@@ -60,6 +60,20 @@ def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], pre
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: Seq[Seq[tuple[int, float]]]) -> torch.Tensor:
+    """OpenAI's logit_bias, in place: logits[r, t] += bias for each (t, bias) of row r.
+    logits: [S, V]."""
+    pairs = [(i, t, b) for i, row in enumerate(biases) for t, b in row]
+    if not pairs:
+        return logits
+    dev = logits.device
+    rows = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=dev)  # [P]
+    cols = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)  # [P]
+    vals = torch.tensor([p[2] for p in pairs], dtype=logits.dtype, device=dev)  # [P]
+    logits.index_put_((rows, cols), vals, accumulate=True)
+    return logits
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (set to -inf) what top-k and then top-p exclude. logits: [S, V] (temperature already
     applied); top_k: [S] int64, 0 = off; top_p: [S] float, 1 = off. Returns a new tensor.
@@ -104,6 +118,9 @@ class Sampler:
             logits = apply_presence_frequency(logits if cloned else logits.clone(), generated,
                                               [p.presence_penalty for p in params],
                                               [p.frequency_penalty for p in params])
+            cloned = True
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits if cloned else logits.clone(), [p.logit_bias for p in params])
         out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
 
         rows = [i for i, p in enumerate(params) if not p.greedy]

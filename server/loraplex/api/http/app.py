@@ -32,8 +32,9 @@ from starlette.routing import Route
 
 from loraplex.api import adapter_ops, auth, generation
 from loraplex.api.concurrency import GenerationSlots
-from loraplex.api.http import protocol
+from loraplex.api.http import logprobs_format, protocol
 from loraplex.api.status import ApiError, Code, http_status, openai_error_body
+from loraplex.api.token_text import TokenText
 from loraplex.config import AuthConfig, RequestLimits
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class OpenAIApp:
         self.limits = limits or RequestLimits()
         self.max_body_bytes = max_body_bytes
         self.started = int(time.time())
+        self._token_text: TokenText | None = None
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -143,7 +145,12 @@ class OpenAIApp:
             tokenizer=loaded.tokenizer, vocab_size=loaded.arch.vocab_size, max_model_len=engine.max_model_len,
             max_new_tokens_cap=engine.config.max_new_tokens_cap, limits=self.limits,
             base_model_names=frozenset({loaded.path.name, str(loaded.path)}),
-            sampling_defaults=rt.sampling_defaults)
+            sampling_defaults=rt.sampling_defaults, token_text=self._text_of(loaded.tokenizer))
+
+    def _text_of(self, tokenizer: Any) -> TokenText:
+        if self._token_text is None:  # one cache of token texts for the server's life
+            self._token_text = TokenText(tokenizer)
+        return self._token_text
 
     # --- generation ---------------------------------------------------------------------------
     async def completions(self, request: HttpRequest) -> Response:
@@ -175,34 +182,40 @@ class OpenAIApp:
                 raise ApiError(err.code, protocol.rename_field(err.message, _GENERATE_FIELDS)) from None
             call = parsed[0]
             produce = self._stream if call.stream else self._unary
+            ctx = self._context(rt)
 
             def cleanup() -> None:
                 gen.abort()
                 self.slots.release()
 
             handed_over = True
-            return _Guarded(lambda send: produce(call, gen, send), cleanup)
+            return _Guarded(lambda send: produce(call, gen, send, ctx), cleanup)
         finally:
             if not handed_over:
                 self.slots.release()
 
-    async def _unary(self, call: protocol.Call, gen: generation.Generation, send) -> None:
+    async def _unary(self, call: protocol.Call, gen: generation.Generation, send,
+                     ctx: protocol.Context) -> None:
         texts: dict[int, list[str]] = {}
         finals: dict[int, Any] = {}
+        logprobs: dict[int, list[Any]] = {}
         try:
             async for k, out in gen.events():
                 if out.text_delta:
                     texts.setdefault(k, []).append(out.text_delta)
+                if out.logprobs:
+                    logprobs.setdefault(k, []).extend(out.logprobs)
                 if out.finished:
                     finals[k] = out
         except ApiError as err:
             response: Response = error_response(err, _GENERATE_FIELDS)
         else:
-            response = Response(_dumps(protocol.full_response(call, texts, finals)),
+            response = Response(_dumps(protocol.full_response(call, texts, finals, logprobs, ctx)),
                                 media_type="application/json")
         await _send(response, send)
 
-    async def _stream(self, call: protocol.Call, gen: generation.Generation, send) -> None:
+    async def _stream(self, call: protocol.Call, gen: generation.Generation, send,
+                      ctx: protocol.Context) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]
                     + [(k.encode(), v.encode()) for k, v in _SSE_HEADERS.items()]})
@@ -212,17 +225,25 @@ class OpenAIApp:
                         "more_body": True})
 
         finals: dict[int, Any] = {}
+        offsets = [0] * len(call.sampling)  # completions' text_offset: characters sent per choice
         if call.kind == "chat":  # the role first, as OpenAI's stream starts
             for k in range(len(call.sampling)):
                 await event(protocol.chunk(call, k, "", None, first=True))
+        elif call.echo:  # the prompt's text first, as vLLM streams an echo
+            for k in range(len(call.sampling)):
+                offsets[k] = len(call.echo[k // call.per_prompt])
+                await event(protocol.chunk(call, k, call.echo[k // call.per_prompt], None))
         try:
             async for k, out in gen.events():
                 reason = protocol.finish_reason(out.finish_reason) if out.finished else None
                 if out.finished:
                     finals[k] = out
-                if out.text_delta or reason is not None:
+                if out.text_delta or reason is not None or (out.logprobs and call.logprobs is not None):
+                    lp = protocol.choice_logprobs(call, out.logprobs, ctx, offsets[k])
+                    if lp is not None and call.kind != "chat":
+                        offsets[k] = logprobs_format.completion_text_length(lp) or offsets[k]
                     await event(protocol.chunk(call, k, out.text_delta if out.text_delta or call.kind != "chat"
-                                               else None, reason))
+                                               else None, reason, logprobs=lp))
             if call.include_usage:
                 await event(protocol.usage_chunk(call, finals))
         except ApiError as err:

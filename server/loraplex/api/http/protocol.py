@@ -7,16 +7,22 @@ What is accepted (everything else is refused with 400 naming the field, never si
     both routes    model (the base model's name or an adapter id), max_tokens, temperature, top_p,
                    n, seed, stop (string or list), stream, stream_options.include_usage, user
                    (accepted, not used), presence_penalty / frequency_penalty (in [-2, 2], over the
-                   generated tokens), logit_bias only at its neutral value {}; extensions as vLLM
-                   spells them: top_k (-1 or 0 = off), repetition_penalty, ignore_eos
+                   generated tokens), logit_bias ({"token id": bias in [-100, 100]}); extensions
+                   as vLLM spells them: top_k (-1 or 0 = off), repetition_penalty, ignore_eos
     completions    prompt: a string, a list of strings, a list of token ids, a list of lists of
-                   token ids (one choice each, times n); echo false; logprobs null; best_of
-                   null or = n; suffix null
+                   token ids (one choice each, times n); logprobs (0..20: the sampled token's and
+                   the k most likely); echo (the prompt's text before the completion; not with
+                   logprobs, which would need the prompt's logprobs); best_of >= n (best_of
+                   choices generated per prompt, the n with the highest total logprob returned;
+                   not with stream); suffix null
     chat           messages (role system | developer (read as system) | user | assistant; content a
                    string or a list of {"type": "text", "text"} parts), max_completion_tokens (wins
-                   over max_tokens), logprobs false, top_logprobs null/0, response_format
+                   over max_tokens), logprobs (boolean) with top_logprobs (0..20), response_format
                    {"type": "text"}, tools / functions null or [], tool_choice / function_call
                    null or "none"
+
+Logprobs are those of the model's own distribution (engine/logprobs.py), before penalties,
+logit_bias and temperature, as vLLM reports them by default.
 
 Defaults: max_tokens 16 for completions (as OpenAI and vLLM); for chat what fits the context
 (max_model_len - prompt tokens), at most --max-new-tokens-cap. temperature / top_p / top_k /
@@ -32,8 +38,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from collections.abc import Sequence as Seq
+
 from loraplex.api import convert
+from loraplex.api.http import logprobs_format
 from loraplex.config import RequestLimits
+from loraplex.engine.logprobs import MAX_TOP_LOGPROBS
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
 
 MAX_CHOICES = 128  # prompts x n in one call: each is an engine request
@@ -54,21 +64,11 @@ def _neutral(*values: Any) -> Callable[[Any], bool]:
     return lambda v: any(v == x and type(v) is type(x) or (v is None and x is None) for x in values)
 
 
-def _zero(v: Any) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
-
-
 # OpenAI fields we know but do not implement: accepted only at the value that changes nothing.
-_NOT_SUPPORTED_COMMON: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": lambda v: v is None or v == {},
+_NOT_SUPPORTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
+    "suffix": lambda v: v is None,
 }
-_NOT_SUPPORTED_COMPLETIONS = {
-    **_NOT_SUPPORTED_COMMON,
-    "echo": _neutral(False, None), "logprobs": lambda v: v is None, "suffix": lambda v: v is None,
-}
-_NOT_SUPPORTED_CHAT = {
-    **_NOT_SUPPORTED_COMMON,
-    "logprobs": _neutral(False, None), "top_logprobs": _zero,
+_NOT_SUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [], "functions": lambda v: v is None or v == [],
     "tool_choice": _neutral(None, "none"), "function_call": _neutral(None, "none"),
@@ -80,9 +80,9 @@ _NOT_SUPPORTED_CHAT = {
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
            "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty",
-           "frequency_penalty"}
-COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of"})
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"})
+           "frequency_penalty", "logit_bias"}
+COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of", "logprobs", "echo"})
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -141,13 +141,21 @@ class Call:
     sampling: list[Any] = field(default_factory=list)  # SamplingParams per engine request
     id: str = ""
     created: int = 0
+    logprobs: int | None = None  # what the client asked for: None = no logprobs in the answer
+    best_of: int = 0  # engine requests per prompt (>= n); 0 = n
+    echo: list[str] | None = None  # completions with echo: each prompt's text, put before its choices
+
+    @property
+    def per_prompt(self) -> int:
+        return self.best_of or self.n
 
     def requests(self) -> list[Request]:
-        """One engine request per choice: prompt-major, n per prompt (choice index = p * n + i)."""
+        """One engine request per generated choice: prompt-major, per_prompt of them per prompt
+        (request index = p * per_prompt + i)."""
         out = []
         for p, ids in enumerate(self.prompts):
-            for i in range(self.n):
-                k = p * self.n + i
+            for i in range(self.per_prompt):
+                k = p * self.per_prompt + i
                 out.append(Request(request_id=f"{self.id}-{k}", prompt_token_ids=list(ids),
                                    sampling=self.sampling[k], adapter_id=self.adapter_id))
         return out
@@ -164,6 +172,7 @@ class Context:
     limits: RequestLimits
     base_model_names: frozenset[str]  # `model` values that mean the base model
     sampling_defaults: Any = None
+    token_text: Any = None  # api/token_text.TokenText of the tokenizer, for logprobs answers
 
 
 def resolve_model(body: dict, ctx: Context) -> tuple[str, str]:
@@ -203,9 +212,37 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id as a string": bias} -> sorted (token id, bias) pairs."""
+    v = _get(body, "logit_bias", "object")
+    if not v:
+        return ()
+    out = []
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit()):
+            raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key!r:.40}")
+        token = int(key)
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError("logit_bias", f"token id {token} is outside the vocabulary [0, {vocab_size})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise InvalidRequestError("logit_bias", f"bias of token {token} must be a finite number, "
+                                                    f"got {_type_name(bias)}")
+        out.append((token, float(bias)))
+    return tuple(sorted(out))
+
+
+def _top_count(body: dict, name: str) -> int | None:
+    v = _get(body, name, "integer")
+    if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(name, f"must be in [0, {MAX_TOP_LOGPROBS}], got {v}")
+    return v
+
+
 def _sampling(body: dict, ctx: Context, prompts: list[list[int]], n: int, max_tokens_field: str,
-              default_max_tokens: Callable[[list[int]], int]) -> list[Any]:
-    kwargs: dict[str, Any] = {"stop": _stop(body, ctx.limits)}
+              default_max_tokens: Callable[[list[int]], int], logprobs: int | None = None) -> list[Any]:
+    """SamplingParams for n engine requests per prompt; `logprobs` = what the engine must report."""
+    kwargs: dict[str, Any] = {"stop": _stop(body, ctx.limits), "logit_bias": _logit_bias(body, ctx.vocab_size),
+                              "logprobs": logprobs}
     for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         v = _get(body, name, "number")
         if v is not None:
@@ -289,16 +326,29 @@ def parse_completion(body: Any, ctx: Context, request_id: str | None = None) -> 
     check_fields(body, COMPLETIONS_FIELDS, _NOT_SUPPORTED_COMPLETIONS)
     model, adapter_id = resolve_model(body, ctx)
     n = _n(body)
-    best_of = _get(body, "best_of", "integer")
-    if best_of is not None and best_of != n:
-        raise InvalidRequestError("best_of", f"not supported by this server unless equal to n ({n}), got {best_of}")
     stream, include_usage = _stream(body)
+    logprobs = _top_count(body, "logprobs")
+    echo = bool(_get(body, "echo", "boolean"))
+    if echo and logprobs is not None:
+        raise InvalidRequestError("echo", "not supported together with logprobs (that needs the prompt's logprobs)")
+    best_of = _get(body, "best_of", "integer")
+    if best_of is not None and best_of < n:
+        raise InvalidRequestError("best_of", f"must be >= n ({n}), got {best_of}")
+    if best_of is not None and best_of > n and stream:
+        raise InvalidRequestError("best_of", "must equal n when stream is true (the best choices are "
+                                             "known only at the end)")
+    per_prompt = best_of or n
     _get(body, "user", "string")
     prompts = _prompt_ids(body, ctx)
-    _check_choices(len(prompts), n)
-    sampling = _sampling(body, ctx, prompts, n, "max_tokens", lambda ids: COMPLETIONS_DEFAULT_MAX_TOKENS)
+    _check_choices(len(prompts), per_prompt)
+    # Picking the best of several choices needs every choice's total logprob, asked or not.
+    engine_logprobs = 0 if logprobs is None and per_prompt > n else logprobs
+    sampling = _sampling(body, ctx, prompts, per_prompt, "max_tokens", lambda ids: COMPLETIONS_DEFAULT_MAX_TOKENS,
+                         engine_logprobs)
+    prompt_texts = [ctx.tokenizer.decode(ids) for ids in prompts] if echo else None
     return Call("completion", model, adapter_id, prompts, n, stream, include_usage, sampling,
-                _new_id("cmpl", request_id), int(time.time()))
+                _new_id("cmpl", request_id), int(time.time()), logprobs=logprobs,
+                best_of=per_prompt if per_prompt > n else 0, echo=prompt_texts)
 
 
 def _message_content(m: dict, i: int) -> str:
@@ -358,12 +408,17 @@ def parse_chat(body: Any, ctx: Context, request_id: str | None = None) -> Call:
     stream, include_usage = _stream(body)
     _get(body, "user", "string")
     max_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    want_logprobs = bool(_get(body, "logprobs", "boolean"))
+    top = _top_count(body, "top_logprobs")
+    if top and not want_logprobs:
+        raise InvalidRequestError("top_logprobs", "requires logprobs to be true")
+    logprobs = (top or 0) if want_logprobs else None
     ids = convert.render_chat(_conversation(body, ctx), ctx.tokenizer)
     convert.check_prompt_length(ids, ctx.max_model_len, "messages")
     _check_choices(1, n)
-    sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p))
+    sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p), logprobs)
     return Call("chat", model, adapter_id, [ids], n, stream, include_usage, sampling,
-                _new_id("chatcmpl", request_id), int(time.time()))
+                _new_id("chatcmpl", request_id), int(time.time()), logprobs=logprobs)
 
 
 # --- responses -----------------------------------------------------------------------------------
@@ -372,43 +427,72 @@ def finish_reason(reason: FinishReason | None) -> str | None:
 
 
 def usage(call: Call, finals: dict[int, RequestOutput]) -> dict:
-    """OpenAI usage over the finished events of every choice: each prompt counted once."""
+    """OpenAI usage over the finished events of every generated choice (best_of ones included, as
+    OpenAI bills them): each prompt counted once."""
     prompt = cached = completion = 0
     for k, out in finals.items():
         completion += out.completion_tokens
-        if k % call.n == 0:  # the first choice of each prompt
+        if k % call.per_prompt == 0:  # the first choice of each prompt
             prompt += out.prompt_tokens
             cached += getattr(out, "cached_prompt_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def full_response(call: Call, texts: dict[int, list[str]], finals: dict[int, RequestOutput]) -> dict:
+def best_choices(call: Call, logprobs: dict[int, list[Any]]) -> list[int]:
+    """The engine requests answered, in choice order: all of them, or with best_of the n of each
+    prompt's best_of with the highest total logprob (ties: the earlier one)."""
+    if not call.best_of:
+        return list(range(len(call.sampling)))
+    chosen = []
+    for p in range(len(call.prompts)):
+        ks = range(p * call.best_of, (p + 1) * call.best_of)
+        ranked = sorted(ks, key=lambda k: -sum(lp.logprob for lp in logprobs.get(k, ())))
+        chosen.extend(sorted(ranked[:call.n]))
+    return chosen
+
+
+def choice_logprobs(call: Call, logprobs: Seq[Any], ctx: Context, offset: int = 0) -> dict | None:
+    """The OpenAI logprobs object of one choice (or of one streamed chunk), None when not asked."""
+    if call.logprobs is None:
+        return None
+    if call.kind == "chat":
+        return logprobs_format.chat_logprobs(logprobs, ctx.token_text)
+    return logprobs_format.completion_logprobs(logprobs, ctx.token_text, offset)
+
+
+def full_response(call: Call, texts: dict[int, list[str]], finals: dict[int, RequestOutput],
+                  logprobs: dict[int, list[Any]] | None = None, ctx: Context | None = None) -> dict:
+    """logprobs: each engine request's TokenLogprobs (when the engine reported them)."""
+    logprobs = logprobs or {}
     choices = []
-    for k in range(len(call.sampling)):
+    for index, k in enumerate(best_choices(call, logprobs)):
         text = "".join(texts.get(k, ()))
         reason = finish_reason(finals[k].finish_reason)
+        prefix = call.echo[k // call.per_prompt] if call.echo else ""
+        lp = choice_logprobs(call, logprobs.get(k, ()), ctx, len(prefix))
         if call.kind == "chat":
-            choices.append({"index": k, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": reason})
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "logprobs": lp, "finish_reason": reason})
         else:
-            choices.append({"index": k, "text": text, "logprobs": None, "finish_reason": reason})
+            choices.append({"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": reason})
     return {"id": call.id, "object": "chat.completion" if call.kind == "chat" else "text_completion",
             "created": call.created, "model": call.model, "choices": choices, "usage": usage(call, finals)}
 
 
-def chunk(call: Call, index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
-    """One streamed chunk for choice `index`."""
+def chunk(call: Call, index: int, text: str | None, reason: str | None, first: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One streamed chunk for choice `index`; logprobs: choice_logprobs of its tokens."""
     if call.kind == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         obj = "text_completion"
     out = {"id": call.id, "object": obj, "created": call.created, "model": call.model, "choices": [choice]}
     if call.include_usage:
