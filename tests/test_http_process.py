@@ -138,3 +138,25 @@ def test_a_taken_http_port_stops_start_up_at_once(tiny_model_dir):
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (--http-port)" in res.stderr, res.stderr
     assert "loading" not in res.stderr  # before the model load
+
+
+def test_served_model_name(tiny_model_dir):
+    """--served-model-name: the names `model` accepts for the base; the first is listed and echoed;
+    the folder's own name is then unknown (404), as in vLLM."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc, _, log = start_serve(SERVE + ["--model", str(tiny_model_dir), "--http-port", "0",
+                                        "--served-model-name", "team/llm-v2", "llm"], env)
+    try:
+        url = http_url(log)
+        status, body = curl(f"{url}/v1/models")
+        assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["team/llm-v2"]
+        for name in ("team/llm-v2", "llm"):
+            status, body = curl(f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d",
+                                json.dumps({"model": name, "prompt": "hi", "max_tokens": 2}))
+            assert status == 200 and json.loads(body)["model"] == name, body
+        status, body = curl(f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d",
+                            json.dumps({"model": Path(tiny_model_dir).name, "prompt": "hi", "max_tokens": 2}))
+        assert status == 404 and json.loads(body)["error"]["param"] == "model", body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

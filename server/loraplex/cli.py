@@ -46,6 +46,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=int, default=srv.http_port,
                    help="port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                         "/v1/models, ...) on --host, 0 = any free one (default %(default)s)")
+    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="name(s) the OpenAI API's `model` field accepts for the base model, the first "
+                        "listed by GET /v1/models (default: the model folder's name)")
     p.add_argument("--no-http", dest="http", action="store_false",
                    help="serve gRPC only: no OpenAI-compatible HTTP API")
     p.add_argument("--generation-config", default=srv.generation_config, metavar="auto|neutral|FOLDER",
@@ -225,6 +228,7 @@ def _server_config(args):
     return ServerConfig(
         host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
         http_port=args.http_port if args.http else None, generation_config=args.generation_config,
+        served_model_names=tuple(args.served_model_name),
         max_message_bytes=args.max_message_bytes, auth=auth, tls=tls, limits=limits,
         metrics_port=args.metrics_port, metrics_top_adapters=args.metrics_top_adapters,
         log_format=args.log_format,

@@ -172,6 +172,9 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus http://host:PORT/metrics; None = off, 0 = any free port
     # OpenAI-compatible HTTP (api/http/) on the same host; None = off (`--no-http`), 0 = any free port.
     http_port: int | None = 8000
+    # Names the OpenAI `model` field accepts for the base model (vLLM's --served-model-name); the
+    # first is the one GET /v1/models lists and responses echo. () = the model folder's name.
+    served_model_names: tuple[str, ...] = ()
     # Sampling defaults: "auto" (the model folder's generation_config.json), "neutral" (or "vllm":
     # SamplingParams' own), or a folder holding a generation_config.json (model/generation_config.py).
     generation_config: str = "auto"
@@ -190,6 +193,9 @@ class ServerConfig:
             raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
         if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
             raise ValueError(f"http_port: {self.http_port} is the gRPC port too; choose another (or --no-http)")
+        if any(not n or n != n.strip() for n in self.served_model_names):
+            raise ValueError(f"served_model_names: names must be non-empty without surrounding spaces, "
+                             f"got {list(self.served_model_names)}")
         if not self.generation_config:
             raise ValueError("generation_config: must not be empty (auto, neutral or a folder)")
         if self.metrics_top_adapters < 0:

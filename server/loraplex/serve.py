@@ -170,7 +170,8 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
     if config.http_port is not None:
         try:  # bound now: a taken port fails in a second, not after the model load
             http = _http_server(server, config.host, config.http_port, limits=config.limits,
-                                auth=config.auth, tls=config.tls, max_body_bytes=max_bytes)
+                                auth=config.auth, tls=config.tls, max_body_bytes=max_bytes,
+                                served_model_names=config.served_model_names)
             await http.start()
         except BaseException:
             await server.shutdown(0)

@@ -92,7 +92,8 @@ class OpenAIApp:
     """The routes and the state they share with the gRPC server (set by HttpServer)."""
 
     def __init__(self, *, slots: GenerationSlots, auth_config: AuthConfig | None = None,
-                 limits: RequestLimits | None = None, max_body_bytes: int = 16 * 1024 * 1024):
+                 limits: RequestLimits | None = None, max_body_bytes: int = 16 * 1024 * 1024,
+                 served_model_names: tuple[str, ...] = ()):
         self.runtime: generation.Runtime | None = None  # None while the model loads
         self.serving = False  # /health: true once attached, false again on shutdown
         self.slots = slots
@@ -100,6 +101,7 @@ class OpenAIApp:
         self.limits = limits or RequestLimits()
         self.max_body_bytes = max_body_bytes
         self.started = int(time.time())
+        self.served_model_names = served_model_names  # () = the model folder's name
         self._token_text: TokenText | None = None
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -144,7 +146,7 @@ class OpenAIApp:
         return protocol.Context(
             tokenizer=loaded.tokenizer, vocab_size=loaded.arch.vocab_size, max_model_len=engine.max_model_len,
             max_new_tokens_cap=engine.config.max_new_tokens_cap, limits=self.limits,
-            base_model_names=frozenset({loaded.path.name, str(loaded.path)}),
+            base_model_names=frozenset(self.served_model_names or (loaded.path.name, str(loaded.path))),
             sampling_defaults=rt.sampling_defaults, token_text=self._text_of(loaded.tokenizer))
 
     def _text_of(self, tokenizer: Any) -> TokenText:
@@ -271,7 +273,7 @@ class OpenAIApp:
         rt = generation.require(self.runtime)
         from loraplex.model.generation_config import NEUTRAL
 
-        base = rt.loaded.path.name
+        base = self.served_model_names[0] if self.served_model_names else rt.loaded.path.name
         defaults = rt.sampling_defaults or NEUTRAL
         data = [protocol.model_card(base, self.started, str(rt.loaded.path), None,
                                     max_model_len=rt.engine.max_model_len,

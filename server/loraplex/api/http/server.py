@@ -54,10 +54,12 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, slots: GenerationSlots,
                  limits: RequestLimits | None = None, auth: AuthConfig | None = None,
-                 tls: TlsConfig | None = None, max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 tls: TlsConfig | None = None, max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 served_model_names: tuple[str, ...] = ()):
         limits = limits or RequestLimits()
         tls = tls or TlsConfig()
-        self.openai = OpenAIApp(slots=slots, auth_config=auth, limits=limits, max_body_bytes=max_body_bytes)
+        self.openai = OpenAIApp(slots=slots, auth_config=auth, limits=limits, max_body_bytes=max_body_bytes,
+                                served_model_names=served_model_names)
         self.host = host
         self.tls = tls.enabled
         self._socket = _bind(host, port)
