@@ -156,6 +156,11 @@ class Generation:
                     self._running.discard(out.request_id)
                     if out.finish_reason is FinishReason.ERROR:
                         raise error_status(out)
+                    if out.finish_reason is FinishReason.CANCELLED and not self.runtime.engine.accepting:
+                        # Still running when the drain timeout passed: a status the client's
+                        # retry policy acts on, not a normal end with fewer tokens.
+                        raise ApiError(Code.UNAVAILABLE, f"the server is shutting down: request "
+                                       f"{out.request_id} was cancelled when the drain timeout passed; retry")
                 yield index, out
         finally:
             self.abort()
