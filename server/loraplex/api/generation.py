@@ -172,6 +172,8 @@ async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Re
     rt = require(runtime)
     gen = None
     try:
+        if not rt.engine.accepting:  # draining: refused before any work, whatever the request names
+            raise ApiError(Code.UNAVAILABLE, adapter_ops.SHUTTING_DOWN)
         try:
             requests = make_requests()
         except InvalidRequestError as err:
