@@ -199,6 +199,9 @@ BAD_SERVE_FLAGS = [
     (["--max-adapter-bytes", "0"], "max_adapter_bytes"),
     (["--adapter-root", "/no/such/folder"], "adapter_root"),
     (["--allowed-adapter-root", "/no/such/folder"], "allowed_roots"),
+    (["--adapter-root", "s3://Bad_Bucket/x"], "adapter_root"),
+    (["--allowed-adapter-root", "s3://bucket-ok/a/../b"], "allowed_roots"),
+    (["--adapter-cache-size", "0.5"], "adapter_cache_size"),
     (["--adapter", "poet"], "ID=PATH"),
     (["--adapter", "poet=/no/such/folder"], "adapter"),
 ]

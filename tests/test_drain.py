@@ -10,7 +10,6 @@ ones still running when it passes end with UNAVAILABLE naming the drain timeout;
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import threading
@@ -25,21 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.api.pb.loraplex.v1 import adapters_pb2 as apb, adapters_pb2_grpc
 from loraplex.api.pb.loraplex.v1 import generation_pb2 as pb, generation_pb2_grpc
 from tests.fixtures.adapters import make_peft_adapter
-from tests.fixtures.serve_process import start_serve
+from tests.fixtures.serve_process import http_url, start_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DRAIN = 5.0
 STEP_DELAY = 0.03  # >= 30 ms a step: a 480-token stream takes >= 14 s, far past DRAIN
 SLOW = str(Path(__file__).parent / "fixtures" / "slow_steps")
-
-
-def http_url(log: list[str]) -> str:
-    for line in log:
-        m = re.search(r"OpenAI-compatible HTTP on (http://\S+)", line)
-        if m:
-            return m.group(1)
-    raise AssertionError("no HTTP address logged:\n" + "".join(log))
 
 
 def test_sigterm_drains_then_cancels_with_unavailable(tiny_model_dir, tmp_path):

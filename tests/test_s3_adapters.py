@@ -26,6 +26,7 @@ from loraplex.api.pb.loraplex.v1 import generation_pb2 as pb, generation_pb2_grp
 from loraplex.config import EngineConfig, LoraConfig
 from loraplex.lora.download_cache import MANIFEST, DownloadCache
 from loraplex.lora.errors import AdapterCapacityError, AdapterSourceUnavailableError
+from loraplex.lora.peft_format import AdapterFormatError
 from loraplex.lora.s3_source import S3Client, S3Url
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
@@ -266,3 +267,11 @@ def test_crash_leftovers_are_deleted_and_a_truncated_copy_is_downloaded_again(s3
         assert (folder / "adapter_model.safetensors").read_bytes() == \
             (local / "chef" / "adapter_model.safetensors").read_bytes()
     assert cache.downloads == 2
+
+
+def test_an_object_over_max_adapter_bytes_is_refused_before_download(s3_env, tmp_path):
+    cache = DownloadCache(tmp_path, 1 << 26, S3Client(), max_file_bytes=200)
+    with pytest.raises(AdapterFormatError, match="adapter_model.safetensors: .* max_adapter_bytes"):
+        with cache.open(S3Url.parse(f"s3://{BUCKET}/prod/poet")):
+            pass
+    assert cache.downloads == 0 and cache_folders(tmp_path) == []

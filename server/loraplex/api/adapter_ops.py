@@ -63,6 +63,18 @@ LOAD_FIELDS = ("adapter_id", "path")
 GENERATE_FIELDS = ("adapter_id",)
 
 
+# The manager's AdapterError kinds and their status (see the module doc); their messages name a field.
+_ADAPTER_ERROR_CODES = (
+    (AdapterSourceNotFoundError, Code.NOT_FOUND),
+    (AdapterAccessDeniedError, Code.PERMISSION_DENIED),
+    (AdapterSourceUnavailableError, Code.UNAVAILABLE),
+    (AdapterStateError, Code.INTERNAL),
+    (AdapterExistsError, Code.ALREADY_EXISTS),
+    (AdapterCapacityError, Code.RESOURCE_EXHAUSTED),
+    (AdapterPathError, Code.INVALID_ARGUMENT),
+)
+
+
 def adapter_status(exc: BaseException, request_field: str,
                    request_fields: tuple[str, ...] = LOAD_FIELDS) -> tuple[Code, str] | None:
     """The status for an adapter-side failure, or None when `exc` is not one.
@@ -76,20 +88,9 @@ def adapter_status(exc: BaseException, request_field: str,
         return Code.NOT_FOUND, f"adapter_id: {exc}"
     if isinstance(exc, _FolderMissing):
         return Code.NOT_FOUND, f"path: {exc}"
-    if isinstance(exc, AdapterSourceNotFoundError):
-        return Code.NOT_FOUND, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterAccessDeniedError):
-        return Code.PERMISSION_DENIED, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterSourceUnavailableError):
-        return Code.UNAVAILABLE, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterStateError):
-        return Code.INTERNAL, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterExistsError):
-        return Code.ALREADY_EXISTS, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterCapacityError):
-        return Code.RESOURCE_EXHAUSTED, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterPathError):
-        return Code.INVALID_ARGUMENT, _prefixed(exc, request_field, request_fields)
+    for cls, code in _ADAPTER_ERROR_CODES:
+        if isinstance(exc, cls):
+            return code, _prefixed(exc, request_field, request_fields)
     if isinstance(exc, AdapterFormatError):
         return Code.INVALID_ARGUMENT, f"{request_field}: not a servable PEFT adapter: {exc}"
     if isinstance(exc, OUT_OF_MEMORY):

@@ -42,7 +42,7 @@ from typing import Iterator
 
 from .durable import fsync_dir, write_synced
 from .errors import AdapterCapacityError, AdapterSourceNotFoundError, AdapterSourceUnavailableError
-from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, AdapterFormatError
 from .s3_source import S3Client, S3Object, S3Url, local_name
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,15 @@ ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
 
 
 class DownloadCache:
-    def __init__(self, root: Path, max_bytes: int, client: S3Client | None = None):
+    def __init__(self, root: Path, max_bytes: int, client: S3Client | None = None,
+                 max_file_bytes: int | None = None):
         if max_bytes < 1:
             raise ValueError(f"max_bytes: must be >= 1, got {max_bytes}")
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.client = client or S3Client()
+        self.max_file_bytes = max_file_bytes  # larger objects are refused before any download
         self._lock = threading.Lock()
         self._url_locks: dict[str, threading.Lock] = {}
         self._sizes: OrderedDict[str, int] = OrderedDict()  # complete copies, least recently used first
@@ -110,6 +112,10 @@ class DownloadCache:
             raise
         if not objects:
             raise AdapterSourceNotFoundError("path", f"{url}: no {CONFIG_NAME} / {SAFETENSORS_NAME} under this prefix")
+        too_big = [o for o in objects if self.max_file_bytes is not None and o.size > self.max_file_bytes]
+        if too_big:  # what read_adapter would refuse after the download: refuse before it
+            raise AdapterFormatError(too_big[0].name, f"{too_big[0].size} bytes, more than max_adapter_bytes "
+                                     f"({self.max_file_bytes}) allows")
         wanted = sorted((o.name, o.size, o.etag) for o in objects)
         manifest = self._manifest(folder)
         if manifest is not None and manifest.get("objects") == [list(w) for w in wanted]:

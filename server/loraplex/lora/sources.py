@@ -32,7 +32,7 @@ class AdapterSources:
             from .download_cache import DownloadCache
 
             size, _ = parse_memory(config.adapter_cache_size)
-            self._cache = DownloadCache(Path(config.cache_dir()), size)
+            self._cache = DownloadCache(Path(config.cache_dir()), size, max_file_bytes=config.max_adapter_bytes)
 
     @property
     def cache(self):
