@@ -269,8 +269,10 @@ def test_crash_leftovers_are_deleted_and_a_truncated_copy_is_downloaded_again(s3
     assert cache.downloads == 2
 
 
-def test_an_object_over_max_adapter_bytes_is_refused_before_download(s3_env, tmp_path):
-    cache = DownloadCache(tmp_path, 1 << 26, S3Client(), max_file_bytes=200)
+def test_an_object_over_max_adapter_bytes_is_refused_before_download(s3_env, tmp_path, local):
+    limit = (local / "poet" / "adapter_config.json").stat().st_size  # the config fits, the weights do not
+    assert (local / "poet" / "adapter_model.safetensors").stat().st_size > limit
+    cache = DownloadCache(tmp_path, 1 << 26, S3Client(), max_file_bytes=limit)
     with pytest.raises(AdapterFormatError, match="adapter_model.safetensors: .* max_adapter_bytes"):
         with cache.open(S3Url.parse(f"s3://{BUCKET}/prod/poet")):
             pass
