@@ -85,6 +85,14 @@ class Client(threading.Thread):
                 time.sleep(0.1)
 
 
+def greedy_outputs(address: str) -> dict[str, list[int]]:
+    """Each adapter's greedy tokens for one prompt, alone on the server (batch of one)."""
+    with grpc.insecure_channel(address) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        return {i: list(stub.Generate(pb.GenerateRequest(adapter_id=i, prompt="The weights are", sampling=pb.SamplingParams(
+            max_new_tokens=8, temperature=0.0, ignore_eos=True)), timeout=60).token_ids) for i in ADAPTERS}
+
+
 def wait_for(cond, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -121,6 +129,8 @@ def test_sigkill_under_load_and_restart_brings_every_adapter_and_pin_back(tiny_m
             before = {a.adapter_id: (a.source, a.pinned, a.max_rank)
                       for a in admin.ListAdapters(apb.ListAdaptersRequest(), timeout=60).adapters}
         assert set(before) == set(ADAPTERS)
+        outputs = greedy_outputs(address)
+        assert len({tuple(v) for v in outputs.values()}) > 1  # the adapters differ: the check below can fail
 
         ids = [""] + list(ADAPTERS)  # the base model and every adapter
         clients = [Client(i, address, ids, stop) for i in range(STREAMS)]
@@ -159,6 +169,7 @@ def test_sigkill_under_load_and_restart_brings_every_adapter_and_pin_back(tiny_m
                 apb.ListAdaptersRequest(), timeout=60).adapters}
         assert {i: (a.source, a.pinned, a.max_rank) for i, a in after.items()} == before  # "gone" stays gone
         assert all(a.state == apb.ADAPTER_STATE_READY for a in after.values())
+        assert greedy_outputs(address) == outputs  # the same weights, whole
         # No partial state: the state dir holds the one complete file, nothing half-written.
         assert sorted(p.name for p in state.iterdir()) == ["state.json"]
         proc.send_signal(signal.SIGTERM)
