@@ -25,6 +25,12 @@ Life of a request's adapter, as the servicer and the engine drive it:
   release(id)        when the sequence leaves the running batch (finish, abort, preemption).
   finish(id)         when the request ends; an adapter being unloaded is freed at its last finish.
 
+Where adapters come from (lora/sources.py): folders under the allowed roots, and s3:// prefixes
+under allowed s3:// roots, downloaded into a bounded local cache (lora/download_cache.py) each
+time their weights are read. With --state-dir, API loads, pins and unloads are recorded once they
+succeeded (lora/registry.py) and replay() loads them again at start-up; a record that no longer
+loads is listed with state "failed" and never stops start-up.
+
 Eviction only takes adapters no request holds (nothing running, waiting or pinned), least
 recently used first within the allocator's window choice (lora/allocator.py). Disk reads and
 pool writes happen outside the lock, in the caller's worker thread or the prefetcher; a pool
