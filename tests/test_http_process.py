@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,21 +17,13 @@ import pytest
 
 from loraplex.api.pb.loraplex.v1 import generation_pb2 as pb, generation_pb2_grpc
 from tests.fixtures.adapters import make_peft_adapter
-from tests.fixtures.serve_process import start_serve
+from tests.fixtures.serve_process import http_url, start_serve
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")]
 
 SERVE = [sys.executable, "-m", "loraplex.cli", "serve", "--port", "0", "--dtype", "float32", "--device", "cpu",
          "--num-kv-blocks", "64", "--max-model-len", "256", "--shutdown-grace", "1"]
-
-
-def http_url(log: list[str]) -> str:
-    for line in log:
-        m = re.search(r"OpenAI-compatible HTTP on (http://\S+)", line)
-        if m:
-            return m.group(1)
-    raise AssertionError("no HTTP address logged:\n" + "".join(log))
 
 
 def curl(*args: str) -> tuple[int, str]:

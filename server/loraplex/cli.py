@@ -4,7 +4,8 @@
                    [--generation-config auto|neutral|FOLDER] [engine flags]
                    [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
                    [--adapter-memory BYTES|FRACTION] [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N]
-                   [--max-adapter-bytes B]
+                   [--max-adapter-bytes B] [--state-dir DIR] [--adapter-cache-dir DIR] [--adapter-cache-size B]
+                   [--drain-timeout SECONDS]
                    [--admin-token-file F] [--generation-token-file F] [--tls-cert F --tls-key F]
                    [--tls-client-ca F] [request limit flags]
     loraplex generate "prompt" [--server HOST:PORT] [--adapter ID] [--max-new-tokens N]
@@ -91,16 +92,28 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt: no sharing of KV blocks between requests with the "
                         "same leading tokens and adapter (on by default)")
-    p.add_argument("--shutdown-grace", type=float, default=srv.shutdown_grace_seconds,
-                   help="seconds in-flight requests may finish on SIGTERM/SIGINT")
+    p.add_argument("--drain-timeout", "--shutdown-grace", dest="drain_timeout", type=float,
+                   default=srv.drain_timeout_seconds, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: health NOT_SERVING and new requests UNAVAILABLE at once; "
+                        "requests in flight may finish for this long, the rest then end with UNAVAILABLE "
+                        "(--shutdown-grace is the old name) (default %(default)s)")
     p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest gRPC message received or sent (default %(default)s)")
     a = p.add_argument_group("LoRA adapters")
-    a.add_argument("--adapter-root", metavar="DIR",
-                   help="folder of adapter folders: a request for adapter ID loads DIR/ID on demand")
-    a.add_argument("--allowed-adapter-root", metavar="DIR", action="append", default=[],
-                   help="LoadAdapter may also read folders under DIR (repeatable)")
+    a.add_argument("--adapter-root", metavar="DIR|s3://BUCKET/PREFIX",
+                   help="folder (or S3 prefix) of adapter folders: a request for adapter ID loads DIR/ID "
+                        "on demand")
+    a.add_argument("--allowed-adapter-root", metavar="DIR|s3://BUCKET/PREFIX", action="append", default=[],
+                   help="LoadAdapter may also read folders (or S3 prefixes) under this one (repeatable)")
+    a.add_argument("--adapter-cache-dir", metavar="DIR", default=lora.adapter_cache_dir,
+                   help="where adapters from s3:// are downloaded to (default ~/.cache/loraplex/adapters)")
+    a.add_argument("--adapter-cache-size", metavar="BYTES", default=lora.adapter_cache_size,
+                   help="most bytes the download cache holds; least recently used adapters go first "
+                        "(default %(default)s)")
+    a.add_argument("--state-dir", metavar="DIR", default=lora.state_dir,
+                   help="record adapters loaded and pinned through the API in DIR/state.json and load "
+                        "them again at start-up (default: not recorded)")
     a.add_argument("--adapter", metavar="ID=PATH", action="append", default=[],
                    help="load the PEFT folder PATH as adapter ID at start-up (repeatable); "
                         "a failure stops start-up")
@@ -178,14 +191,18 @@ def _preloads(specs: list[str]) -> tuple[tuple[str, str], ...]:
 def _lora_config(args):
     from loraplex.config import LoraConfig
 
+    from loraplex.lora.s3_source import is_s3_url
+
     for name, value in [("adapter_root", args.adapter_root)] + [
             ("allowed_roots", r) for r in args.allowed_adapter_root]:
-        if value is not None and not os.path.isdir(value):
+        if value is not None and not is_s3_url(value) and not os.path.isdir(value):
             raise ValueError(f"{name}: {value} is not a folder")
     return LoraConfig(adapter_memory=args.adapter_memory, max_loras=args.max_loras,
                       max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                       adapter_root=args.adapter_root, allowed_roots=tuple(args.allowed_adapter_root),
-                      max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter))
+                      max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter),
+                      state_dir=args.state_dir, adapter_cache_dir=args.adapter_cache_dir,
+                      adapter_cache_size=args.adapter_cache_size)
 
 
 def read_token_file(name: str, path: str) -> str:
@@ -226,7 +243,7 @@ def _server_config(args):
 
     auth, tls, limits = _security_configs(args)
     return ServerConfig(
-        host=args.host, port=args.port, shutdown_grace_seconds=args.shutdown_grace,
+        host=args.host, port=args.port, drain_timeout_seconds=args.drain_timeout,
         http_port=args.http_port if args.http else None, generation_config=args.generation_config,
         served_model_names=tuple(args.served_model_name),
         max_message_bytes=args.max_message_bytes, auth=auth, tls=tls, limits=limits,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 import re
 from typing import Callable
 
@@ -164,7 +165,8 @@ class TlsConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    shutdown_grace_seconds: float = 10.0
+    # SIGTERM/SIGINT: seconds in-flight requests may finish before the rest are cancelled.
+    drain_timeout_seconds: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest gRPC message received or sent
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -202,8 +204,8 @@ class ServerConfig:
             raise ValueError(f"metrics_top_adapters: must be >= 0, got {self.metrics_top_adapters}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format: expected text or json, got {self.log_format!r}")
-        if self.shutdown_grace_seconds < 0:
-            raise ValueError("shutdown_grace_seconds: must be >= 0")
+        if self.drain_timeout_seconds < 0:
+            raise ValueError(f"drain_timeout_seconds: must be >= 0, got {self.drain_timeout_seconds}")
         if self.max_message_bytes < 1:
             raise ValueError(f"max_message_bytes: must be >= 1, got {self.max_message_bytes}")
 
@@ -242,8 +244,32 @@ class LoraConfig:
     # (adapter_id, folder) loaded at start-up (`serve --adapter ID=PATH`). The operator named these
     # folders, so each one is also an allowed root (for itself only: not its siblings).
     preload: tuple[tuple[str, str], ...] = ()
+    # Persistent adapter registry (lora/registry.py): adapters loaded/pinned through the API are
+    # recorded in <state_dir>/state.json and loaded again at start-up. None = not recorded.
+    state_dir: str | None = None
+    # Adapters from s3:// roots are downloaded into this folder (lora/download_cache.py), which
+    # holds at most adapter_cache_size bytes (least recently used copies not being read go first).
+    adapter_cache_dir: str | None = None  # None = ~/.cache/loraplex/adapters
+    adapter_cache_size: str = "10GiB"
 
     def __post_init__(self) -> None:
+        from loraplex.lora.errors import AdapterPathError
+        from loraplex.lora.s3_source import S3Url, is_s3_url
+
+        for name, root in [("adapter_root", self.adapter_root)] + [("allowed_roots", r) for r in self.allowed_roots]:
+            if root and is_s3_url(root):
+                try:
+                    S3Url.parse(root, name)
+                except AdapterPathError as err:
+                    raise ValueError(str(err)) from None
+        try:
+            cache_bytes = parse_memory(self.adapter_cache_size)[0]
+        except ValueError:
+            cache_bytes = None
+        if cache_bytes is None:
+            raise ValueError(f"adapter_cache_size: expected bytes (e.g. 10GiB, 512MB), got {self.adapter_cache_size!r}")
+        if self.state_dir == "" or self.adapter_cache_dir == "":
+            raise ValueError("state_dir / adapter_cache_dir: must not be empty")
         for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -265,6 +291,10 @@ class LoraConfig:
         """The pool's size in bytes; `available()` is the memory free now (asked for a fraction only)."""
         nbytes, fraction = parse_memory(self.adapter_memory)
         return nbytes if nbytes is not None else int(available() * fraction)
+
+    def cache_dir(self) -> str:
+        """Where adapters from s3:// roots are downloaded to."""
+        return self.adapter_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "loraplex", "adapters")
 
     @property
     def roots(self) -> tuple[str, ...]:

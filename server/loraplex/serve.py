@@ -4,7 +4,8 @@
 model off the event loop so health checks keep being answered, attaches a LoRA manager (slot
 tensors in every projection) and loads the `--adapter ID=PATH` adapters -- any of them failing
 stops start-up --, warms up, flips to SERVING, and on SIGTERM/SIGINT shuts down gracefully
-(NOT_SERVING, drain for shutdown_grace_seconds, stop).
+(health NOT_SERVING and new requests UNAVAILABLE at once, requests in flight finish for up to
+drain_timeout_seconds, the rest end with UNAVAILABLE, stop, exit 0).
 
 `ServerThread` runs a server for an already built Runtime on a private event loop in a background
 thread: for tests and for embedding loraplex in another program.
@@ -110,11 +111,12 @@ def build_lora_manager(loaded, config: LoraConfig):
              manager.capacity_summary())
     for adapter_id, folder in config.preload:
         try:
-            info = manager.load(adapter_id, folder)
+            info = manager.load(adapter_id, folder, persist=False)
         except (AdapterError, AdapterFormatError, *OUT_OF_MEMORY) as err:
             raise ValueError(f"adapter {adapter_id}={folder}: {err}") from err
         log.info("adapter %s loaded from %s (rank %d-%d)", adapter_id, info.source, info.min_rank,
                  info.max_rank)
+    manager.replay()  # --state-dir: the adapters loaded through the API before the restart
     return manager
 
 
@@ -209,11 +211,11 @@ async def serve(config: ServerConfig, max_message_bytes: int | None = None) -> N
                  "TLS" if server.tls else "plaintext",
                  "bearer tokens" if config.auth.enabled else "no authentication")
         await waiter
-        log.info("shutting down (grace %.1fs)", config.shutdown_grace_seconds)
+        log.info("shutting down: draining for up to %.1fs (--drain-timeout)", config.drain_timeout_seconds)
     finally:
         if http is not None:
             http.begin_shutdown()  # /health 503 while the engine drains (server.shutdown)
-        await server.shutdown(config.shutdown_grace_seconds)
+        await server.shutdown(config.drain_timeout_seconds)
         if http is not None:
             await http.stop()
         if metrics_http is not None:

@@ -16,6 +16,12 @@ the HTTP front renames them to its own):
   AdapterExistsError -> ALREADY_EXISTS    id taken by another folder, or still draining an unload
   AdapterCapacityError, out of memory -> RESOURCE_EXHAUSTED
   AdapterNotFoundError -> NOT_FOUND
+  s3:// sources (lora/s3_source.py):
+  AdapterSourceNotFoundError    -> NOT_FOUND          no such bucket, key or prefix
+  AdapterAccessDeniedError      -> PERMISSION_DENIED  the store refused the server's credentials
+  AdapterSourceUnavailableError -> UNAVAILABLE        store unreachable, download cut or not
+                                                      matching its size / MD5: retry
+  AdapterStateError    -> INTERNAL          applied, but not recorded in --state-dir (disk)
   anything else (a bug)  -> INTERNAL      the exception's type and message, logged with its traceback
 A failed load changes nothing the manager reports (it reads outside its lock, registers after).
 """
@@ -33,8 +39,10 @@ import torch
 
 from loraplex.api.status import ApiError, Code
 from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError
-from loraplex.lora.errors import (AdapterCapacityError, AdapterError, AdapterExistsError,
-                                  AdapterPathError)
+from loraplex.lora.errors import (AdapterAccessDeniedError, AdapterCapacityError, AdapterError,
+                                  AdapterExistsError, AdapterPathError, AdapterSourceNotFoundError,
+                                  AdapterSourceUnavailableError, AdapterStateError)
+from loraplex.lora.s3_source import is_s3_url
 from loraplex.lora.paths import validate_adapter_id
 from loraplex.lora.peft_format import AdapterFormatError
 
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 NO_MANAGER = ("adapter management is not enabled on this server (it runs without a LoRA manager): "
               "only the base model is served")
 LOADING = "the model is still loading; retry shortly"
+SHUTTING_DOWN = "the server is shutting down (draining); retry on another replica or once it is back"
 
 
 class _FolderMissing(Exception):
@@ -52,6 +61,18 @@ class _FolderMissing(Exception):
 # The fields of each request that the manager's errors may name as they are.
 LOAD_FIELDS = ("adapter_id", "path")
 GENERATE_FIELDS = ("adapter_id",)
+
+
+# The manager's AdapterError kinds and their status (see the module doc); their messages name a field.
+_ADAPTER_ERROR_CODES = (
+    (AdapterSourceNotFoundError, Code.NOT_FOUND),
+    (AdapterAccessDeniedError, Code.PERMISSION_DENIED),
+    (AdapterSourceUnavailableError, Code.UNAVAILABLE),
+    (AdapterStateError, Code.INTERNAL),
+    (AdapterExistsError, Code.ALREADY_EXISTS),
+    (AdapterCapacityError, Code.RESOURCE_EXHAUSTED),
+    (AdapterPathError, Code.INVALID_ARGUMENT),
+)
 
 
 def adapter_status(exc: BaseException, request_field: str,
@@ -67,12 +88,9 @@ def adapter_status(exc: BaseException, request_field: str,
         return Code.NOT_FOUND, f"adapter_id: {exc}"
     if isinstance(exc, _FolderMissing):
         return Code.NOT_FOUND, f"path: {exc}"
-    if isinstance(exc, AdapterExistsError):
-        return Code.ALREADY_EXISTS, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterCapacityError):
-        return Code.RESOURCE_EXHAUSTED, _prefixed(exc, request_field, request_fields)
-    if isinstance(exc, AdapterPathError):
-        return Code.INVALID_ARGUMENT, _prefixed(exc, request_field, request_fields)
+    for cls, code in _ADAPTER_ERROR_CODES:
+        if isinstance(exc, cls):
+            return code, _prefixed(exc, request_field, request_fields)
     if isinstance(exc, AdapterFormatError):
         return Code.INVALID_ARGUMENT, f"{request_field}: not a servable PEFT adapter: {exc}"
     if isinstance(exc, OUT_OF_MEMORY):
@@ -88,7 +106,11 @@ def _prefixed(exc: AdapterError, request_field: str, request_fields: tuple[str, 
 
 def _inside_missing(path: str, roots: tuple[str, ...]) -> bool:
     real = Path(path).expanduser().resolve(strict=False)
+    if is_s3_url(path):
+        return False  # an s3:// source reports a missing prefix itself (AdapterSourceNotFoundError)
     for root in roots:
+        if is_s3_url(root):
+            continue
         real_root = Path(root).expanduser().resolve(strict=False)
         if real == real_root or real_root in real.parents:
             return not real.exists()
@@ -147,6 +169,8 @@ def manager_of(runtime: Any) -> Any:
         raise ApiError(Code.UNAVAILABLE, LOADING)
     if runtime.lora_manager is None:
         raise ApiError(Code.UNIMPLEMENTED, NO_MANAGER)
+    if not runtime.engine.accepting:
+        raise ApiError(Code.UNAVAILABLE, SHUTTING_DOWN)
     return runtime.lora_manager
 
 

@@ -278,6 +278,9 @@ _TIERS = {"device": adapters_pb2.ADAPTER_TIER_DEVICE, "host": adapters_pb2.ADAPT
           "disk": adapters_pb2.ADAPTER_TIER_DISK}
 
 
+_STATES = {"ready": adapters_pb2.ADAPTER_STATE_READY, "failed": adapters_pb2.ADAPTER_STATE_FAILED}
+
+
 def adapter_info_to_proto(info: Any) -> adapters_pb2.AdapterInfo:
     """loraplex.lora.manager.AdapterInfo -> proto."""
     tier = getattr(info.tier, "value", info.tier)
@@ -286,5 +289,6 @@ def adapter_info_to_proto(info: Any) -> adapters_pb2.AdapterInfo:
         min_rank=info.min_rank, max_rank=info.max_rank, bytes=info.nbytes,
         tier=_TIERS.get(tier, adapters_pb2.ADAPTER_TIER_UNSPECIFIED),
         requests_in_flight=info.requests_in_flight, last_used_unix_seconds=info.last_used,
-        pinned=info.pinned)
+        pinned=info.pinned, state=_STATES.get(info.state, adapters_pb2.ADAPTER_STATE_UNSPECIFIED),
+        error=info.error)
 

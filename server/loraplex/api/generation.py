@@ -156,6 +156,11 @@ class Generation:
                     self._running.discard(out.request_id)
                     if out.finish_reason is FinishReason.ERROR:
                         raise error_status(out)
+                    if out.finish_reason is FinishReason.CANCELLED and not self.runtime.engine.accepting:
+                        # Still running when the drain timeout passed: a status the client's
+                        # retry policy acts on, not a normal end with fewer tokens.
+                        raise ApiError(Code.UNAVAILABLE, f"the server is shutting down: request "
+                                       f"{out.request_id} was cancelled when the drain timeout passed; retry")
                 yield index, out
         finally:
             self.abort()
@@ -167,6 +172,8 @@ async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Re
     rt = require(runtime)
     gen = None
     try:
+        if not rt.engine.accepting:  # draining: refused before any work, whatever the request names
+            raise ApiError(Code.UNAVAILABLE, adapter_ops.SHUTTING_DOWN)
         try:
             requests = make_requests()
         except InvalidRequestError as err:

@@ -119,7 +119,8 @@ class GrpcServer:
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Health NOT_SERVING, then let in-flight requests finish for up to `grace_seconds` (the
-        engine cancels the rest, each RPC still gets its final response), then stop listening."""
+        engine cancels the rest: each such RPC ends with UNAVAILABLE, api/generation.py), then stop
+        listening. New requests meanwhile get UNAVAILABLE (engine.accepting is False)."""
         if self._stopped:
             return
         self._stopped = True

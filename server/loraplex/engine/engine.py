@@ -193,6 +193,11 @@ class Engine:
                 self.lora_manager.finish(request.adapter_id)
             raise
 
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown() began: new requests are refused, running ones drain."""
+        return self._accepting
+
     def abort(self, request_id: str) -> None:
         """Cancel a request; its callback gets a CANCELLED finished event within a step. Unknown
         or already finished ids are ignored (the client may race with the request's end)."""

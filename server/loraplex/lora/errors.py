@@ -27,3 +27,21 @@ class AdapterNotFoundError(Exception):
     def __init__(self, adapter_id: str, detail: str | None = None):
         super().__init__(f"adapter {adapter_id!r} is not loaded" + (f": {detail}" if detail else ""))
         self.adapter_id = adapter_id
+
+
+class AdapterSourceNotFoundError(AdapterError):
+    """The adapter's source (an object-store prefix, a bucket) does not exist (NOT_FOUND)."""
+
+
+class AdapterAccessDeniedError(AdapterError):
+    """The object store refused our credentials for the adapter's source (PERMISSION_DENIED)."""
+
+
+class AdapterSourceUnavailableError(AdapterError):
+    """The object store could not be reached, or a download was cut or failed verification; the
+    next request retries (UNAVAILABLE)."""
+
+
+class AdapterStateError(AdapterError):
+    """The change was applied in memory but could not be recorded in --state-dir (a full or
+    read-only disk): it would be lost at the next restart (INTERNAL)."""

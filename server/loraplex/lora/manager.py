@@ -25,6 +25,12 @@ Life of a request's adapter, as the servicer and the engine drive it:
   release(id)        when the sequence leaves the running batch (finish, abort, preemption).
   finish(id)         when the request ends; an adapter being unloaded is freed at its last finish.
 
+Where adapters come from (lora/sources.py): folders under the allowed roots, and s3:// prefixes
+under allowed s3:// roots, downloaded into a bounded local cache (lora/download_cache.py) each
+time their weights are read. With --state-dir, API loads, pins and unloads are recorded once they
+succeeded (lora/registry.py) and replay() loads them again at start-up; a record that no longer
+loads is listed with state "failed" and never stops start-up.
+
 Eviction only takes adapters no request holds (nothing running, waiting or pinned), least
 recently used first within the allocator's window choice (lora/allocator.py). Disk reads and
 pool writes happen outside the lock, in the caller's worker thread or the prefetcher; a pool
@@ -50,11 +56,14 @@ from loraplex.config import LoraConfig
 from loraplex_kernels import build_lora_meta, slot_weight_dtype
 
 from .batch import LoraBatch
-from .errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
-from .paths import resolve_under_roots, validate_adapter_id
+from .errors import (AdapterCapacityError, AdapterExistsError, AdapterNotFoundError,
+                     AdapterSourceNotFoundError, AdapterStateError)
+from .paths import validate_adapter_id
 from .peft_format import AdapterWeights, BaseShapes, read_adapter
 from .pool import AdapterPool, Layout, available_memory
 from .prefetch import Prefetcher
+from .registry import Record, Registry
+from .sources import AdapterSources, Source
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +94,29 @@ class AdapterInfo:
     min_rank: int
     max_rank: int
     nbytes: int  # bytes the adapter takes in the pool
-    tier: Tier
+    tier: Tier | None  # None: not servable (state "failed")
     requests_in_flight: int
     last_used: float  # unix time, 0 = never used
     pinned: bool
+    # "ready", or "failed": recorded in the --state-dir registry but not loaded again at start-up
+    # (its source vanished or no longer reads); `error` says why. Requests for it get NOT_FOUND.
+    state: str = "ready"
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A registry record whose replay failed: listed (state "failed") and kept recorded."""
+
+    source: str
+    pinned: bool
+    error: str
 
 
 @dataclass
 class _Entry:
     adapter_id: str
-    source: Path
+    source: Source  # a resolved folder, or an s3:// URL (lora/sources.py)
     fingerprint: str
     pinned: bool
     host: AdapterWeights | None  # weights in host memory outside the pool (see Tier.HOST)
@@ -108,6 +130,7 @@ class _Entry:
     slot_users: int = 0  # running sequences using it
     in_flight: int = 0  # requests reserved (waiting or running)
     unloading: bool = False
+    persisted: bool = False  # loaded through the API: recorded in the --state-dir registry
     error: Exception | None = None  # its last background load failed; waiting requests get it
     prefetched: bool = False  # placed by the prefetcher and not yet acquired
     acquire_missed: bool = False  # some acquire found it absent since it was last placed
@@ -141,6 +164,9 @@ class LoraManager:
         self.stats = _Counters()
         # CUDA: pool writes from pinned host memory go on a side stream, off the compute stream.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.sources = AdapterSources(config)
+        self.registry = Registry(config.state_dir) if config.state_dir else None
+        self._failed: dict[str, _Failed] = {}
         self.prefetcher = Prefetcher(self._prefetch)
         self.prefetcher.start()
 
@@ -148,11 +174,24 @@ class LoraManager:
         self.prefetcher.stop()
 
     # ------------------------------------------------------------------ admin calls (any thread)
-    def load(self, adapter_id: str, path: str | Path, pinned: bool = False) -> AdapterInfo:
-        """Register and read an adapter folder, and put it into the pool when there is room (a
-        pinned one must fit now). Any failure leaves the manager exactly as it was."""
+    def load(self, adapter_id: str, path: str | Path, pinned: bool = False, persist: bool = True) -> AdapterInfo:
+        """Register and read an adapter folder (or s3:// prefix), and put it into the pool when
+        there is room (a pinned one must fit now). Any failure leaves the manager exactly as it
+        was. `persist`: an API load, recorded in the --state-dir registry once it has succeeded
+        (start-up adapters from flags are not)."""
+        info = self._load(adapter_id, path, pinned)
+        if persist:
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is not None and not entry.unloading:
+                    entry.persisted = True
+                self._failed.pop(adapter_id, None)
+            self._save_registry()
+        return info
+
+    def _load(self, adapter_id: str, path: str | Path, pinned: bool) -> AdapterInfo:
         validate_adapter_id(adapter_id)
-        real = resolve_under_roots(path, self.config.roots)
+        real = self.sources.resolve(path)
         known = False
         with self._load_lock(adapter_id):
             with self._lock:
@@ -207,18 +246,76 @@ class LoraManager:
                 f"(--max-loras {self.config.max_loras} minus one kept for unpinned adapters)")
 
     def unload(self, adapter_id: str) -> None:
-        """New requests get NOT_FOUND at once; memory is freed when the last running one ends."""
+        """New requests get NOT_FOUND at once; memory is freed when the last running one ends.
+        A failed registry record (see AdapterInfo.state) is forgotten."""
         with self._lock:
             entry = self._entries.get(adapter_id)
             if entry is None or entry.unloading:
-                raise AdapterNotFoundError(adapter_id)
-            entry.unloading = True
-            if entry.in_flight == 0:
-                self._free(entry)
+                if self._failed.pop(adapter_id, None) is None:
+                    raise AdapterNotFoundError(adapter_id)
+                persisted = True
+            else:
+                entry.unloading = True
+                persisted = entry.persisted
+                if entry.in_flight == 0:
+                    self._free(entry)
+        if persisted:
+            self._save_registry()
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
-            return [self._info(e) for e in self._entries.values() if not e.unloading]
+            infos = [self._info(e) for e in self._entries.values() if not e.unloading]
+            ready = {i.adapter_id for i in infos}
+            return infos + [AdapterInfo(adapter_id=i, source=f.source, target_modules=(), min_rank=0, max_rank=0,
+                                        nbytes=0, tier=None, requests_in_flight=0, last_used=0.0, pinned=f.pinned,
+                                        state="failed", error=f.error)
+                            for i, f in self._failed.items() if i not in ready]
+
+    # ------------------------------------------------------------------ the --state-dir registry
+    def replay(self) -> None:
+        """Load the adapters the registry recorded (start-up, after the --adapter ones). Each source
+        is resolved again under today's roots; a failure is logged and listed, never raised."""
+        if self.registry is None:
+            return
+        records = self.registry.read()
+        for rec in records:
+            try:
+                info = self._load(rec.adapter_id, rec.source, rec.pinned)
+            except Exception as exc:  # noqa: BLE001 - any failure: listed, never stops start-up
+                log.warning("adapter %s recorded in %s could not be loaded again from %s: %s: %s",
+                            rec.adapter_id, self.registry.path, rec.source, type(exc).__name__, exc)
+                with self._lock:
+                    self._failed[rec.adapter_id] = _Failed(rec.source, rec.pinned, f"{type(exc).__name__}: {exc}")
+                continue
+            with self._lock:
+                self._entries[rec.adapter_id].persisted = True
+            log.info("adapter %s loaded again from %s (recorded in %s%s)", rec.adapter_id, info.source,
+                     self.registry.path, ", pinned" if info.pinned else "")
+        try:
+            self._save_registry()
+        except AdapterStateError:
+            pass  # logged; the server starts all the same
+
+    def _save_registry(self) -> None:
+        """Record the API-loaded adapters and pins (and the failed records) in --state-dir."""
+        if self.registry is None:
+            return
+
+        def snapshot() -> list[Record]:
+            with self._lock:
+                records = {e.adapter_id: Record(e.adapter_id, str(e.source), e.pinned)
+                           for e in self._entries.values() if e.persisted and not e.unloading}
+                for adapter_id, f in self._failed.items():
+                    records.setdefault(adapter_id, Record(adapter_id, f.source, f.pinned))
+                return list(records.values())
+
+        try:
+            self.registry.save(snapshot)
+        except OSError as err:
+            log.error("adapter registry %s could not be written: %s", self.registry.path, err)
+            raise AdapterStateError(
+                "state_dir", f"the change was applied but could not be recorded in {self.registry.path} "
+                f"({err.strerror or err}); it will be lost at the next restart unless it is repeated") from None
 
     def exists(self, adapter_id: str) -> bool:
         with self._lock:
@@ -248,11 +345,13 @@ class LoraManager:
                     if entry.unloading:
                         raise AdapterNotFoundError(adapter_id)
                     return
-            root = self.config.adapter_root
-            if not root or not (Path(root) / adapter_id).is_dir():
+            source = self.sources.on_demand(adapter_id)
+            if source is None:
                 raise AdapterNotFoundError(adapter_id)
-            source = resolve_under_roots(Path(root) / adapter_id, self.config.roots)
-            weights = self._read(source)
+            try:
+                weights = self._read(source)
+            except AdapterSourceNotFoundError as err:  # no such prefix under the s3:// root
+                raise AdapterNotFoundError(adapter_id, str(err)) from None
             self._register(adapter_id, source, weights, pinned=False, source_kind="on_demand")
         self._make_resident(adapter_id)  # the one copy, here and now when the pool has room
 
@@ -342,7 +441,7 @@ class LoraManager:
                 source, need_read = entry.source, entry.host is None
             if need_read:
                 try:
-                    if not source.is_dir():
+                    if isinstance(source, Path) and not source.is_dir():
                         raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
                     weights = self._read(source)
                     if weights.fingerprint != entry.fingerprint:
@@ -479,11 +578,12 @@ class LoraManager:
         with self._lock:
             return self._load_locks.setdefault(adapter_id, threading.Lock())
 
-    def _read(self, path: Path) -> AdapterWeights:
+    def _read(self, source: Source) -> AdapterWeights:
         t0 = time.perf_counter()
         try:
-            weights = read_adapter(path, self.base_shapes, self.config.max_lora_rank,
-                                   self.config.max_adapter_bytes)
+            with self.sources.folder(source) as folder:  # downloaded first for an s3:// source
+                weights = read_adapter(folder, self.base_shapes, self.config.max_lora_rank,
+                                       self.config.max_adapter_bytes)
         except Exception:
             self.stats.load_failures += 1
             raise
@@ -498,7 +598,7 @@ class LoraManager:
             return weights.to(dtype=self.slot_dtype, pin_memory=True)
         return weights
 
-    def _register(self, adapter_id: str, source: Path, weights: AdapterWeights, pinned: bool,
+    def _register(self, adapter_id: str, source: Source, weights: AdapterWeights, pinned: bool,
                   source_kind: str) -> AdapterInfo:
         layout = self.pool.layout(weights)
         self._check_fits(adapter_id, layout.elems)

@@ -280,6 +280,8 @@ class OpenAIApp:
                                     sampling_defaults={**defaults.effective(), "source": defaults.source})]
         if rt.lora_manager is not None:
             for info in await adapter_ops.list_adapters(rt):
+                if info.state != "ready":
+                    continue  # a failed registry record is not a model anyone can use
                 data.append(protocol.model_card(info.adapter_id, self.started, str(info.source), base))
         return data
 

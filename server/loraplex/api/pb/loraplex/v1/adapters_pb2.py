@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"F\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xf0\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x10\n\x08min_rank\x18\x04 \x01(\r\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12&\n\x04tier\x18\x07 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\t \x01(\x01\x12\x0e\n\x06pinned\x18\n \x01(\x08*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\x89\x02\n\x08\x41\x64\x61pters\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"F\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xa9\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x10\n\x08min_rank\x18\x04 \x01(\r\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12&\n\x04tier\x18\x07 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\t \x01(\x01\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12(\n\x05state\x18\x0b \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\r\n\x05\x65rror\x18\x0c \x01(\t*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03*`\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x02\x32\x89\x02\n\x08\x41\x64\x61pters\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=584
-  _globals['_ADAPTERTIER']._serialized_end=698
+  _globals['_ADAPTERTIER']._serialized_start=641
+  _globals['_ADAPTERTIER']._serialized_end=755
+  _globals['_ADAPTERSTATE']._serialized_start=757
+  _globals['_ADAPTERSTATE']._serialized_end=853
   _globals['_LOADADAPTERREQUEST']._serialized_start=43
   _globals['_LOADADAPTERREQUEST']._serialized_end=113
   _globals['_LOADADAPTERRESPONSE']._serialized_start=115
@@ -47,7 +49,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTADAPTERSRESPONSE']._serialized_start=273
   _globals['_LISTADAPTERSRESPONSE']._serialized_end=339
   _globals['_ADAPTERINFO']._serialized_start=342
-  _globals['_ADAPTERINFO']._serialized_end=582
-  _globals['_ADAPTERS']._serialized_start=701
-  _globals['_ADAPTERS']._serialized_end=966
+  _globals['_ADAPTERINFO']._serialized_end=639
+  _globals['_ADAPTERS']._serialized_start=856
+  _globals['_ADAPTERS']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

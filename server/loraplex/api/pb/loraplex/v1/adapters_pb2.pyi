@@ -14,10 +14,19 @@ class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_TIER_DEVICE: _ClassVar[AdapterTier]
     ADAPTER_TIER_HOST: _ClassVar[AdapterTier]
     ADAPTER_TIER_DISK: _ClassVar[AdapterTier]
+
+class AdapterState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_STATE_UNSPECIFIED: _ClassVar[AdapterState]
+    ADAPTER_STATE_READY: _ClassVar[AdapterState]
+    ADAPTER_STATE_FAILED: _ClassVar[AdapterState]
 ADAPTER_TIER_UNSPECIFIED: AdapterTier
 ADAPTER_TIER_DEVICE: AdapterTier
 ADAPTER_TIER_HOST: AdapterTier
 ADAPTER_TIER_DISK: AdapterTier
+ADAPTER_STATE_UNSPECIFIED: AdapterState
+ADAPTER_STATE_READY: AdapterState
+ADAPTER_STATE_FAILED: AdapterState
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "pinned")
@@ -56,7 +65,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "source", "target_modules", "min_rank", "max_rank", "bytes", "tier", "requests_in_flight", "last_used_unix_seconds", "pinned")
+    __slots__ = ("adapter_id", "source", "target_modules", "min_rank", "max_rank", "bytes", "tier", "requests_in_flight", "last_used_unix_seconds", "pinned", "state", "error")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +76,8 @@ class AdapterInfo(_message.Message):
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     source: str
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -77,4 +88,6 @@ class AdapterInfo(_message.Message):
     requests_in_flight: int
     last_used_unix_seconds: float
     pinned: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., min_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_in_flight: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    state: AdapterState
+    error: str
+    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., min_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_in_flight: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ..., state: _Optional[_Union[AdapterState, str]] = ..., error: _Optional[str] = ...) -> None: ...
