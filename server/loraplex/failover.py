@@ -111,9 +111,11 @@ class Attempts:
     def after_failure(self, code: str) -> float | None:
         """The attempt on `target` failed with status `code`: the seconds to wait before the next
         attempt (whose target is then `target`), or None when the call must give up."""
-        if code not in RETRYABLE or self.count >= self.policy.max_attempts:
+        if code not in RETRYABLE:
             return None
-        nxt = self.targets.failed(self.index)
+        nxt = self.targets.failed(self.index)  # also when giving up: the next call starts elsewhere
+        if self.count >= self.policy.max_attempts:
+            return None
         wait = 0.0
         if nxt in self._tried:
             self._retries_on_tried += 1
