@@ -213,7 +213,7 @@ def test_dashboard_queries_evaluate_and_use_exported_names(server, workload):
             assert name in exported, f"{name} (in {expr}) never reached Prometheus"
         if expr.startswith("label_values("):
             continue  # a Grafana function, not PromQL; its metric name was checked above
-        promql = (expr.replace("$__rate_interval", "30s").replace('"$job"', '".*"'))
+        promql = (expr.replace("$__rate_interval", "30s").replace('"$job"', '".*"').replace('"$replica"', '".*"'))
         assert "$" not in promql, promql
         res = query(base, promql)
         assert res["status"] == "success", (expr, res)

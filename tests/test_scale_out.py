@@ -198,6 +198,7 @@ def test_affinity_failover_and_one_prometheus_job(cluster):
     prom_wait(prom, 'count(count by (instance) (loraplex_requests_total{job="loraplex"}))', REPLICAS)
     prom_wait(prom, 'sum(loraplex_requests_total{job="loraplex"})', total)
     prom_wait(prom, 'sum(loraplex_adapters_resident{job="loraplex"})', ADAPTERS)
+    check_per_replica_panels(prom, {urllib.parse.urlsplit(r.metrics_url).netloc for r in replicas}, held)
 
     # --- what the proxy adds: the same adapter, its replica direct vs through nginx, interleaved ---
     direct, proxied = measure_latency(proxy, replicas[owner[names[0]]].grpc, names[0], LATENCY_ROUNDS)
@@ -267,6 +268,28 @@ def test_affinity_failover_and_one_prometheus_job(cluster):
     # Prometheus: still one job of three targets, the killed one down.
     prom_wait(prom, 'count(up{job="loraplex"})', REPLICAS)
     prom_wait(prom, 'sum(up{job="loraplex"})', REPLICAS - 1)
+
+
+def check_per_replica_panels(prom: str, instances: set[str], held: list[set[str]]) -> None:
+    """Every query of the dashboard's per-replica panels, run on this Prometheus, gives one series
+    per replica; the residency panel shows each replica's own adapters."""
+    dash = json.loads((so.ROOT / "deploy" / "grafana" / "loraplex-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", []) if "by (instance" in t["expr"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        promql = expr.replace("$__rate_interval", "30s").replace('"$job"', '"loraplex"').replace('"$replica"', '".*"')
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+            with urllib.request.urlopen(url, timeout=5) as r:
+                result = json.loads(r.read())["data"]["result"]
+            if {row["metric"].get("instance") for row in result} == instances:
+                break
+            assert time.monotonic() < deadline, (expr, result)
+            time.sleep(0.5)
+        if "loraplex_adapter_slots_used" in expr:  # adapters in each replica's pool
+            by_instance = {row["metric"]["instance"]: float(row["value"][1]) for row in result}
+            assert sorted(by_instance.values()) == sorted(float(len(h)) for h in held), by_instance
 
 
 def measure_latency(proxy: str, direct: str, adapter: str, rounds: int) -> tuple[list[float], list[float]]:
