@@ -158,6 +158,20 @@ def test_dead_target_is_skipped_and_the_client_sticks(replicas):
         time.sleep(0.1)
 
 
+def test_cli_takes_several_servers(replicas):
+    """`loraplex generate --server dead,live`: the CLI is built on the client, failover included."""
+    import os
+    import subprocess
+    import sys
+
+    _, b, _ = replicas
+    dead = f"127.0.0.1:{so.free_port()}"
+    out = subprocess.run([sys.executable, "-m", "loraplex.cli", "generate", "Hello", "--server", f"{dead},{b.grpc}",
+                          "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_draining_replica_refuses_and_the_call_moves_on(replicas):
     a, b, _ = replicas
     with Client(a.grpc, timeout=120) as direct:
