@@ -144,6 +144,7 @@ def ids(replica: so.Replica) -> set[str]:
     return {row["request_id"] for row in replica.finished()}
 
 
+@pytest.mark.slow
 def test_dead_target_is_skipped_and_the_client_sticks(replicas):
     _, b, _ = replicas
     dead = f"127.0.0.1:{so.free_port()}"  # nothing listens there
@@ -158,6 +159,7 @@ def test_dead_target_is_skipped_and_the_client_sticks(replicas):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_cli_takes_several_servers(replicas):
     """`loraplex generate --server dead,live`: the CLI is built on the client, failover included."""
     import os
@@ -172,6 +174,7 @@ def test_cli_takes_several_servers(replicas):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_draining_replica_refuses_and_the_call_moves_on(replicas):
     a, b, _ = replicas
     with Client(a.grpc, timeout=120) as direct:
@@ -196,6 +199,7 @@ def test_draining_replica_refuses_and_the_call_moves_on(replicas):
     assert "moved" in ids(b) and "moved" not in ids(a)
 
 
+@pytest.mark.slow
 def test_stream_with_tokens_is_not_replayed(replicas):
     _, b, c_rep = replicas
     with Client([c_rep.grpc, b.grpc], timeout=60) as c:
