@@ -21,13 +21,10 @@ from __future__ import annotations
 import collections
 import json
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -35,8 +32,7 @@ import yaml
 
 from loraplex.client import Client
 from tests.fixtures import scale_out as so
-
-PROMETHEUS = shutil.which("prometheus")
+from tests.fixtures.prometheus import DEADLINE, PROMETHEUS, query, start_prometheus, stop, wait_for
 pytestmark = [
     pytest.mark.slow, pytest.mark.timeout(420),
     pytest.mark.skipif(so.NGINX is None, reason="nginx not installed (Debian: apt-get install -y nginx; make test-deps)"),
@@ -51,7 +47,6 @@ KILL_AFTER = 40  # phase-2 completions before the SIGKILL
 WORKERS = 12
 NEW_TOKENS = 4
 LATENCY_ROUNDS = 40
-DEADLINE = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -64,62 +59,24 @@ def cluster(tiny_model_dir, tmp_path_factory):
         grpc_port, http_port = so.free_port(), so.free_port()
         conf = so.render_nginx(so.NGINX_CONF.read_text(), replicas, grpc_port, http_port)
         procs.append(so.start_nginx(conf, tmp, (grpc_port, http_port)))
-        prom_port = so.free_port()
-        procs.append(start_prometheus(tmp, [r.metrics_url for r in replicas], prom_port))
+        prom_proc, prom = start_prometheus(prometheus_config([r.metrics_url for r in replicas]), tmp)
+        procs.append(prom_proc)
         yield dict(tmp=tmp, names=names, replicas=replicas, proxy=f"127.0.0.1:{grpc_port}",
-                   proxy_http=f"http://127.0.0.1:{http_port}", prom=f"http://127.0.0.1:{prom_port}")
+                   proxy_http=f"http://127.0.0.1:{http_port}", prom=prom)
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         for r in replicas:
             r.stop()
 
 
-def start_prometheus(tmp, metrics_urls: list[str], port: int) -> subprocess.Popen:
+def prometheus_config(metrics_urls: list[str]) -> str:
+    """The shipped deploy/prometheus/prometheus.yml with the replicas as targets, scraped every second."""
     cfg = yaml.safe_load((so.ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = "1s"
     (job,) = cfg["scrape_configs"]
     job["static_configs"][0]["targets"] = [urllib.parse.urlsplit(u).netloc for u in metrics_urls]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        assert proc.poll() is None, (tmp / "prometheus.log").read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "prometheus did not become ready"
-        time.sleep(0.2)
-
-
-def prom_value(base: str, expr: str) -> float | None:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as r:
-        res = json.loads(r.read())
-    assert res["status"] == "success", res
-    result = res["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
-
-
-def prom_wait(base: str, expr: str, want: float) -> None:
-    deadline = time.monotonic() + DEADLINE
-    got = None
-    while time.monotonic() < deadline:
-        got = prom_value(base, expr)
-        if got == want:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{expr}: wanted {want}, last value {got}")
+    return yaml.safe_dump(cfg)
 
 
 def adapter_counts(replica: so.Replica) -> dict[str, float]:
@@ -194,10 +151,10 @@ def test_affinity_failover_and_one_prometheus_job(cluster):
 
     # Prometheus: one job, three instances, the same totals as the replicas' own counters.
     total = ADAPTERS * PER_ADAPTER + BASE_REQUESTS
-    prom_wait(prom, 'count(up{job="loraplex"} == 1)', REPLICAS)
-    prom_wait(prom, 'count(count by (instance) (loraplex_requests_total{job="loraplex"}))', REPLICAS)
-    prom_wait(prom, 'sum(loraplex_requests_total{job="loraplex"})', total)
-    prom_wait(prom, 'sum(loraplex_adapters_resident{job="loraplex"})', ADAPTERS)
+    wait_for(prom, 'count(up{job="loraplex"} == 1)', REPLICAS)
+    wait_for(prom, 'count(count by (instance) (loraplex_requests_total{job="loraplex"}))', REPLICAS)
+    wait_for(prom, 'sum(loraplex_requests_total{job="loraplex"})', total)
+    wait_for(prom, 'sum(loraplex_adapters_resident{job="loraplex"})', ADAPTERS)
     check_per_replica_panels(prom, {urllib.parse.urlsplit(r.metrics_url).netloc for r in replicas}, held)
 
     # --- what the proxy adds: the same adapter, its replica direct vs through nginx, interleaved ---
@@ -271,8 +228,8 @@ def test_affinity_failover_and_one_prometheus_job(cluster):
           f"{refused} connection(s) refused")
 
     # Prometheus: still one job of three targets, the killed one down.
-    prom_wait(prom, 'count(up{job="loraplex"})', REPLICAS)
-    prom_wait(prom, 'sum(up{job="loraplex"})', REPLICAS - 1)
+    wait_for(prom, 'count(up{job="loraplex"})', REPLICAS)
+    wait_for(prom, 'sum(up{job="loraplex"})', REPLICAS - 1)
 
 
 def check_per_replica_panels(prom: str, instances: set[str], held: list[set[str]]) -> None:
@@ -285,9 +242,7 @@ def check_per_replica_panels(prom: str, instances: set[str], held: list[set[str]
         promql = expr.replace("$__rate_interval", "30s").replace('"$job"', '"loraplex"').replace('"$replica"', '".*"')
         deadline = time.monotonic() + DEADLINE
         while True:
-            url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-            with urllib.request.urlopen(url, timeout=5) as r:
-                result = json.loads(r.read())["data"]["result"]
+            result = query(prom, promql)["data"]["result"]
             if {row["metric"].get("instance") for row in result} == instances:
                 break
             assert time.monotonic() < deadline, (expr, result)
