@@ -61,8 +61,8 @@ def test_attempts_rotate_back_off_and_stop():
 class Refusing(generation_pb2_grpc.GenerationServicer):
     """Refuses the first `refuse` calls with UNAVAILABLE, then answers; records every call."""
 
-    def __init__(self, refuse: int, code=grpc.StatusCode.UNAVAILABLE):
-        self.refuse, self.code = refuse, code
+    def __init__(self, refuse: int, code=grpc.StatusCode.UNAVAILABLE, cut_streams: bool = False):
+        self.refuse, self.code, self.cut_streams = refuse, code, cut_streams
         self.calls: list[tuple[float, dict]] = []
 
     def Generate(self, request, context):
@@ -76,6 +76,8 @@ class Refusing(generation_pb2_grpc.GenerationServicer):
         if len(self.calls) <= self.refuse:
             context.abort(self.code, "draining")
         yield pb.GenerateStreamResponse(request_id=request.request_id, text="o")
+        if self.cut_streams:  # a replica that goes away after the first token
+            context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
         yield pb.GenerateStreamResponse(request_id=request.request_id, text="k",
                                         finish_reason=pb.FINISH_REASON_LENGTH)
 
@@ -121,6 +123,39 @@ def test_other_statuses_are_not_retried():
             with pytest.raises(LoraplexError) as info:
                 c.generate("Hi")
             assert info.value.code == "RESOURCE_EXHAUSTED" and len(servicer.calls) == 1
+    finally:
+        server.stop(0)
+
+
+def test_async_client_retries_and_never_replays_a_started_stream():
+    import asyncio
+
+    from loraplex.client import AsyncClient
+
+    servicer = Refusing(refuse=1)
+    server, address = stub_server(servicer)
+
+    async def scenario():
+        async with AsyncClient([address, address], timeout=30,
+                               retry=RetryPolicy(initial_backoff=0.01, max_backoff=0.01)) as c:
+            assert (await c.generate("Hi", adapter="sql")).text == "ok"
+            assert len(servicer.calls) == 2 and servicer.calls[1][1].get("x-adapter-id") == "sql"
+            servicer.calls.clear()
+            servicer.refuse, servicer.cut_streams = 0, True
+            seen = []
+            with pytest.raises(LoraplexError) as info:
+                async for chunk in c.stream("Hi"):
+                    seen.append(chunk.text)
+            assert seen == ["o"] and info.value.code == "UNAVAILABLE" and "not retried" in info.value.details
+            assert len(servicer.calls) == 1  # not sent again
+
+    try:
+        asyncio.run(scenario())
+        servicer.calls.clear()
+        with Client(address, timeout=30) as c:  # the same for the blocking client
+            with pytest.raises(LoraplexError) as info:
+                list(c.stream("Hi"))
+            assert "not retried" in info.value.details and len(servicer.calls) == 1
     finally:
         server.stop(0)
 
