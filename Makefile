@@ -19,10 +19,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/loraplex serve $(ARGS)
 
-# promtool + prometheus (Debian package) for tests/test_metrics.py and
-# tests/test_prometheus_integration.py; they skip with a reason where neither is installable.
+# promtool + prometheus (Debian package) for tests/test_metrics.py, tests/test_prometheus_integration.py
+# and tests/test_scale_out.py; nginx (Debian package) for tests/test_scale_out.py and
+# tests/test_deploy_configs.py. Those tests skip with a reason where a package is not installable.
 test-deps:
 	command -v promtool >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } || echo "prometheus not installed: its tests will skip"
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; } || echo "nginx not installed: its tests will skip"
 
 test: $(STAMP) test-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(ARGS)

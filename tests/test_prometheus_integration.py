@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,8 +25,8 @@ from loraplex.engine.request import Request, SamplingParams
 from loraplex.lora.manager import LoraManager
 from loraplex.model.loader import load_model
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.prometheus import DEADLINE, PROMETHEUS, http_json, query, scalar, start_prometheus, stop, wait_for
 
-PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None,
                                 reason="prometheus binary not installed (Debian: apt-get install -y prometheus)")
 
@@ -38,18 +34,6 @@ DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "lor
 ADAPTERS = ("sql", "chat", "code")
 PER_ADAPTER = {"": 2, "sql": 3, "chat": 2, "code": 1}  # requests per adapter ("" = base)
 NEW_TOKENS = 3
-DEADLINE = 40.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture(scope="module")
@@ -75,62 +59,21 @@ def server(tiny_model_dir, tmp_path_factory):
     http, _ = start_metrics_server(0, "127.0.0.1", registry)
     metrics_port = http.server_port
 
-    prom_port = free_port()
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: loraplex\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n")
-    log = open(tmp / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{prom_port}"
+    config = ("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+              "scrape_configs:\n  - job_name: loraplex\n    static_configs:\n"
+              f"      - targets: ['127.0.0.1:{metrics_port}']\n")
     try:
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            assert proc.poll() is None, (tmp / "prometheus.log").read_text()
-            try:
-                with urllib.request.urlopen(base + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
-        yield dict(base=base, engine=engine, metrics=metrics)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        proc, base = start_prometheus(config, tmp)
+    except BaseException:
         http.shutdown()
         engine.shutdown(0)
-
-
-def query(base: str, expr: str) -> dict:
-    return http_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-
-
-def scalar(base: str, expr: str) -> float | None:
-    res = query(base, expr)
-    assert res["status"] == "success", res
-    result = res["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
-
-
-def wait_for(base: str, expr: str, want: float) -> None:
-    deadline = time.monotonic() + DEADLINE
-    got = None
-    while time.monotonic() < deadline:
-        got = scalar(base, expr)
-        if got == want:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{expr}: wanted {want}, last value {got}")
+        raise
+    try:
+        yield dict(base=base, engine=engine, metrics=metrics)
+    finally:
+        stop(proc)
+        http.shutdown()
+        engine.shutdown(0)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +156,7 @@ def test_dashboard_queries_evaluate_and_use_exported_names(server, workload):
             assert name in exported, f"{name} (in {expr}) never reached Prometheus"
         if expr.startswith("label_values("):
             continue  # a Grafana function, not PromQL; its metric name was checked above
-        promql = (expr.replace("$__rate_interval", "30s").replace('"$job"', '".*"'))
+        promql = (expr.replace("$__rate_interval", "30s").replace('"$job"', '".*"').replace('"$replica"', '".*"'))
         assert "$" not in promql, promql
         res = query(base, promql)
         assert res["status"] == "success", (expr, res)

@@ -331,7 +331,10 @@ def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def _add_server_flag(p) -> None:
-    p.add_argument("--server", default=DEFAULT_SERVER, help="host:port of the server (default %(default)s)")
+    p.add_argument("--server", default=DEFAULT_SERVER,
+                   help="host:port of the server or of a proxy in front of replicas; several "
+                        "(a:50051,b:50051) are tried in turn when one answers UNAVAILABLE "
+                        "(default %(default)s)")
     p.add_argument("--token", help="bearer token to send (visible in `ps`: prefer --token-file)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token to send")
     p.add_argument("--tls-ca", metavar="FILE", help="connect over TLS, trusting this PEM CA")

@@ -15,6 +15,13 @@
         async for chunk in c.stream("Hello", max_new_tokens=8):
             ...
 
+Scale-out: `target` may list several replicas ("a:50051,b:50051" or a list) or name one proxy in
+front of them; a call refused with UNAVAILABLE is tried again on the next one, with the bounded
+policy of loraplex/failover.py (`retry=RetryPolicy(...)`; `timeout` is the deadline of the whole
+call, retries included); a stream that already delivered a chunk is never replayed. Every
+generation call carries its adapter in the `x-adapter-id` metadata, which proxies hash on (adapter
+affinity) and the server checks against the request.
+
 Exactly one of `prompt` (text), `messages` (a chat, rendered with the model's template) and
 `prompt_token_ids` is given. Sampling fields left None take the server's defaults (the model's
 generation_config.json, see `model_info().sampling_defaults`). Every failure raises LoraplexError
@@ -26,14 +33,18 @@ request on the server (its KV cache is freed).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import asyncio
+import time
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
+from loraplex.api.affinity import HEADER as ADAPTER_HEADER
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from loraplex.failover import NO_RETRY, Attempts, RetryPolicy, Targets, parse_targets
 
 __all__ = ["Adapter", "AsyncClient", "Chunk", "Client", "Completion", "LoraplexError", "ModelInfo",
-           "SamplingDefaults", "Timings", "Usage"]
+           "RetryPolicy", "SamplingDefaults", "Timings", "Usage"]
 
 
 class LoraplexError(Exception):
@@ -49,6 +60,12 @@ class LoraplexError(Exception):
         code = err.code().name if hasattr(err, "code") and err.code() is not None else "UNKNOWN"
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code, details or "")
+
+    def after(self, attempts: Attempts) -> "LoraplexError":
+        """This error, saying where it was tried when that was more than once."""
+        if attempts.count == 1:
+            return self
+        return LoraplexError(self.code, f"{self.details} ({attempts.describe()})")
 
 
 @dataclass(frozen=True)
@@ -229,6 +246,17 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _with_adapter(md: tuple, request: generation_pb2.GenerateRequest) -> tuple:
+    """The call's metadata plus `x-adapter-id` (api/affinity.py); left out for the base model,
+    so that proxies spread base requests evenly instead of hashing an empty value."""
+    return md + ((ADAPTER_HEADER, request.adapter_id),) if request.adapter_id else md
+
+
+def _streamed_error(error: "LoraplexError", chunks: int) -> "LoraplexError":
+    return LoraplexError(error.code, f"{error.details} (not retried: {chunks} chunk(s) had arrived; a replay "
+                                     f"would repeat them)")
+
+
 def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None):
     if tls_ca is None:
         if tls_cert is not None or tls_key is not None:
@@ -240,56 +268,101 @@ def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None):
 
 
 # --- sync ---------------------------------------------------------------------------------------
-class Client:
-    """A blocking client over one gRPC channel (thread-safe: share it between threads)."""
+class _Base:
+    """What both clients share: targets, their stubs, metadata, deadline and retry policy."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, timeout: float | None = None):
+    def __init__(self, target: str | Sequence[str], token: str | None, tls_ca: str | None, tls_cert: str | None,
+                 tls_key: str | None, timeout: float | None, retry: RetryPolicy, grpc_module: Any):
         creds = _credentials(tls_ca, tls_cert, tls_key)
-        self._channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
-        self._gen = generation_pb2_grpc.GenerationStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._targets = Targets(parse_targets(target))
+        self._channels = [grpc_module.secure_channel(t, creds) if creds else grpc_module.insecure_channel(t)
+                          for t in self._targets.names]
+        self._gen = [generation_pb2_grpc.GenerationStub(ch) for ch in self._channels]
+        self._adapters = [adapters_pb2_grpc.AdaptersStub(ch) for ch in self._channels]
         self._md = _metadata(token)
-        self.timeout = timeout  # default deadline of every call, seconds; None = none
+        self.timeout = timeout  # default deadline of every call (all its attempts), seconds; None = none
+        self.retry = retry
 
-    def _call(self, method, request, timeout):
-        try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._md)
-        except grpc.RpcError as err:
-            raise LoraplexError.from_rpc(err) from None
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self._targets.names
+
+    def _attempts(self, timeout: float | None, retry: bool = True) -> Attempts:
+        return Attempts(self.retry if retry else NO_RETRY, self._targets,
+                        timeout if timeout is not None else self.timeout)
+
+
+class Client(_Base):
+    """A blocking client (thread-safe: share it between threads). `target`: "host:port", a proxy,
+    or several replicas ("a:50051,b:50051" or a list), tried in turn on UNAVAILABLE (`retry`)."""
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy()):
+        super().__init__(target, token, tls_ca, tls_cert, tls_key, timeout, retry, grpc)
+
+    def _call(self, stubs, name: str, request, timeout, metadata: tuple | None = None, retry: bool = True):
+        att = self._attempts(timeout, retry)
+        while True:
+            try:
+                return getattr(stubs[att.index], name)(request, timeout=att.remaining(),
+                                                        metadata=self._md if metadata is None else metadata)
+            except grpc.RpcError as err:
+                error = LoraplexError.from_rpc(err)
+            wait = att.after_failure(error.code)
+            if wait is None:
+                raise error.after(att) from None
+            time.sleep(wait)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
         """The whole completion (see build_request for the arguments)."""
-        return _completion(self._call(self._gen.Generate, build_request(prompt, **kwargs), timeout))
+        req = build_request(prompt, **kwargs)
+        return _completion(self._call(self._gen, "Generate", req, timeout, _with_adapter(self._md, req)))
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Iterator[Chunk]:
         """The completion as it is generated; the last chunk carries finish_reason and usage."""
-        call = self._call(self._gen.GenerateStream, build_request(prompt, **kwargs), timeout)
-        try:
-            for msg in call:
-                yield _chunk(msg)
-        except grpc.RpcError as err:
-            raise LoraplexError.from_rpc(err) from None
-        finally:
-            call.cancel()  # no-op once finished; leaving the loop early frees the server's KV
+        req = build_request(prompt, **kwargs)
+        md = _with_adapter(self._md, req)
+        att = self._attempts(timeout)
+        while True:
+            call = self._gen[att.index].GenerateStream(req, timeout=att.remaining(), metadata=md)
+            chunks = 0
+            try:
+                for msg in call:
+                    chunks += 1
+                    yield _chunk(msg)
+                return
+            except grpc.RpcError as err:
+                error = LoraplexError.from_rpc(err)
+            finally:
+                call.cancel()  # no-op once finished; leaving the loop early frees the server's KV
+            if chunks:
+                raise _streamed_error(error, chunks)
+            wait = att.after_failure(error.code)
+            if wait is None:
+                raise error.after(att)
+            time.sleep(wait)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _model_info(self._call(self._gen.GetModelInfo, generation_pb2.GetModelInfoRequest(), timeout))
+        return _model_info(self._call(self._gen, "GetModelInfo", generation_pb2.GetModelInfoRequest(), timeout))
 
+    # Adapter changes act on one replica: no failover (a load must not land on another one).
     def load_adapter(self, adapter_id: str, path: str, *, pinned: bool = False,
                      timeout: float | None = None) -> Adapter:
         req = adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id, path=str(path), pinned=pinned)
-        return _adapter(self._call(self._adapters.LoadAdapter, req, timeout).adapter)
+        return _adapter(self._call(self._adapters, "LoadAdapter", req, timeout, retry=False).adapter)
 
     def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
-        self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout)
+        self._call(self._adapters, "UnloadAdapter", adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id),
+                   timeout, retry=False)
 
     def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
-        resp = self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
+        resp = self._call(self._adapters, "ListAdapters", adapters_pb2.ListAdaptersRequest(), timeout)
         return [_adapter(a) for a in resp.adapters]
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -299,58 +372,75 @@ class Client:
 
 
 # --- asyncio ------------------------------------------------------------------------------------
-class AsyncClient:
+class AsyncClient(_Base):
     """The same calls as Client, as coroutines (create and use it inside one event loop)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, timeout: float | None = None):
-        creds = _credentials(tls_ca, tls_cert, tls_key)
-        self._channel = (grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target))
-        self._gen = generation_pb2_grpc.GenerationStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
-        self._md = _metadata(token)
-        self.timeout = timeout
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 timeout: float | None = None, retry: RetryPolicy = RetryPolicy()):
+        super().__init__(target, token, tls_ca, tls_cert, tls_key, timeout, retry, grpc.aio)
 
-    async def _call(self, method, request, timeout):
-        try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout,
-                                metadata=self._md)
-        except grpc.RpcError as err:
-            raise LoraplexError.from_rpc(err) from None
+    async def _call(self, stubs, name: str, request, timeout, metadata: tuple | None = None, retry: bool = True):
+        att = self._attempts(timeout, retry)
+        while True:
+            try:
+                return await getattr(stubs[att.index], name)(request, timeout=att.remaining(),
+                                                              metadata=self._md if metadata is None else metadata)
+            except grpc.RpcError as err:
+                error = LoraplexError.from_rpc(err)
+            wait = att.after_failure(error.code)
+            if wait is None:
+                raise error.after(att) from None
+            await asyncio.sleep(wait)
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> Completion:
-        return _completion(await self._call(self._gen.Generate, build_request(prompt, **kwargs), timeout))
+        req = build_request(prompt, **kwargs)
+        return _completion(await self._call(self._gen, "Generate", req, timeout, _with_adapter(self._md, req)))
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                      **kwargs: Any) -> AsyncIterator[Chunk]:
-        call = self._gen.GenerateStream(build_request(prompt, **kwargs), metadata=self._md,
-                                        timeout=timeout if timeout is not None else self.timeout)
-        try:
-            async for msg in call:
-                yield _chunk(msg)
-        except grpc.RpcError as err:
-            raise LoraplexError.from_rpc(err) from None
-        finally:
-            call.cancel()
+        req = build_request(prompt, **kwargs)
+        md = _with_adapter(self._md, req)
+        att = self._attempts(timeout)
+        while True:
+            call = self._gen[att.index].GenerateStream(req, metadata=md, timeout=att.remaining())
+            chunks = 0
+            try:
+                async for msg in call:
+                    chunks += 1
+                    yield _chunk(msg)
+                return
+            except grpc.RpcError as err:
+                error = LoraplexError.from_rpc(err)
+            finally:
+                call.cancel()
+            if chunks:
+                raise _streamed_error(error, chunks)
+            wait = att.after_failure(error.code)
+            if wait is None:
+                raise error.after(att)
+            await asyncio.sleep(wait)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return _model_info(await self._call(self._gen.GetModelInfo, generation_pb2.GetModelInfoRequest(), timeout))
+        return _model_info(await self._call(self._gen, "GetModelInfo", generation_pb2.GetModelInfoRequest(),
+                                            timeout))
 
     async def load_adapter(self, adapter_id: str, path: str, *, pinned: bool = False,
                            timeout: float | None = None) -> Adapter:
         req = adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id, path=str(path), pinned=pinned)
-        return _adapter((await self._call(self._adapters.LoadAdapter, req, timeout)).adapter)
+        return _adapter((await self._call(self._adapters, "LoadAdapter", req, timeout, retry=False)).adapter)
 
     async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
-        await self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id),
-                         timeout)
+        await self._call(self._adapters, "UnloadAdapter", adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id),
+                         timeout, retry=False)
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
-        resp = await self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
+        resp = await self._call(self._adapters, "ListAdapters", adapters_pb2.ListAdaptersRequest(), timeout)
         return [_adapter(a) for a in resp.adapters]
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

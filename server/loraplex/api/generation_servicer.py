@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from loraplex.api import convert, generation
+from loraplex.api import affinity, convert, generation
 from loraplex.api.adapters_servicer import abort_with
 from loraplex.api.generation import Runtime  # noqa: F401 - re-exported (serve.py, tests)
 from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
@@ -42,7 +42,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Submit the request and yield its engine events, the finished one last."""
         try:
             rt = generation.require(self.runtime)
-            gen = await generation.start(rt, lambda: [self._convert(rt, request)])
+            header = affinity.header_values(context.invocation_metadata())
+            gen = await generation.start(rt, lambda: [self._convert(rt, request, header)])
         except ApiError as err:
             await abort_with(context, err)
         context.add_done_callback(lambda _context: gen.abort())
@@ -52,8 +53,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ApiError as err:
             await abort_with(context, err)
 
-    def _convert(self, rt: Runtime, request: generation_pb2.GenerateRequest):
+    def _convert(self, rt: Runtime, request: generation_pb2.GenerateRequest, header: list[str]):
         engine = rt.engine
+        # Before the conversion: a proxy routed this call by the header (api/affinity.py).
+        affinity.check_adapter_header(header, request.adapter_id)
         return convert.request_from_proto(request, rt.loaded.tokenizer, rt.loaded.arch.vocab_size,
                                           engine.max_model_len, engine.config.max_new_tokens_cap,
                                           self.limits, rt.sampling_defaults)

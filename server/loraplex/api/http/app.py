@@ -30,7 +30,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from loraplex.api import adapter_ops, auth, generation
+from loraplex.api import adapter_ops, affinity, auth, generation
 from loraplex.api.concurrency import GenerationSlots
 from loraplex.api.http import logprobs_format, protocol
 from loraplex.api.status import ApiError, Code, http_status, openai_error_body
@@ -174,8 +174,12 @@ class OpenAIApp:
                                                       f"{self.limits.max_request_id_chars} (max_request_id_chars)")
             parsed: list[protocol.Call] = []
 
+            header = request.headers.getlist(affinity.HEADER)
+
             def make_requests():
                 parsed.append(parse(body, self._context(rt), request_id))
+                # `model` resolved to an adapter id ("" = base): a proxy routed by the header.
+                affinity.check_adapter_header(header, parsed[0].adapter_id)
                 return parsed[0].requests()
 
             try:  # refusals here count in loraplex_requests_rejected_total, as over gRPC
