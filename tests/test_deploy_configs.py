@@ -138,10 +138,10 @@ def test_k8s_wiring(k8s):
     assert args.adapter_root and any(m["mountPath"] == args.adapter_root for m in c["volumeMounts"])
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["grpc"] == {"port": ports["grpc"]}, probe  # grpc.health.v1 on the server
-    # Drain: the preStop sleep, then SIGTERM and --shutdown-grace, all inside the grace period.
+    # Drain: the preStop sleep, then SIGTERM and --drain-timeout, all inside the grace period.
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    assert pod["spec"]["terminationGracePeriodSeconds"] >= int(command[1]) + args.shutdown_grace + 1
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= int(command[1]) + args.drain_timeout + 1
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     ann = pod["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == args.metrics_port
