@@ -27,3 +27,7 @@ class AdapterNotFoundError(Exception):
     def __init__(self, adapter_id: str, detail: str | None = None):
         super().__init__(f"adapter {adapter_id!r} is not loaded" + (f": {detail}" if detail else ""))
         self.adapter_id = adapter_id
+
+
+class AdapterCombineError(AdapterError):
+    """Adapters that cannot be combined or mixed as asked; `field` names the request field (INVALID_ARGUMENT)."""
