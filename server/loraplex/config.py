@@ -236,9 +236,10 @@ class LoraConfig:
     # (adapter_id, folder) loaded at start-up (`serve --adapter ID=PATH`). The operator named these
     # folders, so each one is also an allowed root (for itself only: not its siblings).
     preload: tuple[tuple[str, str], ...] = ()
+    max_mixture_adapters: int = 8  # longest GenerateRequest.adapters list (per-request mixtures)
 
     def __post_init__(self) -> None:
-        for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
+        for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes", "max_mixture_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_loras is not None and self.max_loras < 1:

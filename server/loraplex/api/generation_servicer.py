@@ -35,7 +35,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Submit the request and yield its engine events, the finished one last."""
         try:
             rt = generation.require(self.runtime)
-            gen = await generation.start(rt, lambda: [self._convert(rt, request)])
+            gen = await generation.start(rt, lambda: [self._convert(rt, request)],
+                                         lambda: convert.mixture_from_proto(request))
         except ApiError as err:
             await abort_with(context, err)
         context.add_done_callback(lambda _context: gen.abort())
