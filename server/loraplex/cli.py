@@ -466,6 +466,33 @@ def _adapters_list(args) -> int:
     return 0
 
 
+# --- merge ---------------------------------------------------------------------------------------
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="fold a PEFT adapter into its base model: a standalone HF model folder")
+    p.add_argument("base", help="base model folder (float or bitsandbytes-quantized safetensors)")
+    p.add_argument("adapter", help="PEFT adapter folder (LoRA, rsLoRA, rank/alpha patterns, AdaLoRA)")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the written weights (default: the base's own float dtype)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    from loraplex.lora.atomic_dir import FolderExistsError
+    from loraplex.lora.merge import merge_adapter
+
+    try:
+        out = merge_adapter(args.base, args.adapter, args.out, overwrite=args.force, dtype=args.dtype,
+                            progress=not args.quiet)
+    except (ValueError, FolderExistsError) as err:  # MergeError, AdapterFormatError, an existing folder
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 # --- convert-default -----------------------------------------------------------------------------
 def _add_convert_default(sub) -> None:
     p = sub.add_parser("convert-default",
@@ -492,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_adapters(sub)
+    _add_merge(sub)
     _add_convert_default(sub)
     return parser
 
