@@ -46,10 +46,11 @@ def srv(tiny_model_dir, tmp_path_factory):
     (root / "out").mkdir()
     loaded = load_model(tiny_model_dir, dtype=torch.float32, device="cpu")
     lora = LoraConfig(max_lora_rank=MAX_RANK, allowed_roots=(str(lib), str(root / "out")), max_mixture_adapters=3)
-    server = ServerThread(start_engine(loaded, ENGINE, build_lora_manager(loaded, lora))).start()
+    server = ServerThread(start_engine(loaded, ENGINE, build_lora_manager(loaded, lora)), http_port=0).start()
     with grpc.insecure_channel(server.address) as ch:
         s = SimpleNamespace(gen=generation_pb2_grpc.GenerationStub(ch), adapters=adapters_pb2_grpc.AdaptersStub(ch),
-                            manager=server.server.runtime.lora_manager, root=root, lib=lib, base=tiny_model_dir)
+                            manager=server.server.runtime.lora_manager, root=root, lib=lib, base=tiny_model_dir,
+                            http=server.http_url, model=tiny_model_dir.name)
         for name in ("qa", "qb", "pat", "big"):
             s.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id=name, path=str(lib / name)))
         yield s
@@ -169,3 +170,36 @@ def test_bad_input_changes_nothing(srv, kind, req, code, field):
     assert listed(srv).keys() == before.keys() and tree(srv.root) == files
     assert srv.manager.stats.loads.get("mixture") == loads.get("mixture")
     assert srv.manager.stats.loads.get("combine") == loads.get("combine")
+
+
+def test_http_mixture_and_combine_route(srv):
+    import httpx
+
+    parts = [("qa", 0.7), ("qb", 0.2)]
+    body = {"model": srv.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "adapters": [{"adapter_id": a, "weight": w} for a, w in parts]}
+    with httpx.Client(base_url=srv.http, timeout=60) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+        r = http.post("/v1/combine_lora_adapters", json={
+            "lora_name": "cat-http", "method": "cat", "adapters": [{"lora_name": a, "weight": w} for a, w in parts]})
+        assert r.status_code == 200, r.text
+        assert r.json()["combined_from"] == ["qa", "qb"] and r.json()["max_rank"] == 8
+        r = http.post("/v1/completions", json={**body, "model": "cat-http", "adapters": None})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+        req = _mix(parts)
+        req.sampling.CopyFrom(pb.SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+        assert srv.gen.Generate(req).text == text
+        # Errors: 400/404 naming the field, nothing registered.
+        before = listed(srv).keys()
+        r = http.post("/v1/completions", json={**body, "model": "qa"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "adapters"
+        r = http.post("/v1/chat/completions", json={"model": srv.model, "messages": [{"role": "user", "content": "hi"}],
+                                                    "adapters": [{"adapter_id": "nope", "weight": 1}]})
+        assert r.status_code == 404 and r.json()["error"]["message"].startswith("adapters[0].adapter_id:")
+        r = http.post("/v1/combine_lora_adapters", json={"lora_name": "x", "method": "svd", "svd_rank": 9,
+                                                          "adapters": [{"lora_name": "qa"}, {"lora_name": "qb"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "svd_rank", r.text
+        assert listed(srv).keys() == before
+    srv.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="cat-http"))

@@ -97,6 +97,8 @@ class CombineSpec:
         c = self.svd_clamp
         if c is not None and (not math.isfinite(c) or not 0.0 <= c <= 1.0):
             raise AdapterCombineError("svd_clamp", f"must be a quantile in [0, 1], got {c}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not 0 <= self.seed < 2**64):
+            raise AdapterCombineError("seed", f"must be an integer in [0, 2**64), got {self.seed}")
         if self.majority_sign_method not in MAJORITY_SIGN_METHODS:
             raise AdapterCombineError("majority_sign_method", f"must be 'total' or 'frequency', got "
                                                               f"{self.majority_sign_method!r}")
