@@ -20,6 +20,7 @@ from loraplex.lora.errors import AdapterCombineError
 from loraplex.lora.peft_format import BaseShapes, read_adapter
 from loraplex.lora.target_match import projection_key
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.tiny_models import make_tiny_model
 
 ATOL = 1e-5
 SEED = 1234
@@ -54,6 +55,10 @@ def env(tiny_model_dir, tmp_path_factory):
 
     shapes = BaseShapes.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()))
     ours = {name: read_adapter(folder, shapes, max_rank=64) for name, folder in folders.items()}
+    # An adapter for another base (other hidden and intermediate sizes), read against its own base.
+    other = make_tiny_model(root / "other_base", hidden_size=32, intermediate_size=96)
+    ours["other"] = read_adapter(make_peft_adapter(other, root / "other", "qv_r4", seed=14),
+                                 BaseShapes.from_hf_config(json.loads((other / "config.json").read_text())), 64)
     return dict(base=tiny_model_dir, folders=folders, ours=ours, root=root)
 
 
@@ -144,6 +149,8 @@ def test_dare_is_random_but_seeded(env):
 
 @pytest.mark.parametrize("method,names,weights,kw,field", [
     ("linear", ("qa", "pat"), (1.0, 1.0), {}, "adapters"),  # different targets
+    ("cat", ("qa", "other"), (1.0, 1.0), {}, "adapters"),  # another base
+    ("svd", ("qa", "other"), (1.0, 1.0), {}, "adapters"),
     ("ties", ("qa", "pat"), (1.0, 1.0), dict(density=0.5), "adapters"),
     ("ties", ("qa", "qb"), (1.0, -1.0), dict(density=0.5), "adapters[1].weight"),
     ("dare_ties", ("qa", "qb"), (1.0, float("nan")), dict(density=0.5), "adapters[1].weight"),

@@ -209,7 +209,13 @@ def combine_adapters(adapters: Sequence[AdapterWeights], spec: CombineSpec, max_
                     f"adapters[0] differ on {[projection_key(*k) for k in only]} (use cat or svd)")
     sum_rank = 0  # the largest sum of ranks over modules: cat's rank, svd's upper bound
     for key in keys:
-        ranks = [a.modules[key].rank for a in adapters if key in a.modules]
+        present = [(i, a.modules[key]) for i, a in enumerate(adapters) if key in a.modules]
+        dims = {(m.A.shape[1], m.B.shape[0]) for _, m in present}
+        if len(dims) > 1:
+            raise AdapterCombineError(
+                "adapters", f"the adapters were made for different base models: {projection_key(*key)} has "
+                f"(in, out) features {sorted(dims)} across adapters {[i for i, _ in present]}")
+        ranks = [m.rank for _, m in present]
         if method in FACTOR_METHODS and len(set(ranks)) > 1:
             raise AdapterCombineError(
                 "adapters", f"{method} needs one rank per module; {projection_key(*key)} has ranks {ranks} "
