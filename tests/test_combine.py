@@ -191,7 +191,7 @@ def test_served_greedy_tokens_equal_peft(env, tmp_path):
         first = {}
         for c in CASES:  # one case per method
             first.setdefault(c[0], c)
-        cases = [first[m] for m in ("cat", "svd", "ties", "dare_ties", "linear")]
+        cases = [first[m] for m in ("cat", "svd", "ties", "dare_ties", "linear", "dare_linear", "magnitude_prune")]
         jobs, refs = {}, {}
         for i, (method, names, weights, kw) in enumerate(cases):
             manager.combine(f"c{i}", list(names), CombineSpec(method, weights, seed=SEED, **kw))

@@ -50,7 +50,7 @@ def srv(tiny_model_dir, tmp_path_factory):
     with grpc.insecure_channel(server.address) as ch:
         s = SimpleNamespace(gen=generation_pb2_grpc.GenerationStub(ch), adapters=adapters_pb2_grpc.AdaptersStub(ch),
                             manager=server.server.runtime.lora_manager, root=root, lib=lib, base=tiny_model_dir,
-                            http=server.http_url, model=tiny_model_dir.name)
+                            http=server.http_url, model=tiny_model_dir.name, address=server.address)
         for name in ("qa", "qb", "pat", "big"):
             s.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id=name, path=str(lib / name)))
         yield s
@@ -203,3 +203,27 @@ def test_http_mixture_and_combine_route(srv):
         assert r.status_code == 400 and r.json()["error"]["param"] == "svd_rank", r.text
         assert listed(srv).keys() == before
     srv.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="cat-http"))
+
+
+def test_cli_combine_and_save(srv, capsys):
+    from loraplex.cli import main
+
+    addr = ["--server", srv.address]
+    assert main(["adapters", "combine", "lin-cli", "qa=1", "qb=0.5", "--method", "linear", *addr]) == 0
+    assert capsys.readouterr().out.startswith("lin-cli\t")
+    assert listed(srv)["lin-cli"].combine_method == "linear"
+    out = srv.root / "out" / "lin-cli"
+    assert main(["adapters", "save", "lin-cli", str(out), *addr]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert main(["adapters", "save", "lin-cli", str(out), *addr]) == 1  # exists: refused without --force
+    assert "ALREADY_EXISTS" in capsys.readouterr().err
+    assert main(["adapters", "combine", "bad", "qa=x", *addr]) == 2
+    assert "bad" not in listed(srv)
+    srv.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id="lin-cli"))
+
+
+def test_combine_and_save_are_admin_calls():
+    from loraplex.api.auth import ADMIN, TokenAuthInterceptor
+
+    for method in ("CombineAdapters", "SaveAdapter"):
+        assert TokenAuthInterceptor.access(f"/loraplex.v1.Adapters/{method}") == ADMIN
