@@ -207,3 +207,34 @@ def test_served_greedy_tokens_equal_peft(env, tmp_path):
             assert got[key] == (ref, None), key
     finally:
         manager.close()
+
+
+def test_mixture_is_refilled_from_memory_after_eviction(env):
+    """A mixture lives in memory: evicted from a one-adapter pool by another adapter, it comes
+    back (no folder to read) and still gives the tokens of the same mixture in a roomy pool."""
+    from loraplex.config import LoraConfig
+    from loraplex.lora.manager import LoraManager
+    from loraplex.model.loader import load_model
+    from tests.fixtures.engine_run import engine_greedy
+
+    prompt = [5, 17, 33, 101, 7]
+    results = {}
+    for max_loras in (4, 1):
+        loaded = load_model(env["base"], dtype=torch.float32)
+        manager = LoraManager(LoraConfig(max_lora_rank=16, max_loras=max_loras, allowed_roots=(str(env["root"]),)),
+                              loaded.model, loaded.dtype, "cpu")
+        try:
+            for name in ("qa", "pat"):
+                manager.load(name, env["folders"][name])
+            mix = manager.mixture([("qa", 0.7), ("pat", -0.4)])
+            assert mix not in {a.adapter_id for a in manager.list()}
+            jobs = {0: (mix, prompt), 1: ("qa", prompt), 2: ("pat", prompt), 3: (mix, prompt)}
+            results[max_loras] = engine_greedy(loaded, manager, jobs, max_new_tokens=6)
+            if max_loras == 1:
+                assert manager.stats.device_evictions >= 2
+                assert manager.mixture([("qa", 0.7), ("pat", -0.4)]) == mix  # cached by content
+                assert manager.stats.loads["mixture"] == 1
+        finally:
+            manager.close()
+    assert results[1] == results[4]
+    assert results[4][0] == results[4][3] != results[4][1]

@@ -25,6 +25,12 @@ Life of a request's adapter, as the servicer and the engine drive it:
   release(id)        when the sequence leaves the running batch (finish, abort, preemption).
   finish(id)         when the request ends; an adapter being unloaded is freed at its last finish.
 
+Adapters built in memory: `combine(id, sources, spec)` (CombineAdapters, lora/combine.py) and
+`mixture(parts)` (a per-request mixture: the `cat` of its parts, registered under a '~mix-' id that
+no client can name, never listed, cached by content, MIXTURE_CACHE at most) keep their float32
+weights in the entry (`memory`); the pool is refilled from there after an eviction, never from disk.
+Otherwise they are served, refcounted and evicted like folder adapters.
+
 Eviction only takes adapters no request holds (nothing running, waiting or pinned), least
 recently used first within the allocator's window choice (lora/allocator.py). Disk reads and
 pool writes happen outside the lock, in the caller's worker thread or the prefetcher; a pool
