@@ -133,3 +133,20 @@ def test_refusals_write_nothing(tiny_model_dir, adapters, tmp_path, capsys):
         merge_adapter(tiny_model_dir, wrong, tmp_path / "never", progress=False)
     assert "lora_A" in err.value.field
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_failure_while_writing_leaves_no_folder(tiny_model_dir, adapters, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    root, folders = adapters
+    out = tmp_path / "merged"
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")  # a partial file, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        merge_adapter(tiny_model_dir, folders["qv_r4"], out, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling

@@ -25,8 +25,14 @@ class FolderExistsError(FileExistsError):
 
 
 def _fsync_tree(folder: Path) -> None:
+    # mkdtemp makes the folder 0700 (and some writers make files 0600): give the result the usual
+    # modes of a model folder, readable by the other users a model is shared with.
+    folder.chmod(0o755)
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
+        if path.is_dir():
+            path.chmod(0o755)
+        elif path.is_file():
+            path.chmod(0o644)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(folder)
