@@ -71,7 +71,8 @@ def main() -> int:
 
     mix2 = manager.mixture([(ids[0], 0.6), (ids[1], 0.4)])
     mix4 = manager.mixture([(ids[i], 0.25) for i in range(4)])
-    cases = {"single r8 (4 adapters)": lambda i: ids[i % 4], "mixture 2 x r8": lambda i: mix2, "mixture 4 x r8": lambda i: mix4}
+    cases = {"single r8 (4 adapters)": lambda i: ids[i % 4], "mixture 2 x r8": lambda i: mix2,
+             "mixture 4 x r8": lambda i: mix4}
     rates: dict[str, list[float]] = {k: [] for k in cases}
     try:
         for r in range(args.rounds):

@@ -3,7 +3,7 @@
 For each adapter kind (LoRA, rsLoRA, rank/alpha patterns, AdaLoRA) on the tiny random Llama, the
 merged folder loaded by transformers gives the logits of PEFT's merge_and_unload (atol 1e-5), and
 our server on the merged folder gives the greedy tokens of our server on base + adapter. A
-bitsandbytes nf4 folder is dequantized then merged: compared with PEFT merging into the same
+bitsandbytes folder (nf4 and int8) is dequantized then merged: compared with PEFT merging into the same
 folder loaded by transformers and dequantized (model.dequantize()) -- the same bitsandbytes
 dequantization on both sides, so the same tolerance holds. Refusals: existing folder without
 --force, adapter for another base; nothing written then.
@@ -90,15 +90,19 @@ def test_server_on_merged_folder_equals_base_plus_adapter(tiny_model_dir, adapte
     assert alone != base
 
 
-def test_quantized_base_is_dequantized_then_merged(tmp_path):
+QUANT = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+         "int8": dict(load_in_8bit=True)}
+
+
+@pytest.mark.parametrize("method", list(QUANT))
+def test_quantized_base_is_dequantized_then_merged(tmp_path, method):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = make_tiny_model(tmp_path / "base", seed=3, hidden_size=128, intermediate_size=256)
     adapter = make_peft_adapter(base, tmp_path / "ad", "all_r8_rslora", seed=8)
-    q = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-        device_map="cpu", dtype=torch.float32)
-    qdir = tmp_path / "nf4"
+    q = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=BitsAndBytesConfig(**QUANT[method]),
+                                             device_map="cpu", dtype=torch.float32)
+    qdir = tmp_path / method
     q.save_pretrained(qdir)
     for f in base.glob("tokenizer*"):
         shutil.copy(f, qdir / f.name)

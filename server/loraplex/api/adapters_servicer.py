@@ -1,5 +1,6 @@
-"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters / CombineAdapters / SaveAdapter, a thin translator onto
-api/adapter_ops.py (shared with the HTTP front), where the status of each failure is documented.
+"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters / CombineAdapters / SaveAdapter,
+a thin translator onto api/adapter_ops.py (shared with the HTTP front), where the status of each
+failure is documented.
 """
 
 from __future__ import annotations

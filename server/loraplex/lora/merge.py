@@ -59,7 +59,10 @@ def _progress(items: list, desc: str, enabled: bool) -> Iterable:
     return tqdm(items, desc=desc, unit="tensor", file=sys.stderr)
 
 
-def _dequantizer(base: Path, config: dict) -> Callable[[str, dict[str, torch.Tensor], tuple[int, int]], torch.Tensor] | None:
+Dequantize = Callable[[str, dict[str, torch.Tensor], tuple[int, int]], torch.Tensor]
+
+
+def _dequantizer(base: Path) -> Dequantize | None:
     """For a bitsandbytes folder: (projection name, its checkpoint pieces, [out, in]) -> float32
     weight; None for a float folder."""
     from loraplex.model.prequantized import build_layer, read_folder_quantization
@@ -79,7 +82,7 @@ def _dequantizer(base: Path, config: dict) -> Callable[[str, dict[str, torch.Ten
         if isinstance(layer, bnb.nn.Linear4bit):
             return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()  # [out, in]
         if isinstance(layer, bnb.nn.Linear8bitLt):
-            return w.CB.float() * (w.SCB.float().unsqueeze(1) / 127.0)  # [out, in], bnb's int8 row scaling
+            return bnb.functional.int8_vectorwise_dequant(w.CB, w.SCB.float()).float()  # [out, in]
         return w.detach().float()
 
     return dequantize
@@ -120,7 +123,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, overwr
         raise MergeError("base", f"not a Llama-family config: {e}") from None
     weights = read_adapter(adapter, shapes, _MAX_RANK)  # refuses an adapter for another base (shapes)
     files = _files(base)
-    dequantize = _dequantizer(base, config)
+    dequantize = _dequantizer(base)
     proj_shapes = _projection_shapes(shapes)
 
     out_dtype = _DTYPES[dtype] if dtype else None
