@@ -130,6 +130,9 @@ def _add_serve(sub) -> None:
                         "CPU: adapters read while the pool had no room) (default %(default)s)")
     a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
                    help="largest adapter file accepted (default %(default)s)")
+    a.add_argument("--max-mixture-adapters", type=int, default=lora.max_mixture_adapters,
+                   help="most adapters one request may mix (GenerateRequest.adapters / HTTP \"adapters\") "
+                        "(default %(default)s)")
     s = p.add_argument_group("security (see README: Running it exposed safely)")
     s.add_argument("--admin-token-file", metavar="FILE",
                    help="file holding the bearer token LoadAdapter/UnloadAdapter require "
@@ -202,7 +205,8 @@ def _lora_config(args):
                       adapter_root=args.adapter_root, allowed_roots=tuple(args.allowed_adapter_root),
                       max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter),
                       state_dir=args.state_dir, adapter_cache_dir=args.adapter_cache_dir,
-                      adapter_cache_size=args.adapter_cache_size)
+                      adapter_cache_size=args.adapter_cache_size,
+                      max_mixture_adapters=args.max_mixture_adapters)
 
 
 def read_token_file(name: str, path: str) -> str:
@@ -407,8 +411,26 @@ def _add_adapters(sub) -> None:
     unload = asub.add_parser("unload", help="unload an adapter")
     unload.add_argument("adapter_id")
     lst = asub.add_parser("list", help="list loaded adapters")
-    for q in (load, unload, lst):
+    combine = asub.add_parser("combine", help="build a new adapter from loaded ones (PEFT's add_weighted_adapter)")
+    combine.add_argument("adapter_id", help="id of the new adapter")
+    combine.add_argument("parts", nargs="+", metavar="ID=WEIGHT", help="a loaded adapter and its weight")
+    combine.add_argument("--method", default="svd", help="linear, cat, svd, ties, ties_svd, dare_linear, "
+                         "dare_linear_svd, dare_ties, dare_ties_svd, magnitude_prune, magnitude_prune_svd "
+                         "(default %(default)s)")
+    combine.add_argument("--density", type=float, help="fraction kept by the ties/dare/magnitude_prune methods")
+    combine.add_argument("--svd-rank", type=int, help="rank of an svd result (default: the largest input rank)")
+    combine.add_argument("--svd-clamp", type=float, help="quantile the svd factors are clamped to")
+    combine.add_argument("--majority-sign-method", default="", help="total (default) or frequency")
+    combine.add_argument("--seed", type=int, help="seed of the dare methods' random drop")
+    combine.add_argument("--pinned", action="store_true", help="never evict it")
+    save = asub.add_parser("save", help="write a loaded adapter as a PEFT folder (on the server's file system)")
+    save.add_argument("adapter_id")
+    save.add_argument("path", help="folder to create, under the server's allowed adapter roots")
+    save.add_argument("--force", action="store_true", help="replace an existing folder")
+    for q in (load, unload, lst, combine, save):
         _add_server_flag(q)
+    combine.set_defaults(func=_rpc_errors(_adapters_combine))
+    save.set_defaults(func=_rpc_errors(_adapters_save))
     load.set_defaults(func=_rpc_errors(_adapters_load))
     unload.set_defaults(func=_rpc_errors(_adapters_unload))
     lst.set_defaults(func=_rpc_errors(_adapters_list))
@@ -433,10 +455,65 @@ def _adapters_unload(args) -> int:
     return 0
 
 
+def _parts(specs: list[str]) -> list[tuple[str, float]]:
+    parts = []
+    for spec in specs:
+        adapter_id, sep, weight = spec.rpartition("=")
+        try:
+            parts.append((adapter_id, float(weight)))
+        except ValueError:
+            sep = ""
+        if not sep or not adapter_id:
+            raise ValueError(f"adapters: {spec!r} is not ID=WEIGHT")
+    return parts
+
+
+def _adapters_combine(args) -> int:
+    with _client(args) as client:
+        _print_adapter(client.combine_adapters(
+            args.adapter_id, _parts(args.parts), args.method, density=args.density, svd_rank=args.svd_rank,
+            svd_clamp=args.svd_clamp, majority_sign_method=args.majority_sign_method, seed=args.seed,
+            pinned=args.pinned))
+    return 0
+
+
+def _adapters_save(args) -> int:
+    with _client(args) as client:
+        print(client.save_adapter(args.adapter_id, args.path, overwrite=args.force))
+    return 0
+
+
 def _adapters_list(args) -> int:
     with _client(args) as client:
         for a in client.list_adapters():
             _print_adapter(a)
+    return 0
+
+
+# --- merge ---------------------------------------------------------------------------------------
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="fold a PEFT adapter into its base model: a standalone HF model folder")
+    p.add_argument("base", help="base model folder (float or bitsandbytes-quantized safetensors)")
+    p.add_argument("adapter", help="PEFT adapter folder (LoRA, rsLoRA, rank/alpha patterns, AdaLoRA)")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the written weights (default: the base's own float dtype)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_merge)
+
+
+def _merge(args) -> int:
+    from loraplex.lora.atomic_dir import FolderExistsError
+    from loraplex.lora.merge import merge_adapter
+
+    try:
+        out = merge_adapter(args.base, args.adapter, args.out, overwrite=args.force, dtype=args.dtype,
+                            progress=not args.quiet)
+    except (ValueError, FolderExistsError) as err:  # MergeError, AdapterFormatError, an existing folder
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 
@@ -466,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_adapters(sub)
+    _add_merge(sub)
     _add_convert_default(sub)
     return parser
 

@@ -129,6 +129,8 @@ class Adapter:
     requests_in_flight: int
     last_used_unix_seconds: float
     pinned: bool
+    combined_from: tuple[str, ...] = ()
+    combine_method: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,23 @@ def _completion(msg: Any) -> Completion:
 def _adapter(a: Any) -> Adapter:
     return Adapter(a.adapter_id, a.source, tuple(a.target_modules), a.min_rank, a.max_rank, a.bytes,
                    adapters_pb2.AdapterTier.Name(a.tier).removeprefix("ADAPTER_TIER_").lower(),
-                   a.requests_in_flight, a.last_used_unix_seconds, a.pinned)
+                   a.requests_in_flight, a.last_used_unix_seconds, a.pinned, tuple(a.combined_from),
+                   a.combine_method)
+
+
+def combine_request(adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd", *,
+                    density: float | None = None, svd_rank: int | None = None, svd_clamp: float | None = None,
+                    majority_sign_method: str = "", seed: int | None = None,
+                    pinned: bool = False) -> adapters_pb2.CombineAdaptersRequest:
+    """The CombineAdaptersRequest for these arguments; `adapters`: (adapter id, weight) pairs."""
+    req = adapters_pb2.CombineAdaptersRequest(adapter_id=adapter_id, method=method,
+                                              majority_sign_method=majority_sign_method, pinned=pinned)
+    for a, w in adapters:
+        req.adapters.add(adapter_id=a, weight=w)
+    for name, value in (("density", density), ("svd_rank", svd_rank), ("svd_clamp", svd_clamp), ("seed", seed)):
+        if value is not None:
+            setattr(req, name, value)
+    return req
 
 
 def _model_info(m: Any) -> ModelInfo:
@@ -214,13 +232,16 @@ def build_request(prompt: str | None = None, *, messages: Iterable[Mapping[str, 
                   stop: Sequence[str] = (), ignore_eos: bool = False,
                   presence_penalty: float | None = None, frequency_penalty: float | None = None,
                   logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
-                  request_id: str = "") -> generation_pb2.GenerateRequest:
+                  request_id: str = "",
+                  adapters: Sequence[tuple[str, float]] = ()) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for these arguments (ValueError unless exactly one input is given)."""
     given = [name for name, v in (("prompt", prompt), ("messages", messages),
                                   ("prompt_token_ids", prompt_token_ids)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
     req = generation_pb2.GenerateRequest(adapter_id=adapter, request_id=request_id)
+    for a, w in adapters:  # a per-request mixture (instead of `adapter`)
+        req.adapters.add(adapter_id=a, weight=w)
     if prompt is not None:
         req.prompt = prompt
     elif messages is not None:
@@ -360,6 +381,16 @@ class Client(_Base):
         resp = self._call(self._adapters, "ListAdapters", adapters_pb2.ListAdaptersRequest(), timeout)
         return [_adapter(a) for a in resp.adapters]
 
+    def combine_adapters(self, adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd", *,
+                         timeout: float | None = None, **options: Any) -> Adapter:
+        req = combine_request(adapter_id, adapters, method, **options)
+        return _adapter(self._call(self._adapters.CombineAdapters, req, timeout).adapter)
+
+    def save_adapter(self, adapter_id: str, path: str, *, overwrite: bool = False,
+                     timeout: float | None = None) -> str:
+        req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
+        return self._call(self._adapters.SaveAdapter, req, timeout).path
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
@@ -437,6 +468,16 @@ class AsyncClient(_Base):
     async def list_adapters(self, *, timeout: float | None = None) -> list[Adapter]:
         resp = await self._call(self._adapters, "ListAdapters", adapters_pb2.ListAdaptersRequest(), timeout)
         return [_adapter(a) for a in resp.adapters]
+
+    async def combine_adapters(self, adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd",
+                               *, timeout: float | None = None, **options: Any) -> Adapter:
+        req = combine_request(adapter_id, adapters, method, **options)
+        return _adapter((await self._call(self._adapters.CombineAdapters, req, timeout)).adapter)
+
+    async def save_adapter(self, adapter_id: str, path: str, *, overwrite: bool = False,
+                           timeout: float | None = None) -> str:
+        req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
+        return (await self._call(self._adapters.SaveAdapter, req, timeout)).path
 
     async def close(self) -> None:
         for channel in self._channels:

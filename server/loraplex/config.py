@@ -244,6 +244,7 @@ class LoraConfig:
     # (adapter_id, folder) loaded at start-up (`serve --adapter ID=PATH`). The operator named these
     # folders, so each one is also an allowed root (for itself only: not its siblings).
     preload: tuple[tuple[str, str], ...] = ()
+    max_mixture_adapters: int = 8  # longest GenerateRequest.adapters list (per-request mixtures)
     # Persistent adapter registry (lora/registry.py): adapters loaded/pinned through the API are
     # recorded in <state_dir>/state.json and loaded again at start-up. None = not recorded.
     state_dir: str | None = None
@@ -270,7 +271,7 @@ class LoraConfig:
             raise ValueError(f"adapter_cache_size: expected bytes (e.g. 10GiB, 512MB), got {self.adapter_cache_size!r}")
         if self.state_dir == "" or self.adapter_cache_dir == "":
             raise ValueError("state_dir / adapter_cache_dir: must not be empty")
-        for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes"):
+        for name in ("max_lora_rank", "max_cpu_loras", "max_adapter_bytes", "max_mixture_adapters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_loras is not None and self.max_loras < 1:

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,11 +40,14 @@ import torch
 
 from loraplex.api.status import ApiError, Code
 from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError
-from loraplex.lora.errors import (AdapterAccessDeniedError, AdapterCapacityError, AdapterError,
+from loraplex.lora.atomic_dir import FolderExistsError
+from loraplex.lora.combine import CombineSpec
+from loraplex.lora.errors import (AdapterAccessDeniedError, AdapterCapacityError, AdapterCombineError, AdapterError,
                                   AdapterExistsError, AdapterPathError, AdapterSourceNotFoundError,
                                   AdapterSourceUnavailableError, AdapterStateError)
+from loraplex.lora.paths import destination_under_roots, validate_adapter_id
 from loraplex.lora.s3_source import is_s3_url
-from loraplex.lora.paths import validate_adapter_id
+from loraplex.lora.save import save_adapter as write_peft_folder
 from loraplex.lora.peft_format import AdapterFormatError
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,9 @@ class _FolderMissing(Exception):
 # The fields of each request that the manager's errors may name as they are.
 LOAD_FIELDS = ("adapter_id", "path")
 GENERATE_FIELDS = ("adapter_id",)
+COMBINE_FIELDS = ("adapter_id", "adapters", "method", "density", "svd_rank", "svd_clamp",
+                  "majority_sign_method")
+MIXTURE_FIELDS = ("adapters",)
 
 
 # The manager's AdapterError kinds and their status (see the module doc); their messages name a field.
@@ -72,6 +79,7 @@ _ADAPTER_ERROR_CODES = (
     (AdapterExistsError, Code.ALREADY_EXISTS),
     (AdapterCapacityError, Code.RESOURCE_EXHAUSTED),
     (AdapterPathError, Code.INVALID_ARGUMENT),
+    (AdapterCombineError, Code.INVALID_ARGUMENT),
 )
 
 
@@ -88,6 +96,8 @@ def adapter_status(exc: BaseException, request_field: str,
         return Code.NOT_FOUND, f"adapter_id: {exc}"
     if isinstance(exc, _FolderMissing):
         return Code.NOT_FOUND, f"path: {exc}"
+    if isinstance(exc, FolderExistsError):
+        return Code.ALREADY_EXISTS, "path: " + str(exc)
     for cls, code in _ADAPTER_ERROR_CODES:
         if isinstance(exc, cls):
             return code, _prefixed(exc, request_field, request_fields)
@@ -215,3 +225,67 @@ async def ensure_available(manager: Any, adapter_id: str) -> None:
     --adapter-root on first use (worker thread)."""
     check_adapter_id(adapter_id)
     await adapter_call("adapter_id", GENERATE_FIELDS, manager.ensure_available, adapter_id)
+
+
+def _check_parts(parts: list[tuple[str, float]], field: str = "adapters") -> None:
+    """Each part's id is a plain name and its weight finite (INVALID_ARGUMENT naming the entry)."""
+    if not parts:
+        raise ApiError(Code.INVALID_ARGUMENT, f"{field}: name at least one adapter")
+    for i, (adapter_id, weight) in enumerate(parts):
+        try:
+            validate_adapter_id(adapter_id)
+        except AdapterPathError as err:
+            raise ApiError(Code.INVALID_ARGUMENT, f"{field}[{i}].{err}") from None
+        if not math.isfinite(weight):
+            raise ApiError(Code.INVALID_ARGUMENT, f"{field}[{i}].weight: must be a finite number, got {weight}")
+
+
+async def combine_adapters(runtime: Any, adapter_id: str, parts: list[tuple[str, float]], method: str,
+                           pinned: bool = False, **options: Any) -> Any:
+    """CombineAdapters: a new adapter from loaded ones (lora/combine.py); the manager's AdapterInfo."""
+    manager = manager_of(runtime)
+    check_adapter_id(adapter_id)
+    _check_parts(parts)
+    try:
+        spec = CombineSpec(method=method or "svd", weights=tuple(w for _, w in parts), **options)
+    except AdapterCombineError as err:
+        raise ApiError(Code.INVALID_ARGUMENT, str(err)) from None
+    info = await adapter_call("adapters", COMBINE_FIELDS, manager.combine, adapter_id,
+                              [a for a, _ in parts], spec, pinned)
+    log.info("adapter %s combined from %s (%s, rank %d-%d)", adapter_id, [a for a, _ in parts], spec.method,
+             info.min_rank, info.max_rank)
+    return info
+
+
+def _save_blocking(manager: Any, adapter_id: str, path: str, overwrite: bool) -> str:
+    dest = destination_under_roots(path, manager.config.roots)
+    weights = manager.weights(adapter_id)
+    return str(write_peft_folder(weights, dest, overwrite=overwrite))
+
+
+async def save_adapter(runtime: Any, adapter_id: str, path: str, overwrite: bool = False) -> str:
+    """SaveAdapter: write a loaded adapter as a PEFT folder under the allowed roots; the folder."""
+    manager = manager_of(runtime)
+    check_adapter_id(adapter_id)
+    if not path or "\x00" in path:
+        raise ApiError(Code.INVALID_ARGUMENT, "path: must be a non-empty path without NUL characters")
+    out = await adapter_call("path", LOAD_FIELDS, _save_blocking, manager, adapter_id, path, overwrite)
+    log.info("adapter %s saved to %s", adapter_id, out)
+    return out
+
+
+async def resolve_mixture(manager: Any, parts: list[tuple[str, float]]) -> str:
+    """A per-request mixture -> the id of the transient adapter serving it (the manager's cache)."""
+    _check_parts(parts)
+    max_parts = manager.config.max_mixture_adapters
+    if len(parts) > max_parts:
+        raise ApiError(Code.INVALID_ARGUMENT, f"adapters: {len(parts)} adapters, more than the server's "
+                                              f"--max-mixture-adapters {max_parts}")
+    for i, (adapter_id, _) in enumerate(parts):
+        try:
+            await adapter_call("adapters", MIXTURE_FIELDS, manager.ensure_available, adapter_id)
+        except ApiError as err:
+            if err.code is not Code.NOT_FOUND:
+                raise
+            raise ApiError(Code.NOT_FOUND, f"adapters[{i}].adapter_id: adapter {adapter_id!r} is not loaded") from None
+    return await adapter_call("adapters", MIXTURE_FIELDS, manager.mixture, parts)

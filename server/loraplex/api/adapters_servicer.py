@@ -1,5 +1,6 @@
-"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters, a thin translator onto
-api/adapter_ops.py (shared with the HTTP front), where the status of each failure is documented.
+"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters / CombineAdapters / SaveAdapter,
+a thin translator onto api/adapter_ops.py (shared with the HTTP front), where the status of each
+failure is documented.
 """
 
 from __future__ import annotations
@@ -65,3 +66,16 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                            context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
         infos = await answer(context, lambda: adapter_ops.list_adapters(self.runtime))
         return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_info_to_proto(i) for i in infos])
+
+    async def CombineAdapters(self, request: adapters_pb2.CombineAdaptersRequest,
+                              context: grpc.aio.ServicerContext) -> adapters_pb2.CombineAdaptersResponse:
+        info = await answer(context, lambda: adapter_ops.combine_adapters(
+            self.runtime, request.adapter_id, [(a.adapter_id, a.weight) for a in request.adapters],
+            request.method, request.pinned, **convert.combine_options(request)))
+        return adapters_pb2.CombineAdaptersResponse(adapter=convert.adapter_info_to_proto(info))
+
+    async def SaveAdapter(self, request: adapters_pb2.SaveAdapterRequest,
+                          context: grpc.aio.ServicerContext) -> adapters_pb2.SaveAdapterResponse:
+        path = await answer(context, lambda: adapter_ops.save_adapter(
+            self.runtime, request.adapter_id, request.path, request.overwrite))
+        return adapters_pb2.SaveAdapterResponse(path=path)

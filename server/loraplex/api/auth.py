@@ -5,11 +5,12 @@ Who needs which token (`authorization: Bearer <token>` call metadata):
 
     method                                       admin token set    generation token set
     Adapters/LoadAdapter, Adapters/UnloadAdapter admin              generation (*)
+    Adapters/CombineAdapters, Adapters/SaveAdapter
     Adapters/ListAdapters, Generation/*          -                  generation or admin
     grpc.health.v1.*, reflection                 open               open
 
 The HTTP front applies the same table to its routes (`Authorization: Bearer <token>` header):
-/v1/load_lora_adapter and /v1/unload_lora_adapter need admin, /v1/completions,
+/v1/load_lora_adapter, /v1/unload_lora_adapter and /v1/combine_lora_adapters need admin, /v1/completions,
 /v1/chat/completions and /v1/models generation, /health is open.
 
 (*) Only when no admin token is set: the calls that change what is served are never less
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 ADAPTERS_SERVICE = "/loraplex.v1.Adapters/"
 GENERATION_SERVICE = "/loraplex.v1.Generation/"
-ADMIN_METHODS = frozenset({ADAPTERS_SERVICE + "LoadAdapter", ADAPTERS_SERVICE + "UnloadAdapter"})
+ADMIN_METHODS = frozenset({ADAPTERS_SERVICE + m for m in (
+    "LoadAdapter", "UnloadAdapter", "CombineAdapters", "SaveAdapter")})
 # Read-only calls of the Adapters service; any other method there counts as admin (safe default
 # for methods added later).
 ADAPTERS_READ_METHODS = frozenset({ADAPTERS_SERVICE + "ListAdapters"})

@@ -290,5 +290,22 @@ def adapter_info_to_proto(info: Any) -> adapters_pb2.AdapterInfo:
         tier=_TIERS.get(tier, adapters_pb2.ADAPTER_TIER_UNSPECIFIED),
         requests_in_flight=info.requests_in_flight, last_used_unix_seconds=info.last_used,
         pinned=info.pinned, state=_STATES.get(info.state, adapters_pb2.ADAPTER_STATE_UNSPECIFIED),
-        error=info.error)
+        error=info.error, combined_from=list(getattr(info, "combined_from", ())),
+        combine_method=getattr(info, "combine_method", ""))
+
+
+def combine_options(req: adapters_pb2.CombineAdaptersRequest) -> dict[str, Any]:
+    """CombineAdaptersRequest's optional fields -> lora.combine.CombineSpec keyword arguments."""
+    return dict(density=req.density if req.HasField("density") else None,
+                svd_rank=req.svd_rank if req.HasField("svd_rank") else None,
+                svd_clamp=req.svd_clamp if req.HasField("svd_clamp") else None,
+                majority_sign_method=req.majority_sign_method or "total",
+                seed=req.seed if req.HasField("seed") else None)
+
+
+def mixture_from_proto(req: generation_pb2.GenerateRequest) -> list[tuple[str, float]]:
+    """GenerateRequest.adapters as (adapter id, weight); INVALID_ARGUMENT when adapter_id is set too."""
+    if req.adapters and req.adapter_id:
+        raise InvalidRequestError("adapters", "set adapter_id or adapters, not both")
+    return [(a.adapter_id, a.weight) for a in req.adapters]
 

@@ -93,8 +93,9 @@ def error_status(out: RequestOutput) -> ApiError:
 class Generation:
     """The engine requests of one API call and the stream of their events."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, mixture: Sequence[tuple[str, float]] = ()):
         self.runtime = runtime
+        self.mixture = list(mixture)  # GenerateRequest.adapters: (adapter id, weight), served as one adapter
         self.requests: list[Request] = []
         self._running: set[str] = set()  # submitted, finished event not seen yet
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -106,7 +107,9 @@ class Generation:
         callback = Outputs(self._loop, self._queue, len(self.requests))
         manager = rt.lora_manager
         try:
-            if not req.adapter_id or manager is None:
+            if self.mixture:
+                await self._submit_mixture(req, callback, adapter_ops.manager_of(rt))
+            elif not req.adapter_id or manager is None:
                 rt.engine.submit(req, callback)  # no manager: the engine answers NOT_FOUND for an adapter
             else:
                 await self._submit_adapter(req, callback, manager)
@@ -137,6 +140,19 @@ class Generation:
                         f"could start, {attempt} times (too many adapters in use for max_cpu_loras); retry"
                     ) from None
 
+    async def _submit_mixture(self, req: Request, callback: Outputs, manager: Any) -> None:
+        """Submit on the mixture's transient adapter (built once, cached by content; see
+        LoraManager.mixture). The cache may drop it before submit reserves it: then build again."""
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            req.adapter_id = await adapter_ops.resolve_mixture(manager, self.mixture)
+            try:
+                self.runtime.engine.submit(req, callback)
+                return
+            except AdapterNotFoundError:
+                if attempt == SUBMIT_ATTEMPTS:
+                    raise ApiError(Code.RESOURCE_EXHAUSTED, "adapters: the mixture was dropped from the mixture "
+                                   f"cache before the request could start, {attempt} times; retry") from None
+
     def abort(self) -> None:
         """Cancel every request still running (no-op once all have finished)."""
         for request_id in tuple(self._running):
@@ -166,9 +182,11 @@ class Generation:
             self.abort()
 
 
-async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Request]]) -> Generation:
-    """Convert (make_requests raises InvalidRequestError or ApiError on bad input) and submit
-    every request; on any refusal, abort those already submitted, count the refusal and raise."""
+async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Request]],
+                mixture: Callable[[], Sequence[tuple[str, float]]] = tuple) -> Generation:
+    """Convert (make_requests and mixture raise InvalidRequestError or ApiError on bad input) and
+    submit every request, on the per-request mixture of adapters `mixture()` returns if it is not
+    empty; on any refusal, abort those already submitted, count the refusal and raise."""
     rt = require(runtime)
     gen = None
     try:
@@ -176,9 +194,10 @@ async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Re
             raise ApiError(Code.UNAVAILABLE, adapter_ops.SHUTTING_DOWN)
         try:
             requests = make_requests()
+            parts = mixture()
         except InvalidRequestError as err:
             raise ApiError(Code.INVALID_ARGUMENT, str(err)) from None
-        gen = Generation(rt)
+        gen = Generation(rt, parts)
         for req in requests:
             await gen.submit(req)
         return gen

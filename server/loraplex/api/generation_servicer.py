@@ -43,7 +43,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             rt = generation.require(self.runtime)
             header = affinity.header_values(context.invocation_metadata())
-            gen = await generation.start(rt, lambda: [self._convert(rt, request, header)])
+            gen = await generation.start(rt, lambda: [self._convert(rt, request, header)],
+                                         lambda: convert.mixture_from_proto(request))
         except ApiError as err:
             await abort_with(context, err)
         context.add_done_callback(lambda _context: gen.abort())

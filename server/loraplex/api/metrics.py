@@ -60,7 +60,7 @@ ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 # The manager's load sources (lora/manager.py `_register(source_kind=...)`), pre-declared so the
 # series exist at 0 before the first load (rate() needs two points).
-LOAD_SOURCES = ("api", "on_demand", "disk_reload")
+LOAD_SOURCES = ("api", "on_demand", "disk_reload", "combine", "mixture")
 
 
 class LoraplexMetrics:

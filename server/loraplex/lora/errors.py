@@ -45,3 +45,7 @@ class AdapterSourceUnavailableError(AdapterError):
 class AdapterStateError(AdapterError):
     """The change was applied in memory but could not be recorded in --state-dir (a full or
     read-only disk): it would be lost at the next restart (INTERNAL)."""
+
+
+class AdapterCombineError(AdapterError):
+    """Adapters that cannot be combined or mixed as asked; `field` names the request field (INVALID_ARGUMENT)."""

@@ -31,6 +31,12 @@ time their weights are read. With --state-dir, API loads, pins and unloads are r
 succeeded (lora/registry.py) and replay() loads them again at start-up; a record that no longer
 loads is listed with state "failed" and never stops start-up.
 
+Adapters built in memory: `combine(id, sources, spec)` (CombineAdapters, lora/combine.py) and
+`mixture(parts)` (a per-request mixture: the `cat` of its parts, registered under a '~mix-' id that
+no client can name, never listed, cached by content, MIXTURE_CACHE at most) keep their float32
+weights in the entry (`memory`); the pool is refilled from there after an eviction, never from disk.
+Otherwise they are served, refcounted and evicted like folder adapters.
+
 Eviction only takes adapters no request holds (nothing running, waiting or pinned), least
 recently used first within the allocator's window choice (lora/allocator.py). Disk reads and
 pool writes happen outside the lock, in the caller's worker thread or the prefetcher; a pool
@@ -42,6 +48,7 @@ sees half-written or reused weights.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import threading
 import time
@@ -56,7 +63,8 @@ from loraplex.config import LoraConfig
 from loraplex_kernels import build_lora_meta, slot_weight_dtype
 
 from .batch import LoraBatch
-from .errors import (AdapterCapacityError, AdapterExistsError, AdapterNotFoundError,
+from .combine import CombineSpec, combine_adapters
+from .errors import (AdapterCapacityError, AdapterCombineError, AdapterExistsError, AdapterNotFoundError,
                      AdapterSourceNotFoundError, AdapterStateError)
 from .paths import validate_adapter_id
 from .peft_format import AdapterWeights, BaseShapes, read_adapter
@@ -78,6 +86,10 @@ _WAITED_FOR = 1e9
 FRESH_SECONDS = 1.0
 # Pinned adapters never leave the pool; keep a quarter of it for everyone else.
 PINNED_SHARE = 0.75
+# Per-request mixtures kept registered (built once per content, see `mixture`); beyond this the
+# least recently used idle one is dropped.
+MIXTURE_CACHE = 32
+MIXTURE_PREFIX = "~mix-"  # '~' is not allowed in client ids: a mixture's id never collides with one
 
 
 class Tier(enum.Enum):
@@ -102,6 +114,8 @@ class AdapterInfo:
     # (its source vanished or no longer reads); `error` says why. Requests for it get NOT_FOUND.
     state: str = "ready"
     error: str = ""
+    combined_from: tuple[str, ...] = ()  # CombineAdapters: the ids it was built from
+    combine_method: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,8 @@ class _Failed:
 @dataclass
 class _Entry:
     adapter_id: str
-    source: Source  # a resolved folder, or an s3:// URL (lora/sources.py)
+    # A resolved folder, an s3:// URL (lora/sources.py), or a label for an adapter built in memory.
+    source: Source | str
     fingerprint: str
     pinned: bool
     host: AdapterWeights | None  # weights in host memory outside the pool (see Tier.HOST)
@@ -137,6 +152,12 @@ class _Entry:
     placed_mono: float = 0.0  # when it entered the pool; 0 once a sequence was admitted on it
     last_used: float = 0.0
     last_used_mono: float = field(default_factory=time.monotonic)
+    # Built in memory (CombineAdapters, per-request mixtures): its float32 weights, never read
+    # from disk; the pool is refilled from here after an eviction.
+    memory: AdapterWeights | None = None
+    transient: bool = False  # a per-request mixture: not listed, dropped from the mixture cache
+    combined_from: tuple[str, ...] = ()
+    combine_method: str = ""
 
     @property
     def elems(self) -> int:  # pool elements it takes (layout.elems)
@@ -264,7 +285,7 @@ class LoraManager:
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
-            infos = [self._info(e) for e in self._entries.values() if not e.unloading]
+            infos = [self._info(e) for e in self._entries.values() if not e.unloading and not e.transient]
             ready = {i.adapter_id for i in infos}
             return infos + [AdapterInfo(adapter_id=i, source=f.source, target_modules=(), min_rank=0, max_rank=0,
                                         nbytes=0, tier=None, requests_in_flight=0, last_used=0.0, pinned=f.pinned,
@@ -316,6 +337,82 @@ class LoraManager:
             raise AdapterStateError(
                 "state_dir", f"the change was applied but could not be recorded in {self.registry.path} "
                 f"({err.strerror or err}); it will be lost at the next restart unless it is repeated") from None
+
+    # ------------------------------------------------------------------ combined adapters
+    def weights(self, adapter_id: str) -> AdapterWeights:
+        """The adapter's float32 weights as read (its folder read again, validated) or as built
+        (combined in memory). Slow for a folder: call it from a worker thread."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.unloading:
+                raise AdapterNotFoundError(adapter_id)
+            memory, source = entry.memory, entry.source
+        if memory is not None:
+            return memory
+        if isinstance(source, Path) and not source.is_dir():
+            raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
+        return self._read(source)
+
+    def combine(self, adapter_id: str, sources: list[str], spec: CombineSpec, pinned: bool = False) -> AdapterInfo:
+        """Register `adapter_id`, built from the registered adapters `sources` with `spec` (PEFT's
+        add_weighted_adapter, lora/combine.py), and put it into the pool when there is room. Any
+        failure registers nothing."""
+        validate_adapter_id(adapter_id)
+        if len(sources) != len(spec.weights):
+            raise AdapterCombineError("adapters", f"{len(sources)} adapters but {len(spec.weights)} weights")
+        with self._lock:
+            if adapter_id in self._entries:
+                raise AdapterExistsError("adapter_id", f"{adapter_id!r} is already loaded")
+        parts = [self.weights(s) for s in sources]
+        label = f"combined:{spec.method}({','.join(sources)})"
+        weights = combine_adapters(parts, spec, self.config.max_lora_rank, label=label)
+        with self._load_lock(adapter_id):
+            self._register(adapter_id, label, weights, pinned, source_kind="combine", memory=weights,
+                           combined_from=tuple(sources), combine_method=spec.method)
+        try:
+            self._make_resident(adapter_id, required=pinned)
+        except Exception:
+            with self._lock:
+                self._entries.pop(adapter_id, None)
+                self.stats.loads["combine"] -= 1
+            raise
+        with self._lock:
+            return self._info(self._entries[adapter_id])
+
+    def mixture(self, parts: list[tuple[str, float]]) -> str:
+        """The id of a transient adapter serving the weighted sum of `parts` (registered adapter
+        ids, weights): their A and scaled B concatenated (`cat`, rank = sum of ranks). Built once
+        per content (the parts' content keys and weights) and kept in a bounded cache; served
+        like any adapter (pool, refcounts, eviction). Blocking: call from a worker thread."""
+        digest = hashlib.sha256()
+        for adapter_id, weight in parts:
+            digest.update(f"{self.content_key(adapter_id)}:{float(weight)!r};".encode())
+        mix_id = MIXTURE_PREFIX + digest.hexdigest()[:32]
+        with self._lock:
+            entry = self._entries.get(mix_id)
+            if entry is not None and not entry.unloading:
+                self._touch(entry)
+                return mix_id
+        spec = CombineSpec("cat", tuple(w for _, w in parts))
+        weights = combine_adapters([self.weights(a) for a, _ in parts], spec, self.config.max_lora_rank,
+                                   label="mixture:" + ",".join(f"{a}*{w:g}" for a, w in parts))
+        with self._load_lock(mix_id):
+            with self._lock:
+                if mix_id not in self._entries:
+                    self._drop_idle_mixtures(keep=MIXTURE_CACHE - 1)
+                    self._register(mix_id, weights.source_path, weights, False, source_kind="mixture",
+                                   memory=weights, transient=True)
+        self._make_resident(mix_id)
+        return mix_id
+
+    def _drop_idle_mixtures(self, keep: int) -> None:
+        """Under the lock: unload the least recently used idle mixtures beyond `keep`."""
+        mixes = sorted((e for e in self._entries.values() if e.transient and not e.unloading),
+                       key=lambda e: e.last_used_mono)
+        for e in mixes[:max(0, len(mixes) - keep)]:
+            if e.in_flight == 0:
+                e.unloading = True
+                self._free(e)
 
     def exists(self, adapter_id: str) -> bool:
         with self._lock:
@@ -438,6 +535,8 @@ class LoraManager:
                 # An adapter being unloaded is still brought in for the requests it accepted.
                 if entry is None or entry.resident or (entry.unloading and entry.in_flight == 0):
                     return True
+                if entry.host is None and entry.memory is not None:
+                    entry.host = self._to_host(entry.memory)  # built in memory: nothing to read
                 source, need_read = entry.source, entry.host is None
             if need_read:
                 try:
@@ -598,8 +697,9 @@ class LoraManager:
             return weights.to(dtype=self.slot_dtype, pin_memory=True)
         return weights
 
-    def _register(self, adapter_id: str, source: Source, weights: AdapterWeights, pinned: bool,
-                  source_kind: str) -> AdapterInfo:
+    def _register(self, adapter_id: str, source: Source | str, weights: AdapterWeights, pinned: bool,
+                  source_kind: str, memory: AdapterWeights | None = None, transient: bool = False,
+                  combined_from: tuple[str, ...] = (), combine_method: str = "") -> AdapterInfo:
         layout = self.pool.layout(weights)
         self._check_fits(adapter_id, layout.elems)
         host = self._to_host(weights)
@@ -609,13 +709,15 @@ class LoraManager:
                 # Requests still run on the unloaded weights; replacing the entry now would hand
                 # their slot to other adapters mid-generation and let their finish() decrement
                 # the new entry's counts.
-                if source_kind == "api":
+                if source_kind in ("api", "combine"):
                     raise AdapterExistsError(
                         "adapter_id", f"{adapter_id!r} is being unloaded and {entry.in_flight} request(s) "
                         "still use it; load it again once they have finished")
                 raise AdapterNotFoundError(adapter_id)
             if entry is not None and entry.source != source:
                 raise AdapterExistsError("adapter_id", f"{adapter_id!r} is already loaded from {entry.source}")
+            if entry is not None and memory is not None:  # built in memory: never re-registered
+                raise AdapterExistsError("adapter_id", f"{adapter_id!r} is already loaded")
             if pinned and not (entry is not None and entry.pinned):
                 self._check_pin_room(layout.elems)
             self._make_host_room(exclude=adapter_id)
@@ -623,7 +725,9 @@ class LoraManager:
                 entry = _Entry(adapter_id=adapter_id, source=source, fingerprint=weights.fingerprint,
                                pinned=pinned, host=host, layout=layout,
                                target_modules=tuple(weights.target_modules),
-                               min_rank=weights.min_rank, max_rank=weights.max_rank)
+                               min_rank=weights.min_rank, max_rank=weights.max_rank, memory=memory,
+                               transient=transient, combined_from=combined_from,
+                               combine_method=combine_method)
                 self._entries[adapter_id] = entry
             else:
                 if not entry.resident:
@@ -668,7 +772,8 @@ class LoraManager:
         tier = Tier.DEVICE if e.resident else Tier.HOST if e.host is not None else Tier.DISK
         return AdapterInfo(adapter_id=e.adapter_id, source=str(e.source), target_modules=e.target_modules,
                            min_rank=e.min_rank, max_rank=e.max_rank, nbytes=e.elems * self.pool.elem_size,
-                           tier=tier, requests_in_flight=e.in_flight, last_used=e.last_used, pinned=e.pinned)
+                           tier=tier, requests_in_flight=e.in_flight, last_used=e.last_used, pinned=e.pinned,
+                           combined_from=e.combined_from, combine_method=e.combine_method)
 
     # ------------------------------------------------------------------ gauges
     def tier_counts(self) -> dict[Tier, int]:

@@ -36,3 +36,15 @@ def resolve_under_roots(path: str | Path, roots: tuple[str, ...]) -> Path:
                 raise AdapterPathError("path", f"{path} is not a folder")
             return real
     raise AdapterPathError("path", f"{path} lies outside the configured adapter roots")
+
+
+def destination_under_roots(path: str | Path, roots: tuple[str, ...]) -> Path:
+    """Where a folder may be WRITTEN: `path` resolved (it need not exist yet), strictly inside one
+    of `roots` (not a root itself)."""
+    if not roots:
+        raise AdapterPathError("path", "no adapter root is configured (--adapter-root / --allowed-adapter-root)")
+    real = Path(path).expanduser().resolve(strict=False)
+    for root in roots:
+        if Path(root).expanduser().resolve(strict=False) in real.parents:
+            return real
+    raise AdapterPathError("path", f"{path} lies outside the configured adapter roots")

@@ -3,6 +3,7 @@
     POST /v1/completions         POST /v1/chat/completions      (generation token)
     GET  /v1/models, /v1/models/{id}                            (generation token)
     POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter   (admin token; vLLM's bodies)
+    POST /v1/combine_lora_adapters                              (admin token; CombineAdapters)
     GET  /health                                                (open: 200 serving, 503 otherwise)
 
 Each route is a translator: protocol.py parses the body (400 naming the field), api/generation.py
@@ -36,6 +37,7 @@ from loraplex.api.http import logprobs_format, protocol
 from loraplex.api.status import ApiError, Code, http_status, openai_error_body
 from loraplex.api.token_text import TokenText
 from loraplex.config import AuthConfig, RequestLimits
+from loraplex.engine.request import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class OpenAIApp:
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
             Route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"]),
+            Route("/v1/combine_lora_adapters", self.combine_lora_adapters, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
         ], exception_handlers={HTTPException: self._http_error, ApiError: self._api_error,
                                Exception: self._internal_error})
@@ -183,7 +186,7 @@ class OpenAIApp:
                 return parsed[0].requests()
 
             try:  # refusals here count in loraplex_requests_rejected_total, as over gRPC
-                gen = await generation.start(rt, make_requests)
+                gen = await generation.start(rt, make_requests, lambda: parsed[0].mixture)
             except ApiError as err:
                 raise ApiError(err.code, protocol.rename_field(err.message, _GENERATE_FIELDS)) from None
             call = parsed[0]
@@ -323,6 +326,27 @@ class OpenAIApp:
         except ApiError as err:
             return error_response(err, _ADAPTER_FIELDS)
         return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+
+    async def combine_lora_adapters(self, request: HttpRequest) -> Response:
+        """CombineAdapters over HTTP: {"lora_name", "adapters": [{"lora_name", "weight"}], "method",
+        "density", "svd_rank", "svd_clamp", "majority_sign_method", "seed", "pinned"} -> the new
+        adapter's card (as GET /v1/models lists it) with combined_from and method."""
+        self._authorize(request, auth.ADMIN)
+        body = await self._body(request)
+        try:
+            if not isinstance(body, dict):
+                raise ApiError(Code.INVALID_ARGUMENT, "body: expected a JSON object")
+            try:
+                options = protocol.parse_combine(body)
+            except InvalidRequestError as err:
+                raise ApiError(Code.INVALID_ARGUMENT, str(err)) from None
+            info = await adapter_ops.combine_adapters(self.runtime, **options)
+        except ApiError as err:
+            return error_response(err, _ADAPTER_FIELDS)
+        card = protocol.model_card(info.adapter_id, self.started, str(info.source), self.runtime.loaded.path.name,
+                                   combined_from=list(info.combined_from), method=info.combine_method,
+                                   max_rank=info.max_rank)
+        return JSONResponse(card)
 
     async def health(self, request: HttpRequest) -> Response:
         if self.serving and self.runtime is not None:

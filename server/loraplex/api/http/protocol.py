@@ -80,7 +80,7 @@ _NOT_SUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
            "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty",
-           "frequency_penalty", "logit_bias"}
+           "frequency_penalty", "logit_bias", "adapters"}
 COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of", "logprobs", "echo"})
 CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -143,6 +143,7 @@ class Call:
     created: int = 0
     logprobs: int | None = None  # what the client asked for: None = no logprobs in the answer
     best_of: int = 0  # engine requests per prompt (>= n); 0 = n
+    mixture: list[tuple[str, float]] = field(default_factory=list)  # "adapters": a per-request mixture
     echo: list[str] | None = None  # completions with echo: each prompt's text, put before its choices
 
     @property
@@ -183,6 +184,53 @@ def resolve_model(body: dict, ctx: Context) -> tuple[str, str]:
     if not model:
         raise InvalidRequestError("model", "must not be empty")
     return model, "" if model in ctx.base_model_names else model
+
+
+def parse_mixture(body: dict, adapter_id: str, field_name: str = "adapters",
+                  id_keys: tuple[str, ...] = ("adapter_id", "model")) -> list[tuple[str, float]]:
+    """The loraplex extension "adapters": [{"adapter_id" (or "model"): id, "weight": w}, ...], a
+    per-request mixture; `model` must then name the base model (adapter_id "")."""
+    items = _get(body, field_name, "array")
+    if not items:
+        return []
+    if adapter_id:
+        raise InvalidRequestError(field_name, "set `model` to the base model's name when mixing adapters")
+    parts = []
+    for i, item in enumerate(items):
+        where = f"{field_name}[{i}]"
+        if not isinstance(item, dict) or set(item) - {*id_keys, "weight"}:
+            raise InvalidRequestError(where, f"expected an object with one of {'/'.join(id_keys)} and weight")
+        ids = [item[k] for k in id_keys if k in item]
+        if len(ids) != 1 or not isinstance(ids[0], str):
+            raise InvalidRequestError(f"{where}.adapter_id", f"give one of {'/'.join(id_keys)} as a string")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise InvalidRequestError(f"{where}.weight", f"expected a finite number, got {weight!r}")
+        parts.append((ids[0], float(weight)))
+    return parts
+
+
+COMBINE_FIELDS = frozenset({"lora_name", "adapters", "method", "density", "svd_rank", "svd_clamp",
+                            "majority_sign_method", "seed", "pinned"})
+
+
+def parse_combine(body: dict) -> dict[str, Any]:
+    """POST /v1/combine_lora_adapters -> adapter_ops.combine_adapters keyword arguments."""
+    for key in body:
+        if key not in COMBINE_FIELDS:
+            raise InvalidRequestError(key, "unknown field")
+    name = _get(body, "lora_name", "string")
+    if not name:
+        raise InvalidRequestError("lora_name", "required string: the new adapter's id")
+    parts = parse_mixture(body, "", id_keys=("lora_name", "adapter_id"))
+    if not parts:
+        raise InvalidRequestError("adapters", "required: a non-empty array of {lora_name, weight}")
+    svd_rank = _get(body, "svd_rank", "integer")
+    seed = _get(body, "seed", "integer")
+    return dict(adapter_id=name, parts=parts, method=_get(body, "method", "string") or "svd",
+                pinned=bool(_get(body, "pinned", "boolean")), density=_get(body, "density", "number"),
+                svd_rank=svd_rank, svd_clamp=_get(body, "svd_clamp", "number"), seed=seed,
+                majority_sign_method=_get(body, "majority_sign_method", "string") or "total")
 
 
 def _stop(body: dict, limits: RequestLimits) -> tuple[str, ...]:
@@ -345,10 +393,11 @@ def parse_completion(body: Any, ctx: Context, request_id: str | None = None) -> 
     engine_logprobs = 0 if logprobs is None and per_prompt > n else logprobs
     sampling = _sampling(body, ctx, prompts, per_prompt, "max_tokens", lambda ids: COMPLETIONS_DEFAULT_MAX_TOKENS,
                          engine_logprobs)
+    mixture = parse_mixture(body, adapter_id)
     prompt_texts = [ctx.tokenizer.decode(ids) for ids in prompts] if echo else None
     return Call("completion", model, adapter_id, prompts, n, stream, include_usage, sampling,
                 _new_id("cmpl", request_id), int(time.time()), logprobs=logprobs,
-                best_of=per_prompt if per_prompt > n else 0, echo=prompt_texts)
+                best_of=per_prompt if per_prompt > n else 0, echo=prompt_texts, mixture=mixture)
 
 
 def _message_content(m: dict, i: int) -> str:
@@ -418,7 +467,8 @@ def parse_chat(body: Any, ctx: Context, request_id: str | None = None) -> Call:
     _check_choices(1, n)
     sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p), logprobs)
     return Call("chat", model, adapter_id, [ids], n, stream, include_usage, sampling,
-                _new_id("chatcmpl", request_id), int(time.time()), logprobs=logprobs)
+                _new_id("chatcmpl", request_id), int(time.time()), logprobs=logprobs,
+                mixture=parse_mixture(body, adapter_id))
 
 
 # --- responses -----------------------------------------------------------------------------------

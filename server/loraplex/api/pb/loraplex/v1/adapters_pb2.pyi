@@ -28,6 +28,58 @@ ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_READY: AdapterState
 ADAPTER_STATE_FAILED: AdapterState
 
+class AdapterWeight(_message.Message):
+    __slots__ = ("adapter_id", "weight")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    weight: float
+    def __init__(self, adapter_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class CombineAdaptersRequest(_message.Message):
+    __slots__ = ("adapter_id", "adapters", "method", "density", "svd_rank", "majority_sign_method", "seed", "pinned", "svd_clamp")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SVD_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    SVD_CLAMP_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterWeight]
+    method: str
+    density: float
+    svd_rank: int
+    majority_sign_method: str
+    seed: int
+    pinned: bool
+    svd_clamp: float
+    def __init__(self, adapter_id: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterWeight, _Mapping]]] = ..., method: _Optional[str] = ..., density: _Optional[float] = ..., svd_rank: _Optional[int] = ..., majority_sign_method: _Optional[str] = ..., seed: _Optional[int] = ..., pinned: _Optional[bool] = ..., svd_clamp: _Optional[float] = ...) -> None: ...
+
+class CombineAdaptersResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
+
+class SaveAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "path", "overwrite")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    path: str
+    overwrite: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class SaveAdapterResponse(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "pinned")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -65,7 +117,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "source", "target_modules", "min_rank", "max_rank", "bytes", "tier", "requests_in_flight", "last_used_unix_seconds", "pinned", "state", "error")
+    __slots__ = ("adapter_id", "source", "target_modules", "min_rank", "max_rank", "bytes", "tier", "requests_in_flight", "last_used_unix_seconds", "pinned", "state", "error", "combined_from", "combine_method")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +130,8 @@ class AdapterInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMBINED_FROM_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_METHOD_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     source: str
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -90,4 +144,6 @@ class AdapterInfo(_message.Message):
     pinned: bool
     state: AdapterState
     error: str
-    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., min_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_in_flight: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ..., state: _Optional[_Union[AdapterState, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    combined_from: _containers.RepeatedScalarFieldContainer[str]
+    combine_method: str
+    def __init__(self, adapter_id: _Optional[str] = ..., source: _Optional[str] = ..., target_modules: _Optional[_Iterable[str]] = ..., min_rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., bytes: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., requests_in_flight: _Optional[int] = ..., last_used_unix_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ..., state: _Optional[_Union[AdapterState, str]] = ..., error: _Optional[str] = ..., combined_from: _Optional[_Iterable[str]] = ..., combine_method: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,16 @@ class AdaptersStub:
                 request_serializer=loraplex_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.CombineAdapters = channel.unary_unary(
+                '/loraplex.v1.Adapters/CombineAdapters',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersResponse.FromString,
+                _registered_method=True)
+        self.SaveAdapter = channel.unary_unary(
+                '/loraplex.v1.Adapters/SaveAdapter',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -76,6 +86,26 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CombineAdapters(self, request, context):
+        """Build a new adapter from loaded ones with PEFT's add_weighted_adapter semantics (linear, cat,
+        svd, ties, dare_linear, dare_ties, magnitude_prune and the *_svd variants); it is served like
+        any other adapter (kept in memory, not on disk: SaveAdapter writes it out). INVALID_ARGUMENT
+        names the field (adapters, adapters[i].weight, method, density, svd_rank, ...); NOT_FOUND an
+        unknown source id; ALREADY_EXISTS a taken adapter_id. Nothing is registered on failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveAdapter(self, request, context):
+        """Write a loaded adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors) at
+        `path`, which must lie under the server's allowed adapter roots (as LoadAdapter's paths). The
+        folder appears whole or not at all; an existing path is refused unless overwrite is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +123,16 @@ def add_AdaptersServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=loraplex_dot_v1_dot_adapters__pb2.ListAdaptersRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_adapters__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'CombineAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.CombineAdapters,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersResponse.SerializeToString,
+            ),
+            'SaveAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +216,60 @@ class Adapters:
             '/loraplex.v1.Adapters/ListAdapters',
             loraplex_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
             loraplex_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CombineAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Adapters/CombineAdapters',
+            loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.CombineAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Adapters/SaveAdapter',
+            loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
