@@ -131,6 +131,12 @@ def test_a_vanished_source_is_listed_failed_and_never_stops_start_up(tiny_model_
                        for r in caplog.records)
         assert "is not a folder" in now["gone"].error
         assert "outside the configured adapter roots" in now["escaped"].error
+        from loraplex.client import Client
+
+        with Client(srv.thread.address) as c:  # the Python client shows the same
+            typed = {a.adapter_id: a for a in c.list_adapters()}
+        assert typed["kept"].state == "ready" and typed["gone"].state == "failed"
+        assert typed["gone"].error == now["gone"].error
         with pytest.raises(grpc.RpcError) as exc:  # a failed adapter serves nothing
             greedy(srv, "gone")
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND

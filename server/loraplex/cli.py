@@ -439,7 +439,8 @@ def _add_adapters(sub) -> None:
 def _print_adapter(a) -> None:
     rank = str(a.max_rank) if a.min_rank == a.max_rank else f"{a.min_rank}-{a.max_rank}"
     print(f"{a.adapter_id}\ttier={a.tier}\trank={rank}\tbytes={a.bytes}\tin_flight={a.requests_in_flight}"
-          f"\tpinned={str(a.pinned).lower()}\tmodules={','.join(a.target_modules)}\tsource={a.source}")
+          f"\tpinned={str(a.pinned).lower()}\tmodules={','.join(a.target_modules)}\tsource={a.source}"
+          + (f"\tstate=failed\terror={a.error}" if a.state == "failed" else ""))
 
 
 def _adapters_load(args) -> int:

@@ -131,6 +131,10 @@ class Adapter:
     pinned: bool
     combined_from: tuple[str, ...] = ()
     combine_method: str = ""
+    # "ready", or "failed": recorded in the server's --state-dir registry but not loadable at its
+    # start-up (`error` says why); requests for it get NOT_FOUND until it is loaded again.
+    state: str = "ready"
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,8 @@ def _adapter(a: Any) -> Adapter:
     return Adapter(a.adapter_id, a.source, tuple(a.target_modules), a.min_rank, a.max_rank, a.bytes,
                    adapters_pb2.AdapterTier.Name(a.tier).removeprefix("ADAPTER_TIER_").lower(),
                    a.requests_in_flight, a.last_used_unix_seconds, a.pinned, tuple(a.combined_from),
-                   a.combine_method)
+                   a.combine_method,
+                   "failed" if a.state == adapters_pb2.ADAPTER_STATE_FAILED else "ready", a.error)
 
 
 def combine_request(adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd", *,
@@ -384,12 +389,12 @@ class Client(_Base):
     def combine_adapters(self, adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd", *,
                          timeout: float | None = None, **options: Any) -> Adapter:
         req = combine_request(adapter_id, adapters, method, **options)
-        return _adapter(self._call(self._adapters.CombineAdapters, req, timeout).adapter)
+        return _adapter(self._call(self._adapters, "CombineAdapters", req, timeout, retry=False).adapter)
 
     def save_adapter(self, adapter_id: str, path: str, *, overwrite: bool = False,
                      timeout: float | None = None) -> str:
         req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
-        return self._call(self._adapters.SaveAdapter, req, timeout).path
+        return self._call(self._adapters, "SaveAdapter", req, timeout, retry=False).path
 
     def close(self) -> None:
         for channel in self._channels:
@@ -472,12 +477,12 @@ class AsyncClient(_Base):
     async def combine_adapters(self, adapter_id: str, adapters: Sequence[tuple[str, float]], method: str = "svd",
                                *, timeout: float | None = None, **options: Any) -> Adapter:
         req = combine_request(adapter_id, adapters, method, **options)
-        return _adapter((await self._call(self._adapters.CombineAdapters, req, timeout)).adapter)
+        return _adapter((await self._call(self._adapters, "CombineAdapters", req, timeout, retry=False)).adapter)
 
     async def save_adapter(self, adapter_id: str, path: str, *, overwrite: bool = False,
                            timeout: float | None = None) -> str:
         req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
-        return (await self._call(self._adapters.SaveAdapter, req, timeout)).path
+        return (await self._call(self._adapters, "SaveAdapter", req, timeout, retry=False)).path
 
     async def close(self) -> None:
         for channel in self._channels:
