@@ -12,7 +12,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 
 class FinishReason(enum.Enum):
@@ -21,6 +21,9 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     CANCELLED = "cancelled"
     ERROR = "error"
+    # Structured output: the constraint's structure is complete and its grammar allows nothing
+    # more (engine/structured/). OpenAI's API reports it as "stop", as vLLM does.
+    GRAMMAR = "grammar"
 
 
 class InvalidRequestError(ValueError):
@@ -106,3 +109,8 @@ class Request:
     sampling: SamplingParams
     adapter_id: str = ""  # "" = base model
     arrival_time: float = field(default_factory=time.monotonic)
+    # Structured output: what the output must match (engine.structured.spec.Constraint), and its
+    # compiled grammar (engine.structured.grammar.CompiledGrammar) once compiled. The API compiles
+    # off the engine thread before submit; Engine.submit compiles one left None.
+    constraint: Any = None
+    grammar: Any = None

@@ -25,39 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.MessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"2\n\x08Messages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Message\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\"\xc9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\"\x15\n\x13GetModelInfoRequest\"\x87\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x19\n\x11\x62\x61se_weight_bytes\x18\t \x01(\x04\x12\x18\n\x10loraplex_version\x18\n \x01(\t\x12\x1a\n\x12max_new_tokens_cap\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\x12\x1c\n\x14\x66loat16_weight_bytes\x18\r \x01(\x04\x12\x1c\n\x14quantized_embeddings\x18\x0e \x01(\x08\x12\x38\n\x11sampling_defaults\x18\x0f \x01(\x0b\x32\x1d.loraplex.v1.SamplingDefaults\"q\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0e\n\x06source\x18\x05 \x01(\t*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xf6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .loraplex.v1.GetModelInfoRequest\x1a\x16.loraplex.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\"\x9b\x02\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.MessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x38\n\x11structured_output\x18\x07 \x01(\x0b\x32\x1d.loraplex.v1.StructuredOutputB\x07\n\x05input\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.loraplex.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"2\n\x08Messages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Message\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\"\xc9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\"\x15\n\x13GetModelInfoRequest\"\x87\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x19\n\x11\x62\x61se_weight_bytes\x18\t \x01(\x04\x12\x18\n\x10loraplex_version\x18\n \x01(\t\x12\x1a\n\x12max_new_tokens_cap\x18\x0b \x01(\r\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\x12\x1c\n\x14\x66loat16_weight_bytes\x18\r \x01(\x04\x12\x1c\n\x14quantized_embeddings\x18\x0e \x01(\x08\x12\x38\n\x11sampling_defaults\x18\x0f \x01(\x0b\x32\x1d.loraplex.v1.SamplingDefaults\"q\n\x10SamplingDefaults\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x0e\n\x06source\x18\x05 \x01(\t*\xc7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x12\x19\n\x15\x46INISH_REASON_GRAMMAR\x10\x06\x32\xf6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .loraplex.v1.GetModelInfoRequest\x1a\x16.loraplex.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1903
-  _globals['_FINISHREASON']._serialized_end=2075
+  _globals['_FINISHREASON']._serialized_start=2140
+  _globals['_FINISHREASON']._serialized_end=2339
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=271
-  _globals['_TOKENIDS']._serialized_start=273
-  _globals['_TOKENIDS']._serialized_end=296
-  _globals['_MESSAGES']._serialized_start=298
-  _globals['_MESSAGES']._serialized_end=348
-  _globals['_MESSAGE']._serialized_start=350
-  _globals['_MESSAGE']._serialized_end=390
-  _globals['_SAMPLINGPARAMS']._serialized_start=393
-  _globals['_SAMPLINGPARAMS']._serialized_end=783
-  _globals['_USAGE']._serialized_start=785
-  _globals['_USAGE']._serialized_end=872
-  _globals['_TIMINGS']._serialized_start=874
-  _globals['_TIMINGS']._serialized_end=966
-  _globals['_GENERATERESPONSE']._serialized_start=969
-  _globals['_GENERATERESPONSE']._serialized_end=1164
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1167
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1368
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1370
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1391
-  _globals['_MODELINFO']._serialized_start=1394
-  _globals['_MODELINFO']._serialized_end=1785
-  _globals['_SAMPLINGDEFAULTS']._serialized_start=1787
-  _globals['_SAMPLINGDEFAULTS']._serialized_end=1900
-  _globals['_GENERATION']._serialized_start=2078
-  _globals['_GENERATION']._serialized_end=2324
+  _globals['_GENERATEREQUEST']._serialized_end=329
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=332
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=480
+  _globals['_CHOICES']._serialized_start=482
+  _globals['_CHOICES']._serialized_end=508
+  _globals['_TOKENIDS']._serialized_start=510
+  _globals['_TOKENIDS']._serialized_end=533
+  _globals['_MESSAGES']._serialized_start=535
+  _globals['_MESSAGES']._serialized_end=585
+  _globals['_MESSAGE']._serialized_start=587
+  _globals['_MESSAGE']._serialized_end=627
+  _globals['_SAMPLINGPARAMS']._serialized_start=630
+  _globals['_SAMPLINGPARAMS']._serialized_end=1020
+  _globals['_USAGE']._serialized_start=1022
+  _globals['_USAGE']._serialized_end=1109
+  _globals['_TIMINGS']._serialized_start=1111
+  _globals['_TIMINGS']._serialized_end=1203
+  _globals['_GENERATERESPONSE']._serialized_start=1206
+  _globals['_GENERATERESPONSE']._serialized_end=1401
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1404
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1605
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1607
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1628
+  _globals['_MODELINFO']._serialized_start=1631
+  _globals['_MODELINFO']._serialized_end=2022
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=2024
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=2137
+  _globals['_GENERATION']._serialized_start=2342
+  _globals['_GENERATION']._serialized_end=2588
 # @@protoc_insertion_point(module_scope)
