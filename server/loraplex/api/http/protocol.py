@@ -14,9 +14,11 @@ What is accepted (everything else is refused with 400 naming the field, never si
                    null or = n; suffix null
     chat           messages (role system | developer (read as system) | user | assistant; content a
                    string or a list of {"type": "text", "text"} parts), max_completion_tokens (wins
-                   over max_tokens), logprobs false, top_logprobs null/0, response_format
-                   {"type": "text"}, tools / functions null or [], tool_choice / function_call
-                   null or "none"
+                   over max_tokens), logprobs false, top_logprobs null/0, tools / functions null
+                   or [], tool_choice / function_call null or "none"
+    structured     (both routes) response_format (text, json_object, json_schema) and vLLM's
+                   guided_json / guided_regex / guided_choice / guided_grammar / structured_outputs:
+                   see api/structured_output.py
 
 Defaults: max_tokens 16 for completions (as OpenAI and vLLM); for chat what fits the context
 (max_model_len - prompt tokens), at most --max-new-tokens-cap. temperature / top_p / top_k /
@@ -32,7 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from loraplex.api import convert
+from loraplex.api import convert, structured_output
 from loraplex.config import RequestLimits
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
 
@@ -40,8 +42,9 @@ MAX_CHOICES = 128  # prompts x n in one call: each is an engine request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _SEED_RANGE = 2**64
 
+# A completed structure (GRAMMAR) is "stop", as vLLM reports it.
 _FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
-           FinishReason.CANCELLED: "abort", FinishReason.ERROR: "error"}
+           FinishReason.CANCELLED: "abort", FinishReason.ERROR: "error", FinishReason.GRAMMAR: "stop"}
 
 # The names of SamplingParams fields in OpenAI bodies (errors name what the client sent).
 _SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
@@ -69,7 +72,6 @@ _NOT_SUPPORTED_COMPLETIONS = {
 _NOT_SUPPORTED_CHAT = {
     **_NOT_SUPPORTED_COMMON,
     "logprobs": _neutral(False, None), "top_logprobs": _zero,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [], "functions": lambda v: v is None or v == [],
     "tool_choice": _neutral(None, "none"), "function_call": _neutral(None, "none"),
     "parallel_tool_calls": lambda v: v is None, "store": _neutral(False, None),
@@ -81,8 +83,8 @@ _NOT_SUPPORTED_CHAT = {
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
            "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty",
            "frequency_penalty"}
-COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of"})
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens"})
+COMPLETIONS_FIELDS = frozenset(_COMMON | structured_output.OPENAI_FIELDS | {"prompt", "best_of"})
+CHAT_FIELDS = frozenset(_COMMON | structured_output.OPENAI_FIELDS | {"messages", "max_completion_tokens"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -141,6 +143,7 @@ class Call:
     sampling: list[Any] = field(default_factory=list)  # SamplingParams per engine request
     id: str = ""
     created: int = 0
+    constraint: Any = None  # structured output (engine.structured.spec.Constraint), every choice
 
     def requests(self) -> list[Request]:
         """One engine request per choice: prompt-major, n per prompt (choice index = p * n + i)."""
@@ -149,7 +152,8 @@ class Call:
             for i in range(self.n):
                 k = p * self.n + i
                 out.append(Request(request_id=f"{self.id}-{k}", prompt_token_ids=list(ids),
-                                   sampling=self.sampling[k], adapter_id=self.adapter_id))
+                                   sampling=self.sampling[k], adapter_id=self.adapter_id,
+                                   constraint=self.constraint))
         return out
 
 
@@ -298,7 +302,7 @@ def parse_completion(body: Any, ctx: Context, request_id: str | None = None) -> 
     _check_choices(len(prompts), n)
     sampling = _sampling(body, ctx, prompts, n, "max_tokens", lambda ids: COMPLETIONS_DEFAULT_MAX_TOKENS)
     return Call("completion", model, adapter_id, prompts, n, stream, include_usage, sampling,
-                _new_id("cmpl", request_id), int(time.time()))
+                _new_id("cmpl", request_id), int(time.time()), structured_output.constraint_from_openai(body))
 
 
 def _message_content(m: dict, i: int) -> str:
@@ -363,7 +367,7 @@ def parse_chat(body: Any, ctx: Context, request_id: str | None = None) -> Call:
     _check_choices(1, n)
     sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p))
     return Call("chat", model, adapter_id, [ids], n, stream, include_usage, sampling,
-                _new_id("chatcmpl", request_id), int(time.time()))
+                _new_id("chatcmpl", request_id), int(time.time()), structured_output.constraint_from_openai(body))
 
 
 # --- responses -----------------------------------------------------------------------------------

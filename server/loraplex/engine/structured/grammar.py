@@ -133,6 +133,7 @@ def compile_constraint(vocab: GrammarVocab, c: Constraint) -> CompiledGrammar:
 
 
 def _reason(error: str) -> str:
-    # llguidance prefixes its messages with internal context lines; the last line is the reason.
+    # llguidance's first line is the reason ("at 1(8): unknown name: ..."); the next ones quote the
+    # grammar with a caret under the position.
     lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "invalid"
+    return lines[0] if lines else "invalid"
