@@ -21,7 +21,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
 from loraplex.engine.structured.compiler import GrammarCompiler
 from loraplex.engine.structured.grammar import GrammarVocab
-from loraplex.engine.structured.masks import MaskBuilder, TokenMasks
+from loraplex.engine.structured.masks import MaskBuilder, TokenMasks, unpack_bitmask
 from loraplex.engine.structured.spec import Constraint, Kind
 from loraplex.model.loader import load_model
 from tests.fixtures.adapters import make_peft_adapter
@@ -245,7 +245,7 @@ def test_token_masks_apply_matches_a_plain_bit_reference():
     words = (vocab + 31) // 32
     bitmask = torch.randint(-2**31, 2**31 - 1, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
     logits = torch.randn(5, vocab, generator=g, dtype=torch.float32)
-    masks = TokenMasks(torch.tensor(rows), bitmask)
+    masks = TokenMasks(torch.tensor(rows), unpack_bitmask(bitmask, vocab))
     out = masks.apply(logits)
     ref = logits.clone()
     for j, r in enumerate(rows):
@@ -270,7 +270,7 @@ def test_mask_builder_marks_exactly_the_grammar_allowed_tokens(loaded):
         masks = builder.start([None, g.matcher()]).result()
     finally:
         builder.shutdown()
-    allowed = set(torch.nonzero(masks.allowed(loaded.arch.vocab_size)[0]).flatten().tolist())
+    allowed = set(torch.nonzero(masks.allowed[0]).flatten().tolist())
     tok = loaded.tokenizer
     expected = {t for t in range(len(tok)) if (s := tok.decode([t])) and any(c.startswith(s) for c in choices)
                 and t not in tok.all_special_ids}
@@ -350,3 +350,15 @@ def test_bad_constraint_on_submit_leaves_the_engine_serving(loaded):
         assert engine.stats().num_running == 0
     finally:
         engine.shutdown(1)
+
+
+def test_all_rows_constrained_path_matches_the_subset_path():
+    g = torch.Generator().manual_seed(1)
+    vocab = 70
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 3), generator=g, dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(3, vocab, generator=g)
+    allowed = unpack_bitmask(bitmask, vocab)
+    full = TokenMasks(torch.tensor([0, 1, 2]), allowed).apply(logits)
+    assert torch.equal(full, torch.where(allowed, logits, torch.tensor(float("-inf"))))
+    padded = torch.cat([logits, logits[:1]])  # a 4th, unconstrained row forces the subset path
+    assert torch.equal(TokenMasks(torch.tensor([0, 1, 2]), allowed).apply(padded)[:3], full)

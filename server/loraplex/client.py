@@ -70,7 +70,7 @@ class Completion:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: str  # "eos" | "length" | "stop" | "cancelled"
+    finish_reason: str  # "eos" | "length" | "stop" | "cancelled" | "grammar" (structured output complete)
     usage: Usage
     timings: Timings
 
