@@ -145,11 +145,9 @@ class OutlinesCore:
         return self.oc.Guide(self.oc.Index(regex, self.vocabulary))
 
     def fill_seq(self, matchers, bitmask):
-        row_bytes = bitmask.shape[1]
         for i, g in enumerate(matchers):
             row = bitmask[i]
             g.write_mask_into(row.data_ptr(), row.numel(), 4)
-        del row_bytes
 
     fill_batch = None
 
