@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import jsonschema
 import pytest
@@ -25,6 +24,7 @@ from loraplex.engine.structured.masks import MaskBuilder, TokenMasks, unpack_bit
 from loraplex.engine.structured.spec import Constraint, Kind
 from loraplex.model.loader import load_model
 from tests.fixtures.adapters import make_peft_adapter
+from tests.fixtures.engine_run import run_requests as run
 from tests.fixtures.json_schemas import CHOICES, REGEXES, SCHEMAS
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,29 +59,6 @@ def make_engine(loaded, manager=None, **kw):
     engine = Engine(loaded, EngineConfig(**cfg), lora_manager=manager)
     engine.start()
     return engine
-
-
-def run(engine, jobs: dict, timeout: float = 240.0) -> dict:
-    """jobs: key -> Request. Submits all at once (one batch); key -> (text, tokens, reason, error)."""
-    results, done, lock = {}, threading.Event(), threading.Lock()
-
-    def callback(key):
-        text, toks = [], []
-
-        def cb(out):
-            text.append(out.text_delta)
-            toks.extend(out.new_token_ids)
-            if out.finished:
-                with lock:
-                    results[key] = ("".join(text), toks, out.finish_reason, out.error)
-                    if len(results) == len(jobs):
-                        done.set()
-        return cb
-
-    for key, req in jobs.items():
-        engine.submit(req, callback(key))
-    assert done.wait(timeout), f"only {len(results)} of {len(jobs)} finished"
-    return results
 
 
 def constraint_jobs() -> dict[str, tuple[Constraint, object]]:

@@ -5,7 +5,6 @@ keys it chooses to close, so "any JSON object" can be checked to parse, not just
 from __future__ import annotations
 
 import json
-import threading
 
 import jsonschema
 import pytest
@@ -17,6 +16,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.request import FinishReason, Request, SamplingParams
 from loraplex.engine.structured.spec import Constraint, Kind
 from loraplex.model.loader import load_model
+from tests.fixtures.engine_run import run_requests
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.timeout(600)]
@@ -36,24 +36,11 @@ def test_json_object_and_schema_on_the_default_model(default_model_dir):
         "schema": (Constraint.json_schema(PERSON, "response_format.json_schema.schema"),
                    "Give me a person with a name and an age, as JSON."),
     }
-    results, done = {}, threading.Event()
-
-    def cb(key):
-        text = []
-
-        def f(out):
-            text.append(out.text_delta)
-            if out.finished:
-                results[key] = ("".join(text), out.finish_reason)
-                if len(results) == len(jobs):
-                    done.set()
-        return f
-
     try:
-        for key, (c, content) in jobs.items():
-            ids = render_chat([{"role": "user", "content": content}], loaded.tokenizer)
-            engine.submit(Request(key, ids, SamplingParams(max_new_tokens=120, temperature=0.0), constraint=c), cb(key))
-        assert done.wait(500)
+        reqs = {key: Request(key, render_chat([{"role": "user", "content": content}], loaded.tokenizer),
+                             SamplingParams(max_new_tokens=120, temperature=0.0), constraint=c)
+                for key, (c, content) in jobs.items()}
+        results = {k: (v[0], v[2]) for k, v in run_requests(engine, reqs, timeout=500).items()}
     finally:
         engine.shutdown(1)
     text, reason = results["object"]
