@@ -177,3 +177,45 @@ def test_http_bad_constraint_is_400_naming_the_field(srv, extra, param, route):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["code"] == "INVALID_ARGUMENT", err
+
+
+def test_slow_compile_is_refused_in_bounded_time_and_others_go_on(srv, client, monkeypatch):
+    """A compile slower than the timeout: that request gets 400 within about the timeout, while an
+    unconstrained request sent at the same time completes normally (compiles never run on the
+    engine thread or the event loop)."""
+    import threading
+    import time
+
+    from loraplex.engine.structured import compiler
+
+    real = compiler.compile_constraint
+
+    def slow(vocab, c):
+        if c.text == "slow[0-9]":
+            time.sleep(2.0)
+        return real(vocab, c)
+
+    monkeypatch.setattr(compiler, "compile_constraint", slow)
+    monkeypatch.setattr(srv.engine.grammars, "timeout_s", 0.3)
+    out = {}
+
+    def constrained():
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": srv.model, "prompt": PROMPT, "max_tokens": 8,
+                                                          "guided_regex": "slow[0-9]"}, timeout=30)
+        out["slow"] = (r, time.monotonic() - t0)
+
+    th = threading.Thread(target=constrained)
+    th.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    free = client.completions.create(model=srv.model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    free_s = time.monotonic() - t0
+    th.join(30)
+    r, slow_s = out["slow"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+    assert "compile-timeout" in r.json()["error"]["message"]
+    assert slow_s < 1.9  # refused at the timeout (0.3 s), not after the 2 s compile
+    assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 12
+    assert free_s < 1.9, free_s  # not held up by the 2 s compile

@@ -127,6 +127,10 @@ def compile_constraint(vocab: GrammarVocab, c: Constraint) -> CompiledGrammar:
             raise
         raise InvalidRequestError(c.field, str(exc)) from None
     m = llguidance.LLMatcher(vocab.tokenizer, text, log_level=0)
+    if not m.is_error():
+        # The lexer is built lazily: the first mask does that work here, in the compile thread and
+        # under its timeout, instead of in the first engine step; the per-sequence copies share it.
+        m.compute_bitmask()
     if m.is_error():
         raise InvalidRequestError(c.field, _reason(m.get_error()))
     return CompiledGrammar(c, m)
