@@ -215,8 +215,8 @@ def main(argv=None):
         "",
         f"Schema compile time, from scratch (no cache), {len(SCHEMAS)} test schemas x {args.repeats}: "
         f"p50 **{_pct(compile_ms, .5):.2f} ms**, p99 **{_pct(compile_ms, .99):.2f} ms**, max {max(compile_ms):.2f} ms "
-        "(schema -> llguidance grammar -> matcher; the first mask of a new grammar builds lexer states lazily "
-        "and is part of the first step instead).",
+        "(schema -> llguidance grammar -> matcher -> its first mask, which builds the lexer: everything a "
+        "request with a new schema waits for before it is submitted).",
         "",
     ]
     out = Path(args.out)
