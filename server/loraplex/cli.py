@@ -97,6 +97,18 @@ def _add_serve(sub) -> None:
                    help="on SIGTERM/SIGINT: health NOT_SERVING and new requests UNAVAILABLE at once; "
                         "requests in flight may finish for this long, the rest then end with UNAVAILABLE "
                         "(--shutdown-grace is the old name) (default %(default)s)")
+    so = p.add_argument_group("structured output (JSON schema, regex, choice, grammar constraints)")
+    so.add_argument("--structured-output-compile-timeout", type=float,
+                    default=eng.structured_output_compile_timeout, metavar="SECONDS",
+                    help="a constraint that does not compile within this time is refused (INVALID_ARGUMENT / "
+                         "HTTP 400); default %(default)s")
+    so.add_argument("--structured-output-max-bytes", type=int, default=eng.structured_output_max_bytes,
+                    help="largest schema / regex / grammar / choice list accepted, in bytes (default %(default)s)")
+    so.add_argument("--structured-output-cache-size", type=int, default=eng.structured_output_cache_size,
+                    help="compiled constraints kept (LRU), keyed by the constraint (default %(default)s)")
+    so.add_argument("--no-structured-output-overlap", dest="structured_output_overlap", action="store_false",
+                    help="compute the allowed-token masks on the engine thread instead of in a worker "
+                         "thread overlapped with the forward")
     p.add_argument("--cache-dir", help="where the default model is converted to (default ~/.cache/loraplex)")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest gRPC message received or sent (default %(default)s)")
@@ -262,7 +274,11 @@ def _server_config(args):
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
                             max_waiting=args.max_waiting,
                             adapter_starvation_steps=args.adapter_starvation_steps,
-                            enable_prefix_caching=args.prefix_caching),
+                            enable_prefix_caching=args.prefix_caching,
+                            structured_output_compile_timeout=args.structured_output_compile_timeout,
+                            structured_output_max_bytes=args.structured_output_max_bytes,
+                            structured_output_cache_size=args.structured_output_cache_size,
+                            structured_output_overlap=args.structured_output_overlap),
         lora=_lora_config(args),
     )
 

@@ -98,7 +98,7 @@ class Completion:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: str  # "eos" | "length" | "stop" | "cancelled"
+    finish_reason: str  # "eos" | "length" | "stop" | "cancelled" | "grammar" (structured output complete)
     usage: Usage
     timings: Timings
     logprobs: tuple[Logprob, ...] = ()  # one per token id when asked

@@ -61,12 +61,25 @@ class EngineConfig:
     # Automatic prefix caching (engine/block_manager.py): full KV blocks are shared between
     # requests with the same leading tokens and the same adapter weights (--no-prefix-caching).
     enable_prefix_caching: bool = True
+    # Structured output (engine/structured/): a schema / regex / grammar that does not compile
+    # within this many seconds is refused (INVALID_ARGUMENT), as is one longer than max_bytes;
+    # compiled grammars are kept in an LRU of cache_size entries keyed by the constraint.
+    structured_output_compile_timeout: float = 10.0
+    structured_output_max_bytes: int = 64 * 1024
+    structured_output_cache_size: int = 256
+    # Compute the allowed-token masks in a worker thread while the forward runs (False: after it,
+    # on the engine thread).
+    structured_output_overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "max_new_tokens_cap", "max_waiting", "adapter_starvation_steps"):
+                     "max_model_len", "max_new_tokens_cap", "max_waiting", "adapter_starvation_steps",
+                     "structured_output_max_bytes", "structured_output_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.structured_output_compile_timeout > 0:
+            raise ValueError(f"structured_output_compile_timeout: must be > 0 seconds, got "
+                             f"{self.structured_output_compile_timeout}")
 
 
 # Requests carry prompts (token ids, chat histories) of at most max_model_len tokens and responses

@@ -128,6 +128,7 @@ def start_engine(loaded, config: EngineConfig, lora_manager=None, observers=(), 
 
     engine = Engine(loaded, config, lora_manager=lora_manager, observers=observers)
     engine.warmup()
+    engine.grammars.warm_up()  # structured output's tokenizer view (~1-3 s), in its own thread
     engine.start()
     return Runtime(loaded=loaded, engine=engine, lora_manager=lora_manager, metrics=metrics,
                    sampling_defaults=sampling_defaults)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import loraplex
 from loraplex.api.pb.loraplex.v1 import adapters_pb2, generation_pb2
+from loraplex.api.structured_output import constraint_from_proto
 from loraplex.config import RequestLimits
 from loraplex.engine.logprobs import TokenLogprob
 from loraplex.engine.request import (FinishReason, InvalidRequestError, Request, RequestOutput,
@@ -25,6 +26,7 @@ _FINISH_REASONS = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
     FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: generation_pb2.FINISH_REASON_ERROR,
+    FinishReason.GRAMMAR: generation_pb2.FINISH_REASON_GRAMMAR,
 }
 
 
@@ -183,9 +185,10 @@ def request_from_proto(req: generation_pb2.GenerateRequest, tokenizer: Any, voca
                        limits: RequestLimits | None = None, defaults: Any = None) -> Request:
     check_limits(req, limits or RequestLimits(), max_model_len)
     sampling = sampling_from_proto(req.sampling, max_new_tokens_cap, defaults)
+    constraint = constraint_from_proto(req)
     ids = prompt_from_proto(req, tokenizer, vocab_size, max_model_len)
     return Request(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=ids,
-                   sampling=sampling, adapter_id=req.adapter_id)
+                   sampling=sampling, adapter_id=req.adapter_id, constraint=constraint)
 
 
 # --- responses -----------------------------------------------------------------------------------

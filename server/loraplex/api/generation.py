@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from loraplex.api import adapter_ops
+from loraplex.api.structured_output import compile_all
 from loraplex.api.status import ApiError, Code
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
@@ -184,9 +185,10 @@ class Generation:
 
 async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Request]],
                 mixture: Callable[[], Sequence[tuple[str, float]]] = tuple) -> Generation:
-    """Convert (make_requests and mixture raise InvalidRequestError or ApiError on bad input) and
-    submit every request, on the per-request mixture of adapters `mixture()` returns if it is not
-    empty; on any refusal, abort those already submitted, count the refusal and raise."""
+    """Convert (make_requests and mixture raise InvalidRequestError or ApiError on bad input),
+    compile the requests' structured-output constraints, and submit every request, on the
+    per-request mixture of adapters `mixture()` returns if it is not empty; on any refusal, abort
+    those already submitted, count the refusal and raise."""
     rt = require(runtime)
     gen = None
     try:
@@ -195,6 +197,7 @@ async def start(runtime: Runtime | None, make_requests: Callable[[], Sequence[Re
         try:
             requests = make_requests()
             parts = mixture()
+            await compile_all(rt.engine, list(requests))  # structured output, off the engine thread
         except InvalidRequestError as err:
             raise ApiError(Code.INVALID_ARGUMENT, str(err)) from None
         gen = Generation(rt, parts)

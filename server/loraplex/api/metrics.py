@@ -89,7 +89,7 @@ class LoraplexMetrics:
         ProcessCollector(registry=r)
         self.requests = Counter(
             "loraplex_requests", "Finished requests by adapter and finish reason "
-            "(eos, length, stop, cancelled, error).", ["adapter", "finish_reason"], registry=r)
+            "(eos, length, stop, cancelled, error, grammar).", ["adapter", "finish_reason"], registry=r)
         self.rejected = Counter(
             "loraplex_requests_rejected", "Requests refused before reaching the engine, by gRPC "
             "status (NOT_FOUND, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, ...).",

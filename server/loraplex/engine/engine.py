@@ -33,6 +33,9 @@ from loraplex.engine.sampler import Sampler
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats
+from loraplex.engine.structured.compiler import GrammarCompiler
+from loraplex.engine.structured.grammar import GrammarVocab
+from loraplex.engine.structured.masks import MaskBuilder
 from loraplex.model.fused_linear import fuse_siblings
 from loraplex.model.packed_linear import pack_lm_head, pack_projections
 
@@ -137,6 +140,14 @@ class Engine:
         self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
                                   lora_batch_builder=getattr(lora_manager, "build_lora_batch", None))
         self.sampler = Sampler()
+        # Structured output: grammars compile in the compiler's own thread (never this engine's
+        # loop); per step, the masks of the constrained rows are built while the forward runs.
+        vocab_size = loaded.arch.vocab_size
+        self.grammars = GrammarCompiler(
+            lambda: GrammarVocab.from_hf(self.tokenizer, vocab_size, self.eos_token_ids),
+            timeout_s=config.structured_output_compile_timeout,
+            max_bytes=config.structured_output_max_bytes, cache_size=config.structured_output_cache_size)
+        self._masks = MaskBuilder(vocab_size, overlap=config.structured_output_overlap)
 
         self._cv = threading.Condition()  # guards everything below
         self._inbox: deque[Sequence] = deque()
@@ -162,8 +173,14 @@ class Engine:
             self._thread.start()
 
     def submit(self, request: Request, callback: OutputCallback) -> None:
+        """Queue a request. One with a constraint but no compiled grammar compiles it here, in the
+        caller's thread (bounded by the compile timeout): never call that from the engine thread."""
         self._validate(request)
+        if request.constraint is not None and request.grammar is None:
+            request.grammar = self.grammars.compile(request.constraint)
         seq = Sequence.from_request(request, callback, device=self.device)
+        if request.grammar is not None:
+            seq.matcher = request.grammar.matcher()
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                                  stop=request.sampling.stop)
         # Token arrival times, for inter-token latency: one list append per token, only when
@@ -228,6 +245,8 @@ class Engine:
             self._drain_inbox()
             for seq in list(self._live.values()):
                 self._finish(seq, FinishReason.CANCELLED)
+        self.grammars.shutdown()
+        self._masks.shutdown()
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -322,12 +341,15 @@ class Engine:
         sampled = [batch.seqs[i] for i in sampling]
         num_decodes = sum(s.is_decoding for s in batch.seqs)
         try:
+            # Structured output: the constrained rows' masks are computed while the forward runs.
+            pending = self._masks.start([s.matcher for s in sampled])
             logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
             # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
             rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
             tokens = self.sampler(rows, [s.sampling for s in sampled],
                                   [s.token_ids for s in sampled], [s.generator for s in sampled],
-                                  [s.num_prompt_tokens for s in sampled])
+                                  [s.num_prompt_tokens for s in sampled],
+                                  masks=pending.result() if pending is not None else None)
             top_ks = [s.sampling.logprobs for s in sampled]
             # From the raw logits: the sampler never writes into its input (it clones first).
             logprobs = (gather_logprobs(rows, tokens, top_ks) if any(k is not None for k in top_ks)
@@ -359,6 +381,8 @@ class Engine:
             delta = "" if is_eos else seq.detokenizer.add_token(token)
             reason = check_finish(token, seq.num_generated, seq.num_tokens, seq.sampling,
                                   self.eos_token_ids, self.max_model_len, seq.detokenizer.stopped)
+            if seq.matcher is not None:
+                reason = self._advance_grammar(seq, token, reason)
         except Exception as exc:
             log.exception("postprocessing failed for request %s", seq.request_id)
             self._finish(seq, FinishReason.ERROR, (token,), error=f"{type(exc).__name__}: {exc}")
@@ -368,6 +392,18 @@ class Engine:
             self._deliver(seq, RequestOutput(seq.request_id, (token,), delta, logprobs=logprobs))
         else:
             self._finish(seq, reason, (token,), delta + seq.detokenizer.flush(), logprobs=logprobs)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int, reason: FinishReason | None) -> FinishReason | None:
+        """Structured output: the matcher consumes the token just appended (exactly once per
+        token: a recompute after preemption replays tokens without coming here). A complete
+        structure ends the request (GRAMMAR), also when its last token used up max_new_tokens;
+        EOS and stop strings keep their own reasons."""
+        if not seq.matcher.advance(token):  # the mask allowed it, so this is a bug, not bad input
+            raise RuntimeError(f"structured output: token {token} rejected by the grammar: {seq.matcher.error}")
+        if seq.matcher.stopped and reason in (None, FinishReason.LENGTH):
+            return FinishReason.GRAMMAR
+        return reason
 
     def _finish(self, seq: Sequence, reason: FinishReason, new_token_ids: tuple[int, ...] = (),
                 text_delta: str = "", error: str | None = None, out_of_memory: bool = False,

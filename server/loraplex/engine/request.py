@@ -12,7 +12,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from loraplex.engine.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 
@@ -23,6 +23,9 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     CANCELLED = "cancelled"
     ERROR = "error"
+    # Structured output: the constraint's structure is complete and its grammar allows nothing
+    # more (engine/structured/). OpenAI's API reports it as "stop", as vLLM does.
+    GRAMMAR = "grammar"
 
 
 class InvalidRequestError(ValueError):
@@ -124,3 +127,8 @@ class Request:
     sampling: SamplingParams
     adapter_id: str = ""  # "" = base model
     arrival_time: float = field(default_factory=time.monotonic)
+    # Structured output: what the output must match (engine.structured.spec.Constraint), and its
+    # compiled grammar (engine.structured.grammar.CompiledGrammar) once compiled. The API compiles
+    # off the engine thread before submit; Engine.submit compiles one left None.
+    constraint: Any = None
+    grammar: Any = None

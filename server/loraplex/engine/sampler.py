@@ -13,6 +13,7 @@ per step, so a seeded request consumes its stream identically whatever else is i
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 
@@ -100,10 +101,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None],
-                 prompt_lens: Seq[int] | None = None) -> list[int]:
+                 prompt_lens: Seq[int] | None = None, masks: Any = None) -> list[int]:
         """logits: [S, V] float32, one row per sequence; token_ids: each row's prompt + generated
         tokens (for the penalties), of which the first prompt_lens[i] are the prompt (None: all
-        generated). Returns one token id per row."""
+        generated). masks: structured output's allowed tokens of the constrained rows
+        (engine.structured.masks.TokenMasks), None = no row constrained. Returns one token id per row."""
         num_rows, vocab = logits.shape
         if num_rows == 0:
             return []
@@ -121,6 +123,8 @@ class Sampler:
             cloned = True
         if any(p.logit_bias for p in params):
             logits = apply_logit_bias(logits if cloned else logits.clone(), [p.logit_bias for p in params])
+        if masks is not None:  # structured output: disallowed tokens -> -inf (before any sampling maths)
+            logits = masks.apply(logits)
         out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
 
         rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -56,6 +56,10 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
+    # Structured output: this sequence's position in its grammar (engine.structured.grammar.
+    # Matcher), advanced once per appended token -- never by a recompute after preemption, which
+    # replays tokens the matcher has already consumed.
+    matcher: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_token_ids)

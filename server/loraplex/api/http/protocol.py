@@ -17,9 +17,11 @@ What is accepted (everything else is refused with 400 naming the field, never si
                    not with stream); suffix null
     chat           messages (role system | developer (read as system) | user | assistant; content a
                    string or a list of {"type": "text", "text"} parts), max_completion_tokens (wins
-                   over max_tokens), logprobs (boolean) with top_logprobs (0..20), response_format
-                   {"type": "text"}, tools / functions null or [], tool_choice / function_call
-                   null or "none"
+                   over max_tokens), logprobs (boolean) with top_logprobs (0..20), tools /
+                   functions null or [], tool_choice / function_call null or "none"
+    structured     (both routes) response_format (text, json_object, json_schema) and vLLM's
+                   guided_json / guided_regex / guided_choice / guided_grammar / structured_outputs:
+                   see api/structured_output.py
 
 Logprobs are those of the model's own distribution (engine/logprobs.py), before penalties,
 logit_bias and temperature, as vLLM reports them by default.
@@ -40,7 +42,7 @@ from typing import Any, Callable
 
 from collections.abc import Sequence as Seq
 
-from loraplex.api import convert
+from loraplex.api import convert, structured_output
 from loraplex.api.http import logprobs_format
 from loraplex.config import RequestLimits
 from loraplex.engine.logprobs import MAX_TOP_LOGPROBS
@@ -50,8 +52,9 @@ MAX_CHOICES = 128  # prompts x n in one call: each is an engine request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _SEED_RANGE = 2**64
 
+# A completed structure (GRAMMAR) is "stop", as vLLM reports it.
 _FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
-           FinishReason.CANCELLED: "abort", FinishReason.ERROR: "error"}
+           FinishReason.CANCELLED: "abort", FinishReason.ERROR: "error", FinishReason.GRAMMAR: "stop"}
 
 # The names of SamplingParams fields in OpenAI bodies (errors name what the client sent).
 _SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
@@ -69,7 +72,6 @@ _NOT_SUPPORTED_COMPLETIONS: dict[str, Callable[[Any], bool]] = {
     "suffix": lambda v: v is None,
 }
 _NOT_SUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [], "functions": lambda v: v is None or v == [],
     "tool_choice": _neutral(None, "none"), "function_call": _neutral(None, "none"),
     "parallel_tool_calls": lambda v: v is None, "store": _neutral(False, None),
@@ -81,8 +83,9 @@ _NOT_SUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
            "stream_options", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty",
            "frequency_penalty", "logit_bias", "adapters"}
-COMPLETIONS_FIELDS = frozenset(_COMMON | {"prompt", "best_of", "logprobs", "echo"})
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"})
+COMPLETIONS_FIELDS = frozenset(_COMMON | structured_output.OPENAI_FIELDS | {"prompt", "best_of", "logprobs", "echo"})
+CHAT_FIELDS = frozenset(_COMMON | structured_output.OPENAI_FIELDS | {"messages", "max_completion_tokens", "logprobs",
+                                                                     "top_logprobs"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -144,6 +147,7 @@ class Call:
     logprobs: int | None = None  # what the client asked for: None = no logprobs in the answer
     best_of: int = 0  # engine requests per prompt (>= n); 0 = n
     mixture: list[tuple[str, float]] = field(default_factory=list)  # "adapters": a per-request mixture
+    constraint: Any = None  # structured output (engine.structured.spec.Constraint), every choice
     echo: list[str] | None = None  # completions with echo: each prompt's text, put before its choices
 
     @property
@@ -158,7 +162,8 @@ class Call:
             for i in range(self.per_prompt):
                 k = p * self.per_prompt + i
                 out.append(Request(request_id=f"{self.id}-{k}", prompt_token_ids=list(ids),
-                                   sampling=self.sampling[k], adapter_id=self.adapter_id))
+                                   sampling=self.sampling[k], adapter_id=self.adapter_id,
+                                   constraint=self.constraint))
         return out
 
 
@@ -397,7 +402,8 @@ def parse_completion(body: Any, ctx: Context, request_id: str | None = None) -> 
     prompt_texts = [ctx.tokenizer.decode(ids) for ids in prompts] if echo else None
     return Call("completion", model, adapter_id, prompts, n, stream, include_usage, sampling,
                 _new_id("cmpl", request_id), int(time.time()), logprobs=logprobs,
-                best_of=per_prompt if per_prompt > n else 0, echo=prompt_texts, mixture=mixture)
+                best_of=per_prompt if per_prompt > n else 0, echo=prompt_texts, mixture=mixture,
+                constraint=structured_output.constraint_from_openai(body))
 
 
 def _message_content(m: dict, i: int) -> str:
@@ -468,7 +474,7 @@ def parse_chat(body: Any, ctx: Context, request_id: str | None = None) -> Call:
     sampling = _sampling(body, ctx, [ids], n, max_field, lambda p: ctx.max_model_len - len(p), logprobs)
     return Call("chat", model, adapter_id, [ids], n, stream, include_usage, sampling,
                 _new_id("chatcmpl", request_id), int(time.time()), logprobs=logprobs,
-                mixture=parse_mixture(body, adapter_id))
+                mixture=parse_mixture(body, adapter_id), constraint=structured_output.constraint_from_openai(body))
 
 
 # --- responses -----------------------------------------------------------------------------------
