@@ -207,8 +207,8 @@ def test_soak_detects_a_stream_without_final_message(soak_env, monkeypatch):
     srv, zipf, _ = soak_env
     original = convert.stream_chunk_to_proto
 
-    def no_final(out):
-        chunk = original(out)
+    def no_final(out, *args):
+        chunk = original(out, *args)
         chunk.finish_reason = pb.FINISH_REASON_UNSPECIFIED
         return chunk
 
