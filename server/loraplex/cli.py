@@ -85,6 +85,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--adapter-starvation-steps", type=int, default=eng.adapter_starvation_steps,
                    help="a request passed over this many steps while its adapter loads stops later "
                         "adapter requests from overtaking it")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay base-model decode steps from CUDA graphs captured per batch-size bucket "
+                        "(CUDA only; refused on CPU)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt: no sharing of KV blocks between requests with the "
                         "same leading tokens and adapter (on by default)")
@@ -237,7 +240,7 @@ def _server_config(args):
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,
                             max_waiting=args.max_waiting,
                             adapter_starvation_steps=args.adapter_starvation_steps,
-                            enable_prefix_caching=args.prefix_caching),
+                            enable_prefix_caching=args.prefix_caching, cuda_graphs=args.cuda_graphs),
         lora=_lora_config(args),
     )
 

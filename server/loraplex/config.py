@@ -60,6 +60,9 @@ class EngineConfig:
     # Automatic prefix caching (engine/block_manager.py): full KV blocks are shared between
     # requests with the same leading tokens and the same adapter weights (--no-prefix-caching).
     enable_prefix_caching: bool = True
+    # Pure base-model decode steps replayed from CUDA graphs, one per batch-size bucket
+    # (model/decode_graphs.py; --cuda-graphs). Refused at start-up unless the model is on CUDA.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",

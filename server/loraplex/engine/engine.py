@@ -134,7 +134,8 @@ class Engine:
         self._slots = _SlotHook(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config, self.block_manager, adapter_slots=self._slots)
         self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
-                                  lora_batch_builder=getattr(lora_manager, "build_lora_batch", None))
+                                  lora_batch_builder=getattr(lora_manager, "build_lora_batch", None),
+                                  decode_graphs="cuda" if config.cuda_graphs else "off")
         self.sampler = Sampler()
 
         self._cv = threading.Condition()  # guards everything below
