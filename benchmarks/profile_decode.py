@@ -133,20 +133,24 @@ def top_ops(acc: dict, steps: int, n: int = 15) -> list[tuple[str, float, int]]:
     return [(k, s / 1e3 / steps, c // steps) for k, s, c in ops[:n]]
 
 
-def write_adapters(loaded, root: Path, n: int, rank: int) -> list[str]:
+def write_adapters(loaded, root: Path, n: int, rank: int) -> tuple[list[str], int, int]:
+    """n random adapters under root; returns (ids, bytes of one adapter's A/B tensors, their
+    elements one token multiplies: sum of rank x (in + out) over the targeted modules)."""
     from bench_lora_serving import ATTN, Shapes, random_lora_tensors, write_adapter
     from loraplex.lora.peft_format import BaseShapes
 
     bs = BaseShapes.from_model(loaded.model)
     shapes = Shapes(bs.num_layers, dict(bs.features))
     gen = torch.Generator().manual_seed(1)
-    ids = []
+    ids, nbytes, elems = [], 0, 0
     for i in range(n):
         aid = f"prof-{i:03d}"
-        write_adapter(root / aid, random_lora_tensors(shapes, ATTN, rank, gen, loaded.dtype), rank, 2.0 * rank,
-                      ATTN, str(loaded.path))
+        tensors = random_lora_tensors(shapes, ATTN, rank, gen, loaded.dtype)
+        write_adapter(root / aid, tensors, rank, 2.0 * rank, ATTN, str(loaded.path))
         ids.append(aid)
-    return ids
+        elems = sum(t.numel() for t in tensors.values())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return ids, nbytes, elems
 
 
 def main(argv=None) -> int:
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
     loaded = load_model(ensure_default_model(), dtype, torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="loraplex-prof-") as tmp:
-        ids = write_adapters(loaded, Path(tmp), a.adapters, a.rank)
+        ids, adapter_bytes, adapter_elems = write_adapters(loaded, Path(tmp), a.adapters, a.rank)
         manager = LoraManager(LoraConfig(max_loras=a.adapters, max_lora_rank=max(16, a.rank),
                                          max_cpu_loras=max(64, a.adapters), adapter_root=tmp),
                               loaded.model, loaded.dtype, "cpu")
@@ -199,6 +203,15 @@ def main(argv=None) -> int:
                 add_totals(acc[name], label_totals(prof))
         results = {name: (breakdown(acc[name], a.steps), top_ops(acc[name], a.steps)) for name in cases}
     load1 = os.getloadavg()
+    # What the LoRA part must cost at least: every adapter of the step read once (A and B up to its
+    # rank) and 2 FLOPs per weight element per row, against this run's bandwidth and matmul peak.
+    from roofline import measure_bandwidth, measure_matmul
+
+    bandwidth = max(r["best"] for r in measure_bandwidth([256])) * 1e9
+    peak = max(r["best"] for r in measure_matmul(dtype, [(512, 512, 512), (a.batch, 576, 1536)])) * 1e9
+    active = min(a.adapters, a.batch)
+    lora_bytes, lora_flops = active * adapter_bytes, 2 * a.batch * adapter_elems
+    lora_floor_ms = max(lora_bytes / bandwidth, lora_flops / peak) * 1e3
 
     names = list(cases)
     lines = [
@@ -224,6 +237,13 @@ def main(argv=None) -> int:
             cells.append(f"{b[part]:.1f} | {100 * b[part] / b['step']:.0f} %")
         label = "**whole step**" if part == "step" else part
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lora_ms = results[names[1]][0]["LoRA"]
+    lines += ["", f"LoRA's own floor in this step: {active} adapters x {adapter_bytes / 1e6:.2f} MB read once = "
+              f"{lora_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s, {lora_flops / 1e6:.0f} MFLOP at "
+              f"{peak / 1e9:.1f} GFLOP/s ({a.dtype} F.linear, best of a 512^3 and a {a.batch}x576x1536 shape, "
+              f"measured in this run): **{lora_floor_ms:.1f} ms**; measured LoRA part {lora_ms:.1f} ms "
+              f"= {lora_ms / lora_floor_ms:.1f}x its floor. Whole-step difference with adapters: "
+              f"{results[names[1]][0]['step'] - results[names[0]][0]['step']:+.1f} ms."]
     for n in names:
         lines += ["", f"### Top ops by self CPU time: {n}", "", "| op | self ms/step | calls/step |", "|---|---:|---:|"]
         lines += [f"| {op} | {ms:.2f} | {calls} |" for op, ms, calls in results[n][1]]
