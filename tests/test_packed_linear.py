@@ -158,7 +158,6 @@ def test_engine_packs_bf16_model_and_generates_the_same(tied_model_dir, monkeypa
 
 
 def test_pack_projections_is_idempotent_and_skips_float32(tiny_model_dir):
-    """float32 is never packed (its sibling projections are still fused, unpacked: test_fused_linear.py)."""
     from loraplex.model.loader import load_model
 
     bf16 = load_model(tiny_model_dir, torch.bfloat16, "cpu")
@@ -167,6 +166,4 @@ def test_pack_projections_is_idempotent_and_skips_float32(tiny_model_dir):
     assert fuse_siblings(bf16.model) > 0 and pack_projections(bf16.model) == 0  # slices stay
     fp32 = load_model(tiny_model_dir, torch.float32, "cpu")
     assert pack_projections(fp32.model) == 0
-    assert pack_lm_head(fp32.model) == 0
-    assert fuse_siblings(fp32.model) == 2 * len(fp32.model.model.layers)
-    assert all(type(p.base.group.linear) is nn.Linear for _, n, p in fp32.model.iter_projections() if n == "q_proj")
+    assert fuse_siblings(fp32.model) == 0 and pack_lm_head(fp32.model) == 0

@@ -65,15 +65,14 @@ class EngineObserver(Protocol):
 
 
 def pack_cpu_weights(model: Any) -> None:
-    """bfloat16 CPU weights in oneDNN's blocked layout where this CPU can (bit-identical, faster
-    small GEMMs): the projections and the vocab projection (a tied one as a packed copy of the
-    embedding table unless LORAPLEX_PACK_TIED_HEAD=0). In every dtype, packed or not, q/k/v and
-    gate/up become one GEMM each (model/fused_linear.py)."""
+    """bfloat16 CPU weights in oneDNN's blocked layout: bit-identical, faster small GEMMs. The
+    projections, q/k/v and gate/up as one GEMM each, and the vocab projection (a tied one as a
+    packed copy of the embedding table unless LORAPLEX_PACK_TIED_HEAD=0)."""
     n = pack_projections(model)
     groups = fuse_siblings(model)
     extra = pack_lm_head(model, tied_copy=os.environ.get("LORAPLEX_PACK_TIED_HEAD", "1") != "0")
     if n or groups:
-        log.info("packed %d bfloat16 projections for oneDNN; %d q/k/v or gate/up groups fused into one "
+        log.info("packed %d bfloat16 projections for oneDNN, %d q/k/v or gate/up groups fused into one "
                  "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n, groups)
     if extra:
         log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",

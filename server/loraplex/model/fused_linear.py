@@ -1,4 +1,4 @@
-"""One GEMM for the projections that read the same input (q/k/v, gate/up).
+"""One packed GEMM for the projections that read the same input (q/k/v, gate/up).
 
 A decode step on CPU runs small GEMMs (M = the running sequences), where oneDNN's fixed cost per
 call and its efficiency at narrow N (k/v are 192 wide on the default model) are a visible share:
@@ -8,14 +8,6 @@ concatenated along `out` and packed once; each member's `.base` becomes a Packed
 column range. The sums are bit-identical to the separate GEMMs (oneDNN's reduction over `in` does
 not depend on N; tests/test_packed_linear.py checks it), and no weight is held twice: the members'
 own packed tensors are dropped.
-
-The same holds for plain (unpacked) nn.Linear members of any dtype, which is what runs where
-oneDNN cannot pack bfloat16 (AVX2-only CPUs) and for float32 models: there the narrow GEMMs are
-worse still. Measured on the AVX2 dev box at M = 32 (median of interleaved rounds): one q/k/v GEMM
-takes ~0.35x the time of three, in float32 and bfloat16 alike, and gate/up ~0.5x of two in float32
-(benchmarks/results/roofline_cpu.md has the engine-level A/B). The concatenated weight replaces
-the members' (no weight is held twice), and the column views are bit-identical to the separate
-GEMMs (tests/test_packed_linear.py).
 
 `project_all` (model/linear.py) runs the group's GEMM once and hands every member a column view;
 a member called on its own (a test, a tool) still works: it runs the group's GEMM and slices.
@@ -32,17 +24,13 @@ from loraplex.model.packed_linear import PackedLinear
 
 
 class PackedGroup(nn.Module):
-    """y = x @ cat(W_1..W_n).T + cat(b_1..b_n) for x [T, in]: packed once for oneDNN when the
-    members are PackedLinear (bfloat16), a plain nn.Linear when they are plain nn.Linear."""
+    """y = x @ cat(W_1..W_n).T + cat(b_1..b_n) for x [T, in] bfloat16, packed once."""
 
     @staticmethod
     def refusal(members: Sequence[nn.Module]) -> str | None:
         """Why these layers cannot form a group (None: they can)."""
-        kinds = {type(m) for m in members}
-        if len(members) < 2 or kinds not in ({PackedLinear}, {nn.Linear}):
-            return "a PackedGroup needs >= 2 members, all PackedLinear or all plain nn.Linear"
-        if kinds == {nn.Linear} and len({(m.weight.dtype, m.weight.device) for m in members}) != 1:
-            return "a PackedGroup's nn.Linear members must share one dtype and device"
+        if len(members) < 2 or not all(type(m) is PackedLinear for m in members):
+            return "a PackedGroup needs >= 2 PackedLinear members"
         if len({m.in_features for m in members}) != 1:
             return f"a PackedGroup needs members of one input width, got {sorted({m.in_features for m in members})}"
         if len({m.bias is None for m in members}) != 1:
@@ -57,16 +45,13 @@ class PackedGroup(nn.Module):
         self.in_features = members[0].in_features
         self.widths = tuple(m.out_features for m in members)
         self.out_features = sum(self.widths)
-        packed = type(members[0]) is PackedLinear
-        weights = [m.unpacked_weight() if packed else m.weight.detach() for m in members]
         cat = nn.Linear(self.in_features, self.out_features, bias=members[0].bias is not None,
-                        dtype=weights[0].dtype, device=weights[0].device)
-        cat.requires_grad_(False)
+                        dtype=torch.bfloat16)
         with torch.no_grad():
-            cat.weight.copy_(torch.cat(weights))  # [sum out, in]
+            cat.weight.copy_(torch.cat([m.unpacked_weight() for m in members]))  # [sum out, in]
             if cat.bias is not None:
                 cat.bias.copy_(torch.cat([m.bias for m in members]))
-        self.linear = PackedLinear(cat) if packed else cat
+        self.linear = PackedLinear(cat)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, in] -> one [T, out_i] column view of the shared [T, sum out] result per member."""
@@ -105,8 +90,8 @@ def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[tor
 
 
 def fuse_packed(members: Sequence[nn.Module]) -> bool:
-    """Replace the `.base` of these Projections (all PackedLinear or all plain nn.Linear, one input
-    width) by slices of one PackedGroup. Returns False (and changes nothing) when they do not qualify."""
+    """Replace the `.base` of these Projections (all PackedLinear, one input width) by slices of
+    one PackedGroup. Returns False (and changes nothing) when they do not qualify."""
     bases = [p.base for p in members]
     if PackedGroup.refusal(bases) is not None:
         return False
@@ -121,7 +106,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def fuse_siblings(model: nn.Module) -> int:
-    """fuse_packed every q/k/v and gate/up triple/pair of (packed or plain) projections in the model.
+    """fuse_packed every q/k/v and gate/up triple/pair of packed projections in the model.
     Idempotent (fused members are PackedSlices, not PackedLinears); returns how many groups."""
     n = 0
     for module in model.modules():
