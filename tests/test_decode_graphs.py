@@ -44,16 +44,9 @@ def test_refused_on_cpu(loaded_by_family):
         ModelRunner(loaded.model, loaded.arch, _config(), torch.float32, "cpu", decode_graphs="yes")
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_padded_static_decode_matches_the_forward(loaded_by_family, family):
-    """Two engines fed the same requests, stepped in lockstep; one runs decode steps through the
-    decode graphs' padded fixed-shape path. Every step's logits agree and so does every token."""
-    loaded = loaded_by_family[family]
-    plain = Engine(loaded, _config())
-    graphed = Engine(loaded, _config())
-    graphed.runner = ModelRunner(loaded.model, loaded.arch, _config(), torch.float32, "cpu",
-                                 decode_graphs="eager")
-    assert graphed.runner.kv.num_blocks == 129  # + the scratch block of the padding rows
+def _lockstep(loaded, plain: Engine, graphed: Engine) -> None:
+    """Feed both engines the same requests and step them in lockstep; `graphed` runs its decode
+    steps through the decode graphs. Every step's logits agree and so does every token."""
     logits = {"plain": [], "graphed": []}
     graph_steps = []
     for name, eng in (("plain", plain), ("graphed", graphed)):
@@ -94,6 +87,28 @@ def test_padded_static_decode_matches_the_forward(loaded_by_family, family):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert {1, 3} <= set(graph_steps), graph_steps  # 3 sequences: padded up to bucket 4
     assert len(graph_steps) < len(logits["graphed"])  # prefill steps stayed eager
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_padded_static_decode_matches_the_forward(loaded_by_family, family):
+    """The decode graphs' padded fixed-shape step, run eagerly on CPU, against the ordinary forward."""
+    loaded = loaded_by_family[family]
+    plain = Engine(loaded, _config())
+    graphed = Engine(loaded, _config())
+    graphed.runner = ModelRunner(loaded.model, loaded.arch, _config(), torch.float32, "cpu",
+                                 decode_graphs="eager")
+    assert graphed.runner.kv.num_blocks == 129  # + the scratch block of the padding rows
+    _lockstep(loaded, plain, graphed)
+
+
+@pytest.mark.gpu
+def test_captured_cuda_graphs_match_the_forward(tiny_model_dirs):
+    """On a GPU: --cuda-graphs captures every bucket at start-up and replays decode steps."""
+    loaded = load_model(tiny_model_dirs["llama"], torch.float32, "cuda")
+    plain = Engine(loaded, _config())
+    graphed = Engine(loaded, _config(cuda_graphs=True))
+    assert sorted(graphed.runner.graphs._graphs) == batch_buckets(6)
+    _lockstep(loaded, plain, graphed)
 
 
 def test_what_the_graphs_leave_to_the_eager_path(loaded_by_family):
