@@ -45,15 +45,15 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def warn_emulated_bf16() -> None:
     """Say so when this CPU runs bfloat16 GEMMs without native support (AVX2 only: oneDNN cannot
-    even pack them, model/packed_linear.py): on such a CPU float32 decoded 8-64 sequences 1.5-4x
-    faster and one sequence ~2x slower (benchmarks/results/roofline_cpu.md), at twice the memory
+    even pack them, model/packed_linear.py): on such a CPU float32 decoded 8-64 sequences 1.3-5x
+    faster and one sequence 1.5-2x slower (benchmarks/results/roofline_cpu.md), at twice the memory
     for weights, KV cache and adapters. `auto` stays bfloat16: which one wins depends on the load."""
     from loraplex.model.packed_linear import packing_available
 
     if not packing_available():
         log.warning("this CPU has no native bfloat16 matmul (no AVX-512/AMX): bfloat16 GEMMs are emulated; "
-                    "--dtype float32 decodes batches of 8+ sequences faster here (1.5-4x measured, a single "
-                    "stream ~2x slower) with twice the memory (benchmarks/results/roofline_cpu.md)")
+                    "--dtype float32 decodes batches of 8+ sequences faster here (1.3-5x measured, a single "
+                    "stream 1.5-2x slower) with twice the memory (benchmarks/results/roofline_cpu.md)")
 
 
 def model_path(config: ModelConfig) -> Path:
