@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quantize", default="none", help="the base model's bitsandbytes method: none, nf4, fp4, int8")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="4-bit methods: the embedding table (SmolLM2's tied lm_head) in 4 bits too")
     p.add_argument("--json", type=Path, help="also write the ratios and the base's resident bytes here "
                    "(read by scripts/gpu_check.py)")
     a = p.parse_args(argv)
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
 
     if a.quantize != "none":
         check_available(a.quantize, a.device)
-    loaded = load_model(model_dir, torch.bfloat16, torch.device(a.device), QuantSpec(a.quantize))
+    loaded = load_model(model_dir, torch.bfloat16, torch.device(a.device), QuantSpec(a.quantize, embeddings=a.quantize_embeddings))
     bs = BaseShapes.from_model(loaded.model)
     shapes = Shapes(bs.num_layers, dict(bs.features))
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="loraplex-many-"))
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(dict(
-            device=a.device, quantize=a.quantize, base_bytes=quantized_bytes(loaded.model),
+            device=a.device, quantize=a.quantize, quantize_embeddings=a.quantize_embeddings, base_bytes=quantized_bytes(loaded.model),
             fp16_bytes=float16_bytes(loaded.arch),
             cases=[dict(kind=c["kind"], n=c["n"], popularity=c["popularity"], **summarize(c)) for c in cases]),
             indent=1))

@@ -25,7 +25,8 @@ def test_plan_covers_the_issue_within_the_budget(tmp_path):
     assert any("-m pytest -m gpu" in a for a in argvs)
     assert any(a.endswith("benchmarks/gpu_kernels.py") for a in argvs)
     many = next(a for a in argvs if "bench_many_adapters.py" in a)
-    assert "--device cuda" in many and "--quantize nf4" in many and f"--cases qv8:{gc.ADAPTERS_N}" in many
+    assert "--device cuda" in many and "--quantize nf4 --quantize-embeddings" in many
+    assert f"--cases qv8:{gc.ADAPTERS_N}" in many
     assert sum(s.timeout_s for s in plan) <= gc.BUDGET_SECONDS
 
 
