@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loraplex-installed
 
-.PHONY: install serve test test-deps proto proto-check bench clean
+.PHONY: install serve test test-deps proto proto-check bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_kernels.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_serving.py
+
+# On a GPU machine (one H100, < 8 minutes): every gpu-marked test, the Triton kernel benchmark and
+# 1000 adapters on the nf4 base, then the GPU targets (scripts/gpu_check.py). It runs with the
+# machine's own Python (GPU_PYTHON), whose CUDA torch the CPU venv above would replace.
+GPU_PYTHON ?= python3
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

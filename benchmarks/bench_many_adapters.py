@@ -23,6 +23,7 @@ Writes benchmarks/results/many_adapters_cpu.md and many_adapters_cpu.png.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -65,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: qv8:200 and mixed:100, 32 requests")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quantize", default="none", help="the base model's bitsandbytes method: none, nf4, fp4, int8")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="4-bit methods: the embedding table (SmolLM2's tied lm_head) in 4 bits too")
+    p.add_argument("--json", type=Path, help="also write the ratios and the base's resident bytes here "
+                   "(read by scripts/gpu_check.py)")
     a = p.parse_args(argv)
     if a.quick:
         a.cases, a.requests = "qv8:200,mixed:100@64MiB", 32
@@ -146,7 +153,7 @@ def run_case(ctx, kind: str, n: int, popularity: str) -> dict:
         jobs = zipf_jobs(ids, a.requests, 1.0, prompts, rng)
     base_jobs = [Job(j.prompt, "") for j in jobs]
     manager = LoraManager(LoraConfig(adapter_memory=a.case_memory[(kind, n)], max_lora_rank=64, adapter_root=str(root)),
-                          loaded.model, loaded.dtype, "cpu")
+                          loaded.model, loaded.dtype, a.device)
     # Prefix caching off: the base passes send the same prompts again and again and would skip
     # their prefills from the cache, while the LoRA passes (one adapter per request) cannot; this
     # benchmark compares adapter overhead, not the prefix cache.
@@ -304,7 +311,11 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tuple(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False)) for q in QUESTIONS]
-    loaded = load_model(model_dir, torch.bfloat16, torch.device("cpu"))
+    from loraplex.model.quantize import QuantSpec, check_available, float16_bytes, quantized_bytes
+
+    if a.quantize != "none":
+        check_available(a.quantize, a.device)
+    loaded = load_model(model_dir, torch.bfloat16, torch.device(a.device), QuantSpec(a.quantize, embeddings=a.quantize_embeddings))
     bs = BaseShapes.from_model(loaded.model)
     shapes = Shapes(bs.num_layers, dict(bs.features))
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="loraplex-many-"))
@@ -325,6 +336,13 @@ def main(argv=None) -> int:
     finally:
         if not a.keep and not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(dict(
+            device=a.device, quantize=a.quantize, quantize_embeddings=a.quantize_embeddings, base_bytes=quantized_bytes(loaded.model),
+            fp16_bytes=float16_bytes(loaded.arch),
+            cases=[dict(kind=c["kind"], n=c["n"], popularity=c["popularity"], **summarize(c)) for c in cases]),
+            indent=1))
     text = write_report(ctx, cases, a.out, load_at_start)
     write_plot(cases, a.out.with_suffix(".png"))
     print(text)

@@ -233,15 +233,10 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 
 def machine_info(load_at_start: tuple[float, float, float]) -> list[str]:
-    cpu, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from machine import cpu_info
+
+    info = cpu_info()
+    cpu, flags = info.name, info.flags
     import transformers
     amx = "yes" if {"amx_bf16", "amx_tile"} <= flags else "no"
     return [

@@ -1,6 +1,6 @@
 """GPU check + benchmark of the Triton LoRA kernels. Self-contained: run from the repository root.
 
-    python benchmarks/gpu_kernels.py            # on a CUDA machine; writes $OUT/kernels_gpu.md if OUT is set
+    python benchmarks/gpu_kernels.py            # on a CUDA machine; writes $OUT/kernels_gpu.md (+ .json) if OUT is set
     python benchmarks/gpu_kernels.py --smoke    # anywhere: tiny shapes under TRITON_INTERPRET=1 (CPU)
 
 1. Correctness: triton add_lora vs the float64 reference on random data at realistic shapes
@@ -16,6 +16,7 @@ Needs only torch + triton (+ this repository's kernels/ folder, put on sys.path 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -184,14 +185,40 @@ def check_baselines(device: str) -> list[str]:
     return lines
 
 
-def run_timing(device: str = "cuda", timer=cuda_time, shapes=SHAPES, scenarios=SCENARIOS) -> list[str]:
+def lora_bytes(case) -> int:
+    """The least one add_lora call must move: each active slot's A and B rows up to its rank, x of
+    the rows with an adapter, and y of those rows read and written (rows with idx = -1 untouched)."""
+    idx = case.idx.tolist()
+    active = {s for s in idx if s >= 0}
+    rows = sum(s >= 0 for s in idx)
+    d_in, d_out = case.x.shape[1], case.y0.shape[1]
+    w = case.A.element_size()
+    weights = sum(int(case.ranks[s]) * (d_in + d_out) for s in active) * w
+    return weights + rows * d_in * case.x.element_size() + 2 * rows * d_out * case.y0.element_size()
+
+
+def hbm_bandwidth(timer=cuda_time, mib: int = 1024) -> float:
+    """GB/s (1e9 bytes) of a device-to-device copy of `mib` MiB (read + write counted)."""
+    import torch
+
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+def run_timing(device: str = "cuda", timer=cuda_time, shapes=SHAPES, scenarios=SCENARIOS,
+               hbm_gbps: float | None = None, records: list | None = None) -> list[str]:
+    """Markdown rows of the timing table; `records` (if given) gets one dict per row for the
+    machine-readable output (scripts/gpu_check.py reads it)."""
     import torch
 
     from loraplex_kernels.testing import make_case
 
     methods = ["triton", "loop", "gather-bmm", "grouped_mm"]
-    lines = ["| scenario | projection | meta build (us, once per step) | " + " | ".join(methods) + " | loop / triton |",
-             "|---|---|---:|" + "---:|" * (len(methods) + 1)]
+    lines = ["| scenario | projection | meta build (us, once per step) | " + " | ".join(methods)
+             + " | loop / triton | triton GB/s | % of HBM |",
+             "|---|---|---:|" + "---:|" * (len(methods) + 3)]
     for sname, (T, n, prefill, rank_mode) in scenarios.items():
         for pname, (d_in, d_out) in shapes.items():
             case = make_case(T, d_in, d_out, n, "uniform", rank_mode, max_rank=64, dtype=torch.bfloat16,
@@ -213,7 +240,14 @@ def run_timing(device: str = "cuda", timer=cuda_time, shapes=SHAPES, scenarios=S
                     print(f"{m} failed on {sname} {pname}: {e}", flush=True)
                     t[m] = float("nan")
             cells = " | ".join(f"{t[m]:.1f}" for m in methods)
-            lines.append(f"| {sname} | {pname} | {statistics.median(meta_t):.0f} | {cells} | {t['loop'] / t['triton']:.1f}x |")
+            nbytes = lora_bytes(case)
+            gbps = nbytes / (t["triton"] * 1e-6) / 1e9
+            share = f"{100 * gbps / hbm_gbps:.0f} %" if hbm_gbps else "-"
+            lines.append(f"| {sname} | {pname} | {statistics.median(meta_t):.0f} | {cells} | "
+                         f"{t['loop'] / t['triton']:.1f}x | {gbps:.0f} | {share} |")
+            if records is not None:
+                records.append(dict(scenario=sname, projection=pname, decode=not prefill, bytes=nbytes,
+                                    triton_us=t["triton"], loop_us=t["loop"], triton_gbps=gbps))
             print(lines[-1], flush=True)
     return lines
 
@@ -233,16 +267,25 @@ def main() -> None:
     header = [f"# Triton LoRA kernels ({'interpreter smoke run, CPU' if not cuda else torch.cuda.get_device_name()})", "",
               f"torch {torch.__version__}, triton {__import__('triton').__version__}", "", "## Correctness vs float64 reference", ""]
     lines = header + run_checks("cuda" if cuda else "cpu", small=not cuda) + check_baselines("cuda" if cuda else "cpu")
+    records: list[dict] = []
+    hbm = None
     if cuda and not args.no_timing:
-        lines += ["", "## Time per call (us, CUDA events, median of 50; bfloat16; triton excludes the meta build)", ""]
-        lines += run_timing()
+        hbm = hbm_bandwidth()
+        lines += ["", f"Device-to-device copy of 1 GiB: **{hbm:.0f} GB/s** (the HBM bandwidth the kernel is compared with).",
+                  "", "## Time per call (us, CUDA events, median of 50; bfloat16; triton excludes the meta build)", "",
+                  "triton GB/s = the least bytes the call must move (active slots' A/B up to their rank, x and "
+                  "y of the rows with an adapter) / its time.", ""]
+        lines += run_timing(hbm_gbps=hbm, records=records)
     text = "\n".join(lines) + "\n"
     print(text)
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "kernels_gpu.md").write_text(text)
-        print(f"wrote {Path(out) / 'kernels_gpu.md'}")
+        (Path(out) / "kernels_gpu.json").write_text(json.dumps(
+            dict(device=torch.cuda.get_device_name() if cuda else "cpu", hbm_gbps=hbm, rows=records,
+                 checks_failed="CHECKS FAILED" in text), indent=1))
+        print(f"wrote {Path(out) / 'kernels_gpu.md'} and kernels_gpu.json")
     if "CHECKS FAILED" in text:
         sys.exit(1)
 

@@ -89,6 +89,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--adapter-starvation-steps", type=int, default=eng.adapter_starvation_steps,
                    help="a request passed over this many steps while its adapter loads stops later "
                         "adapter requests from overtaking it")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay base-model decode steps from CUDA graphs captured per batch-size bucket "
+                        "(CUDA only; refused on CPU)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt: no sharing of KV blocks between requests with the "
                         "same leading tokens and adapter (on by default)")
@@ -278,7 +281,8 @@ def _server_config(args):
                             structured_output_compile_timeout=args.structured_output_compile_timeout,
                             structured_output_max_bytes=args.structured_output_max_bytes,
                             structured_output_cache_size=args.structured_output_cache_size,
-                            structured_output_overlap=args.structured_output_overlap),
+                            structured_output_overlap=args.structured_output_overlap,
+                            cuda_graphs=args.cuda_graphs),
         lora=_lora_config(args),
     )
 

@@ -70,6 +70,9 @@ class EngineConfig:
     # Compute the allowed-token masks in a worker thread while the forward runs (False: after it,
     # on the engine thread).
     structured_output_overlap: bool = True
+    # Pure base-model decode steps replayed from CUDA graphs, one per batch-size bucket
+    # (model/decode_graphs.py; --cuda-graphs). Refused at start-up unless the model is on CUDA.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",

@@ -44,6 +44,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "auto" else _DTYPES[name]
 
 
+def warn_emulated_bf16() -> None:
+    """Say so when this CPU runs bfloat16 GEMMs without native support (AVX2 only: oneDNN cannot
+    even pack them, model/packed_linear.py): on such a CPU float32 decoded 8-64 sequences 1.3-5x
+    faster and one sequence 1.5-2x slower (benchmarks/results/roofline_cpu.md), at twice the memory
+    for weights, KV cache and adapters. `auto` stays bfloat16: which one wins depends on the load."""
+    from loraplex.model.packed_linear import packing_available
+
+    if not packing_available():
+        log.warning("this CPU has no native bfloat16 matmul (no AVX-512/AMX): bfloat16 GEMMs are emulated; "
+                    "--dtype float32 decodes batches of 8+ sequences faster here (1.3-5x measured, a single "
+                    "stream 1.5-2x slower) with twice the memory (benchmarks/results/roofline_cpu.md)")
+
+
 def model_path(config: ModelConfig) -> Path:
     if config.path is not None:
         return Path(config.path)
@@ -67,6 +80,8 @@ def load_runtime(config: ServerConfig, metrics=None) -> Runtime:
     quant = spec_from_config(config.model, device)
     path = model_path(config.model)
     log.info("loading %s (%s on %s, quantize=%s)", path, str(dtype).removeprefix("torch."), device, quant.method)
+    if device == "cpu" and dtype == torch.bfloat16:
+        warn_emulated_bf16()
     loaded = load_model(path, dtype=dtype, device=device, quant=quant)
     log.info("%s", memory_summary(loaded))
     manager = build_lora_manager(loaded, config.lora)

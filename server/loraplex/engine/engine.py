@@ -138,7 +138,8 @@ class Engine:
         self._slots = _SlotHook(lora_manager) if lora_manager is not None else None
         self.scheduler = Scheduler(config, self.block_manager, adapter_slots=self._slots)
         self.runner = ModelRunner(model, loaded.arch, config, dtype=loaded.dtype, device=device,
-                                  lora_batch_builder=getattr(lora_manager, "build_lora_batch", None))
+                                  lora_batch_builder=getattr(lora_manager, "build_lora_batch", None),
+                                  decode_graphs="cuda" if config.cuda_graphs else "off")
         self.sampler = Sampler()
         # Structured output: grammars compile in the compiler's own thread (never this engine's
         # loop); per step, the masks of the constrained rows are built while the forward runs.

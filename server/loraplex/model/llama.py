@@ -123,10 +123,13 @@ class LlamaForCausalLM(nn.Module):
         self.packed_head: nn.Module | None = None
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """`plan`: the step's attention plan when the caller fixes it (model/decode_graphs.py: a
+        fixed-shape plan a CUDA graph can replay); None = built from the batch."""
         if len(kv.k) != self.arch.num_layers:
             raise ValueError(f"kv cache has {len(kv.k)} layers, model has {self.arch.num_layers}")
-        plan = AttentionPlan.build(batch, kv.block_size)
+        if plan is None:
+            plan = AttentionPlan.build(batch, kv.block_size)
         cos_sin = self.model.rotary_emb.lookup(batch.positions)  # 2 x [T, 1, head_dim]
         x = self.model.embed_tokens(batch.input_ids)  # [T, hidden]
         for layer in self.model.layers:
