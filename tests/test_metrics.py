@@ -371,3 +371,32 @@ def test_promtool_check_metrics(run):
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), \
         (res.stdout + res.stderr).decode()
+
+
+def test_structured_output_metrics(loaded_plain):
+    """Compiles, cache hits and failures of structured-output constraints, read at scrape time
+    from the engine's grammar compiler (the histogram counts only compiles that finished)."""
+    import json
+
+    from loraplex.engine.request import InvalidRequestError
+    from loraplex.engine.structured.spec import Constraint, Kind
+
+    registry = CollectorRegistry()
+    metrics = LoraplexMetrics(registry)
+    engine = Engine(loaded_plain, engine_config(), observers=[metrics])
+    metrics.bind(engine, None, loaded_plain.model)
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    for i in range(3):  # one compile, then two cache hits
+        engine.submit(Request(f"s{i}", prompt(i, 4), SamplingParams(max_new_tokens=4),
+                              constraint=Constraint.json_schema(schema, "structured_output.json_schema")),
+                      Collector())
+    with pytest.raises(InvalidRequestError):  # an unsatisfiable regex fails to compile
+        engine.grammars.compile(Constraint(Kind.REGEX, "(", field="structured_output.regex"))
+    fams = scrape(registry)
+    assert value(fams, "loraplex_structured_output_cache_misses_total") == 2
+    assert value(fams, "loraplex_structured_output_cache_hits_total") == 2
+    assert value(fams, "loraplex_structured_output_compile_failures_total") == 1
+    assert value(fams, "loraplex_structured_output_cached_grammars") == 1  # the failed one is dropped
+    assert value(fams, "loraplex_structured_output_compile_seconds_count") == 1
+    assert 0 < value(fams, "loraplex_structured_output_compile_seconds_sum") < 10
+    engine.shutdown(0)

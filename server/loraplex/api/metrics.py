@@ -54,6 +54,8 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0
                240.0, 480.0)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Grammar compiles: typically ~1 ms (llguidance), bounded by --structured-output-compile-timeout.
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SEQ_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 BATCH_TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -190,6 +192,7 @@ class _StateCollector(Collector):
         # become cumulative histograms here, so they stay monotonic though the deques are not.
         self._load_hist = _WindowHistogram(LOAD_BUCKETS)
         self._wait_hist = _WindowHistogram(WAIT_BUCKETS)
+        self._compile_hist = _WindowHistogram(COMPILE_BUCKETS)
 
     def bind(self, engine, manager, model) -> None:
         self._engine, self._manager, self._model = engine, manager, model
@@ -240,6 +243,25 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("loraplex_prefix_cache_evictions", "Cached KV blocks evicted "
                                   "(least recently used first) to make room.",
                                   value=st.prefix_cache_evictions_total)
+        # Structured output: hit ratio = rate(hits) / (rate(hits) + rate(misses)).
+        yield CounterMetricFamily("loraplex_structured_output_cache_hits", "Constrained requests "
+                                  "whose grammar was already compiled (or compiling) in the cache.",
+                                  value=st.structured_output_cache_hits_total)
+        yield CounterMetricFamily("loraplex_structured_output_cache_misses", "Constrained requests "
+                                  "that started a grammar compile.",
+                                  value=st.structured_output_cache_misses_total)
+        yield CounterMetricFamily("loraplex_structured_output_compile_failures", "Grammar compiles "
+                                  "that failed (invalid or unsupported constraint).",
+                                  value=st.structured_output_compile_failures_total)
+        yield GaugeMetricFamily("loraplex_structured_output_cached_grammars", "Compiled grammars "
+                                "in the LRU cache (--structured-output-cache-size).",
+                                value=st.structured_output_cached_grammars)
+        grammars = getattr(eng, "grammars", None)
+        if grammars is not None:
+            yield self._compile_hist.family(
+                "loraplex_structured_output_compile_seconds", "Time to compile a structured-output "
+                "constraint into a grammar (first mask included), in the compile thread.",
+                grammars.compile_seconds, grammars.compiled)
 
     def _manager_families(self):
         mgr = self._manager
@@ -372,6 +394,9 @@ METRIC_NAMES = frozenset({
     "loraplex_adapter_slot_bytes", "loraplex_kv_cache_bytes",
     "loraplex_prefix_cache_queried_tokens_total", "loraplex_prefix_cache_hit_tokens_total",
     "loraplex_prefix_cache_blocks", "loraplex_prefix_cache_evictions_total",
+    "loraplex_structured_output_cache_hits_total", "loraplex_structured_output_cache_misses_total",
+    "loraplex_structured_output_compile_failures_total", "loraplex_structured_output_cached_grammars",
+    "loraplex_structured_output_compile_seconds",
 })
 
 

@@ -268,6 +268,10 @@ class Engine:
             prefix_cache_hit_tokens_total=self.block_manager.hit_tokens_total,
             prefix_cache_blocks=self.block_manager.num_cached_blocks,
             prefix_cache_evictions_total=self.block_manager.evictions_total,
+            structured_output_cache_hits_total=self.grammars.hits,
+            structured_output_cache_misses_total=self.grammars.misses,
+            structured_output_compile_failures_total=self.grammars.failures,
+            structured_output_cached_grammars=self.grammars.cache_len,
         )
 
     def reset_prefix_cache(self) -> int:

@@ -23,6 +23,13 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int = 0
     prefix_cache_blocks: int = 0
     prefix_cache_evictions_total: int = 0
+    # Structured output (engine/structured/compiler.py): constraint lookups that found a compiled
+    # (or compiling) grammar in the cache, those that started a compile, compiles that failed
+    # (invalid, unsupported; a timed-out one counts when it ends), grammars cached now.
+    structured_output_cache_hits_total: int = 0
+    structured_output_cache_misses_total: int = 0
+    structured_output_compile_failures_total: int = 0
+    structured_output_cached_grammars: int = 0
 
     @property
     def kv_usage(self) -> float:

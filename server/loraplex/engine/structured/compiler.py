@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
@@ -46,6 +47,11 @@ class GrammarCompiler:
         self._cache: OrderedDict[Constraint, Future] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        # Compile durations (seconds, worker time, first mask included) of the latest compiles,
+        # and how many ever finished / failed: the Prometheus histogram and counters read these.
+        self.compile_seconds: deque[float] = deque(maxlen=1024)
+        self.compiled = 0
+        self.failures = 0
 
     # --- the tokenizer view ------------------------------------------------------------------
     def warm_up(self) -> Future:
@@ -72,12 +78,26 @@ class GrammarCompiler:
                 self.hits += 1
                 return fut
             self.misses += 1
-            fut = self._pool.submit(lambda: compile_constraint(vocab.result(), c))
+            fut = self._pool.submit(self._timed_compile, vocab, c)
             self._cache[c] = fut
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         fut.add_done_callback(lambda f: self._drop_failed(c, f))
         return fut
+
+    def _timed_compile(self, vocab: Future, c: Constraint) -> CompiledGrammar:
+        """In the worker: one compile, its duration and outcome counted."""
+        t0 = time.perf_counter()
+        try:
+            grammar = compile_constraint(vocab.result(), c)
+        except BaseException:
+            with self._lock:
+                self.failures += 1
+            raise
+        with self._lock:
+            self.compile_seconds.append(time.perf_counter() - t0)
+            self.compiled += 1
+        return grammar
 
     def _drop_failed(self, c: Constraint, fut: Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
