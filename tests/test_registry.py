@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import grpc
@@ -201,5 +203,46 @@ def test_a_registry_write_failure_is_reported(tiny_model_dir, lib, tmp_path, mon
         assert exc.value.details().startswith("path: state_dir: the change was applied but could not be recorded")
         with pytest.raises(AdapterStateError):
             srv.manager.unload("a")
+    finally:
+        srv.stop()
+
+
+def test_pin_and_unpin_are_recorded_and_replayed(tiny_model_dir, lib, tmp_path):
+    """PinAdapter pins an API-loaded adapter (into the pool, never evicted) and unpins it; each
+    change is recorded in --state-dir and comes back after a restart."""
+    from loraplex.client import Client, LoraplexError
+
+    state = tmp_path / "state"
+    srv = start(tiny_model_dir, lib, state)
+    try:
+        load(srv, "a", lib / "library" / "a")
+        before = greedy(srv, "a")
+        with Client(srv.thread.address) as c:
+            assert c.pin_adapter("a").pinned
+            assert c.pin_adapter("a").pinned  # again: no change
+            assert listed(srv)["a"].tier == apb.ADAPTER_TIER_DEVICE  # in the pool, and stays there
+            assert recorded(state)["adapters"] == [{"adapter_id": "a", "source": str(lib / "library" / "a"),
+                                                    "pinned": True}]
+            with pytest.raises(LoraplexError) as exc:
+                c.pin_adapter("never-loaded")
+            assert exc.value.code == "NOT_FOUND"
+            with pytest.raises(LoraplexError) as exc:
+                c.pin_adapter("../escape")
+            assert exc.value.code == "INVALID_ARGUMENT"
+    finally:
+        srv.stop()
+    srv = start(tiny_model_dir, lib, state)
+    try:
+        assert listed(srv)["a"].pinned and greedy(srv, "a") == before
+        out = subprocess.run([sys.executable, "-m", "loraplex.cli", "adapters", "pin", "a", "--unpin",
+                              "--server", srv.thread.address], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "pinned=false" in out.stdout, out.stdout + out.stderr
+        assert not listed(srv)["a"].pinned
+        assert recorded(state)["adapters"][0]["pinned"] is False
+    finally:
+        srv.stop()
+    srv = start(tiny_model_dir, lib, state)
+    try:
+        assert not listed(srv)["a"].pinned
     finally:
         srv.stop()

@@ -447,8 +447,12 @@ def _add_adapters(sub) -> None:
     save.add_argument("adapter_id")
     save.add_argument("path", help="folder to create, under the server's allowed adapter roots")
     save.add_argument("--force", action="store_true", help="replace an existing folder")
-    for q in (load, unload, lst, combine, save):
+    pin = asub.add_parser("pin", help="pin a loaded adapter in the adapter pool (or --unpin it)")
+    pin.add_argument("adapter_id")
+    pin.add_argument("--unpin", dest="pinned", action="store_false", help="make it evictable again")
+    for q in (load, unload, lst, combine, save, pin):
         _add_server_flag(q)
+    pin.set_defaults(func=_rpc_errors(_adapters_pin))
     combine.set_defaults(func=_rpc_errors(_adapters_combine))
     save.set_defaults(func=_rpc_errors(_adapters_save))
     load.set_defaults(func=_rpc_errors(_adapters_load))
@@ -501,6 +505,12 @@ def _adapters_combine(args) -> int:
 def _adapters_save(args) -> int:
     with _client(args) as client:
         print(client.save_adapter(args.adapter_id, args.path, overwrite=args.force))
+    return 0
+
+
+def _adapters_pin(args) -> int:
+    with _client(args) as client:
+        _print_adapter(client.pin_adapter(args.adapter_id, args.pinned))
     return 0
 
 

@@ -396,6 +396,11 @@ class Client(_Base):
         req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
         return self._call(self._adapters, "SaveAdapter", req, timeout, retry=False).path
 
+    def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> Adapter:
+        """Pin (or, with pinned=False, unpin) a loaded adapter."""
+        req = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id, pinned=pinned)
+        return _adapter(self._call(self._adapters, "PinAdapter", req, timeout, retry=False).adapter)
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
@@ -483,6 +488,10 @@ class AsyncClient(_Base):
                            timeout: float | None = None) -> str:
         req = adapters_pb2.SaveAdapterRequest(adapter_id=adapter_id, path=str(path), overwrite=overwrite)
         return (await self._call(self._adapters, "SaveAdapter", req, timeout, retry=False)).path
+
+    async def pin_adapter(self, adapter_id: str, pinned: bool = True, *, timeout: float | None = None) -> Adapter:
+        req = adapters_pb2.PinAdapterRequest(adapter_id=adapter_id, pinned=pinned)
+        return _adapter((await self._call(self._adapters, "PinAdapter", req, timeout, retry=False)).adapter)
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -68,6 +68,7 @@ GENERATE_FIELDS = ("adapter_id",)
 COMBINE_FIELDS = ("adapter_id", "adapters", "method", "density", "svd_rank", "svd_clamp",
                   "majority_sign_method")
 MIXTURE_FIELDS = ("adapters",)
+PIN_FIELDS = ("adapter_id", "pinned")
 
 
 # The manager's AdapterError kinds and their status (see the module doc); their messages name a field.
@@ -211,6 +212,15 @@ async def unload_adapter(runtime: Any, adapter_id: str) -> None:
     check_adapter_id(adapter_id)
     await adapter_call("adapter_id", GENERATE_FIELDS, manager.unload, adapter_id)
     log.info("adapter %s unloaded (freed once its running requests finish)", adapter_id)
+
+
+async def pin_adapter(runtime: Any, adapter_id: str, pinned: bool) -> Any:
+    """PinAdapter: pin or unpin a loaded adapter; the manager's AdapterInfo."""
+    manager = manager_of(runtime)
+    check_adapter_id(adapter_id)
+    info = await adapter_call("adapter_id", PIN_FIELDS, manager.set_pinned, adapter_id, pinned)
+    log.info("adapter %s %s", adapter_id, "pinned" if pinned else "unpinned")
+    return info
 
 
 async def list_adapters(runtime: Any) -> list:

@@ -1,4 +1,5 @@
-"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters / CombineAdapters / SaveAdapter,
+"""The Adapters service: LoadAdapter / UnloadAdapter / ListAdapters / CombineAdapters / SaveAdapter /
+PinAdapter,
 a thin translator onto api/adapter_ops.py (shared with the HTTP front), where the status of each
 failure is documented.
 """
@@ -79,3 +80,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         path = await answer(context, lambda: adapter_ops.save_adapter(
             self.runtime, request.adapter_id, request.path, request.overwrite))
         return adapters_pb2.SaveAdapterResponse(path=path)
+
+    async def PinAdapter(self, request: adapters_pb2.PinAdapterRequest,
+                         context: grpc.aio.ServicerContext) -> adapters_pb2.PinAdapterResponse:
+        info = await answer(context, lambda: adapter_ops.pin_adapter(self.runtime, request.adapter_id,
+                                                                     request.pinned))
+        return adapters_pb2.PinAdapterResponse(adapter=convert.adapter_info_to_proto(info))

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 ADAPTERS_SERVICE = "/loraplex.v1.Adapters/"
 GENERATION_SERVICE = "/loraplex.v1.Generation/"
 ADMIN_METHODS = frozenset({ADAPTERS_SERVICE + m for m in (
-    "LoadAdapter", "UnloadAdapter", "CombineAdapters", "SaveAdapter")})
+    "LoadAdapter", "UnloadAdapter", "CombineAdapters", "SaveAdapter", "PinAdapter")})
 # Read-only calls of the Adapters service; any other method there counts as admin (safe default
 # for methods added later).
 ADAPTERS_READ_METHODS = frozenset({ADAPTERS_SERVICE + "ListAdapters"})

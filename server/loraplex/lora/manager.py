@@ -252,6 +252,32 @@ class LoraManager:
         with self._lock:
             return self._info(self._entries[adapter_id])
 
+    def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterInfo:
+        """PinAdapter: pin a registered adapter (it must fit in the pinned share now; it is brought
+        into the pool and stays) or unpin it (evictable again). A failed pin leaves it as it was.
+        Recorded in the --state-dir registry when the adapter was loaded through the API."""
+        with self._load_lock(adapter_id):
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is None or entry.unloading or entry.transient:
+                    raise AdapterNotFoundError(adapter_id)
+                changed = entry.pinned != pinned
+                if changed and pinned:
+                    self._check_pin_room(entry.elems)
+                entry.pinned = pinned
+        if changed and pinned:
+            try:
+                self._make_resident(adapter_id, required=True)
+            except Exception:
+                with self._lock:
+                    entry.pinned = False
+                raise
+        with self._lock:
+            persisted, info = entry.persisted, self._info(entry)
+        if changed and persisted:
+            self._save_registry()
+        return info
+
     def _check_pin_room(self, elems: int) -> None:
         # Pinned adapters never leave the pool; leave room for everyone else, or requests for
         # unpinned adapters would wait forever.

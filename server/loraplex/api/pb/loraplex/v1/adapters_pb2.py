@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"3\n\rAdapterWeight\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xa0\x02\n\x16\x43ombineAdaptersRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1a.loraplex.v1.AdapterWeight\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x14\n\x07\x64\x65nsity\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08svd_rank\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x14majority_sign_method\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x16\n\tsvd_clamp\x18\t \x01(\x02H\x03\x88\x01\x01\x42\n\n\x08_densityB\x0b\n\t_svd_rankB\x07\n\x05_seedB\x0c\n\n_svd_clamp\"D\n\x17\x43ombineAdaptersResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"I\n\x12SaveAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"#\n\x13SaveAdapterResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"F\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xd8\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x10\n\x08min_rank\x18\x04 \x01(\r\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12&\n\x04tier\x18\x07 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\t \x01(\x01\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12(\n\x05state\x18\x0b \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x15\n\rcombined_from\x18\r \x03(\t\x12\x16\n\x0e\x63ombine_method\x18\x0e \x01(\t*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03*`\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x02\x32\xb9\x03\n\x08\x41\x64\x61pters\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\\\n\x0f\x43ombineAdapters\x12#.loraplex.v1.CombineAdaptersRequest\x1a$.loraplex.v1.CombineAdaptersResponse\x12P\n\x0bSaveAdapter\x12\x1f.loraplex.v1.SaveAdapterRequest\x1a .loraplex.v1.SaveAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\"7\n\x11PinAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"?\n\x12PinAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"3\n\rAdapterWeight\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xa0\x02\n\x16\x43ombineAdaptersRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1a.loraplex.v1.AdapterWeight\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x14\n\x07\x64\x65nsity\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08svd_rank\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x14majority_sign_method\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x16\n\tsvd_clamp\x18\t \x01(\x02H\x03\x88\x01\x01\x42\n\n\x08_densityB\x0b\n\t_svd_rankB\x07\n\x05_seedB\x0c\n\n_svd_clamp\"D\n\x17\x43ombineAdaptersResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"I\n\x12SaveAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"#\n\x13SaveAdapterResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"F\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\xd8\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12\x10\n\x08min_rank\x18\x04 \x01(\r\x12\x10\n\x08max_rank\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12&\n\x04tier\x18\x07 \x01(\x0e\x32\x18.loraplex.v1.AdapterTier\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x1e\n\x16last_used_unix_seconds\x18\t \x01(\x01\x12\x0e\n\x06pinned\x18\n \x01(\x08\x12(\n\x05state\x18\x0b \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x15\n\rcombined_from\x18\r \x03(\t\x12\x16\n\x0e\x63ombine_method\x18\x0e \x01(\t*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03*`\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_FAILED\x10\x02\x32\x88\x04\n\x08\x41\x64\x61pters\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\\\n\x0f\x43ombineAdapters\x12#.loraplex.v1.CombineAdaptersRequest\x1a$.loraplex.v1.CombineAdaptersResponse\x12P\n\x0bSaveAdapter\x12\x1f.loraplex.v1.SaveAdapterRequest\x1a .loraplex.v1.SaveAdapterResponse\x12M\n\nPinAdapter\x12\x1e.loraplex.v1.PinAdapterRequest\x1a\x1f.loraplex.v1.PinAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=1214
-  _globals['_ADAPTERTIER']._serialized_end=1328
-  _globals['_ADAPTERSTATE']._serialized_start=1330
-  _globals['_ADAPTERSTATE']._serialized_end=1426
-  _globals['_ADAPTERWEIGHT']._serialized_start=43
-  _globals['_ADAPTERWEIGHT']._serialized_end=94
-  _globals['_COMBINEADAPTERSREQUEST']._serialized_start=97
-  _globals['_COMBINEADAPTERSREQUEST']._serialized_end=385
-  _globals['_COMBINEADAPTERSRESPONSE']._serialized_start=387
-  _globals['_COMBINEADAPTERSRESPONSE']._serialized_end=455
-  _globals['_SAVEADAPTERREQUEST']._serialized_start=457
-  _globals['_SAVEADAPTERREQUEST']._serialized_end=530
-  _globals['_SAVEADAPTERRESPONSE']._serialized_start=532
-  _globals['_SAVEADAPTERRESPONSE']._serialized_end=567
-  _globals['_LOADADAPTERREQUEST']._serialized_start=569
-  _globals['_LOADADAPTERREQUEST']._serialized_end=639
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=641
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=705
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=707
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=749
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=751
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=774
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=776
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=797
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=799
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=865
-  _globals['_ADAPTERINFO']._serialized_start=868
-  _globals['_ADAPTERINFO']._serialized_end=1212
-  _globals['_ADAPTERS']._serialized_start=1429
-  _globals['_ADAPTERS']._serialized_end=1870
+  _globals['_ADAPTERTIER']._serialized_start=1336
+  _globals['_ADAPTERTIER']._serialized_end=1450
+  _globals['_ADAPTERSTATE']._serialized_start=1452
+  _globals['_ADAPTERSTATE']._serialized_end=1548
+  _globals['_PINADAPTERREQUEST']._serialized_start=43
+  _globals['_PINADAPTERREQUEST']._serialized_end=98
+  _globals['_PINADAPTERRESPONSE']._serialized_start=100
+  _globals['_PINADAPTERRESPONSE']._serialized_end=163
+  _globals['_ADAPTERWEIGHT']._serialized_start=165
+  _globals['_ADAPTERWEIGHT']._serialized_end=216
+  _globals['_COMBINEADAPTERSREQUEST']._serialized_start=219
+  _globals['_COMBINEADAPTERSREQUEST']._serialized_end=507
+  _globals['_COMBINEADAPTERSRESPONSE']._serialized_start=509
+  _globals['_COMBINEADAPTERSRESPONSE']._serialized_end=577
+  _globals['_SAVEADAPTERREQUEST']._serialized_start=579
+  _globals['_SAVEADAPTERREQUEST']._serialized_end=652
+  _globals['_SAVEADAPTERRESPONSE']._serialized_start=654
+  _globals['_SAVEADAPTERRESPONSE']._serialized_end=689
+  _globals['_LOADADAPTERREQUEST']._serialized_start=691
+  _globals['_LOADADAPTERREQUEST']._serialized_end=761
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=763
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=827
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=829
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=871
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=873
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=896
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=898
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=919
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=921
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=987
+  _globals['_ADAPTERINFO']._serialized_start=990
+  _globals['_ADAPTERINFO']._serialized_end=1334
+  _globals['_ADAPTERS']._serialized_start=1551
+  _globals['_ADAPTERS']._serialized_end=2071
 # @@protoc_insertion_point(module_scope)

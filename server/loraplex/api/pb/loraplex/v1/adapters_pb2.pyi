@@ -28,6 +28,20 @@ ADAPTER_STATE_UNSPECIFIED: AdapterState
 ADAPTER_STATE_READY: AdapterState
 ADAPTER_STATE_FAILED: AdapterState
 
+class PinAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "pinned")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    pinned: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
+
+class PinAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: AdapterInfo
+    def __init__(self, adapter: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
+
 class AdapterWeight(_message.Message):
     __slots__ = ("adapter_id", "weight")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]

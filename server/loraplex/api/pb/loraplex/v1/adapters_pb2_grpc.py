@@ -60,6 +60,11 @@ class AdaptersStub:
                 request_serializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.FromString,
                 _registered_method=True)
+        self.PinAdapter = channel.unary_unary(
+                '/loraplex.v1.Adapters/PinAdapter',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -106,6 +111,17 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinAdapter(self, request, context):
+        """Pin a loaded adapter (it is brought into the adapter pool now and never evicted; it must fit
+        in the pinned share of the pool: RESOURCE_EXHAUSTED naming `pinned` otherwise) or unpin it (it
+        becomes evictable like any other). Recorded in --state-dir for adapters loaded through the API.
+        NOT_FOUND for an id that is not loaded. Pinning a pinned adapter (or unpinning an unpinned
+        one) changes nothing and returns its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +149,11 @@ def add_AdaptersServicer_to_server(servicer, server):
                     servicer.SaveAdapter,
                     request_deserializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.SerializeToString,
+            ),
+            'PinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.PinAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.PinAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +291,33 @@ class Adapters:
             '/loraplex.v1.Adapters/SaveAdapter',
             loraplex_dot_v1_dot_adapters__pb2.SaveAdapterRequest.SerializeToString,
             loraplex_dot_v1_dot_adapters__pb2.SaveAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Adapters/PinAdapter',
+            loraplex_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.PinAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
