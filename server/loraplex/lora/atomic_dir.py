@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from loraplex.lora.durable import fsync_dir
+
 
 class FolderExistsError(FileExistsError):
     """`dest` exists and overwrite was not asked for."""
@@ -35,15 +37,7 @@ def _fsync_tree(folder: Path) -> None:
             path.chmod(0o644)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 @contextlib.contextmanager
@@ -63,7 +57,7 @@ def atomic_folder(dest: str | os.PathLike[str], overwrite: bool = False) -> Iter
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.rename(dest, old / "x")
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
