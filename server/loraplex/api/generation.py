@@ -28,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from loraplex.api import adapter_ops
 from loraplex.api.structured_output import compile_all
 from loraplex.api.status import ApiError, Code
+from loraplex.api.token_text import TokenText
 from loraplex.engine.errors import AdapterNotFoundError, EngineStoppedError, QueueFullError
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
 
@@ -54,6 +56,11 @@ class Runtime:
     # Sampling values a request leaves unset (model/generation_config.py): the model folder's
     # generation_config.json, or neutral ones. None = neutral (SamplingParams' own defaults).
     sampling_defaults: Any = None  # loraplex.model.generation_config.SamplingDefaults
+
+    @cached_property
+    def token_text(self) -> TokenText:
+        """Token texts for logprobs answers: one cache for both front doors, built on first use."""
+        return TokenText(self.loaded.tokenizer)
 
 
 def require(runtime: Runtime | None) -> Runtime:

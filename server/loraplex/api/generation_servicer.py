@@ -21,7 +21,6 @@ from loraplex.api.adapters_servicer import abort_with
 from loraplex.api.generation import Runtime  # noqa: F401 - re-exported (serve.py, tests)
 from loraplex.api.pb.loraplex.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.api.status import ApiError
-from loraplex.api.token_text import TokenText
 from loraplex.config import RequestLimits
 from loraplex.engine.request import RequestOutput
 
@@ -30,12 +29,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, runtime: Runtime | None = None, limits: RequestLimits | None = None):
         self.runtime = runtime  # None while the model loads: RPCs answer UNAVAILABLE
         self.limits = limits or RequestLimits()  # per-request bounds checked by convert
-        self._token_text: TokenText | None = None  # built on the first logprobs response
-
-    def _text_of(self, rt: Runtime) -> TokenText:
-        if self._token_text is None:
-            self._token_text = TokenText(rt.loaded.tokenizer)
-        return self._token_text
 
     async def _outputs(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[RequestOutput]:
@@ -65,12 +58,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
         events = [out async for out in self._outputs(request, context)]
-        return convert.response_to_proto(events, self._text_of(self.runtime))
+        return convert.response_to_proto(events, self.runtime.token_text)
 
     async def GenerateStream(self, request: generation_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         async for out in self._outputs(request, context):
-            yield convert.stream_chunk_to_proto(out, self._text_of(self.runtime))
+            yield convert.stream_chunk_to_proto(out, self.runtime.token_text)
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:

@@ -35,7 +35,6 @@ from loraplex.api import adapter_ops, affinity, auth, generation
 from loraplex.api.concurrency import GenerationSlots
 from loraplex.api.http import logprobs_format, protocol
 from loraplex.api.status import ApiError, Code, http_status, openai_error_body
-from loraplex.api.token_text import TokenText
 from loraplex.config import AuthConfig, RequestLimits
 from loraplex.engine.request import InvalidRequestError
 
@@ -51,13 +50,17 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(err: ApiError, mapping: dict[str, str] | None = None) -> JSONResponse:
+def _error(err: ApiError, mapping: dict[str, str] | None = None) -> tuple[int, dict]:
+    """(HTTP status, OpenAI error object) of `err`, its field renamed by `mapping`."""
     message = protocol.rename_field(err.message, mapping) if mapping else err.message
     status = http_status(err.code)
-    field = ApiError(err.code, message).field
+    return status, openai_error_body(status, message, ApiError(err.code, message).field, err.code.name)
+
+
+def error_response(err: ApiError, mapping: dict[str, str] | None = None) -> JSONResponse:
+    status, body = _error(err, mapping)
     headers = {"retry-after": "1"} if status in (429, 503) else None
-    return JSONResponse(openai_error_body(status, message, field, err.code.name), status_code=status,
-                        headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class _Guarded(Response):
@@ -104,7 +107,7 @@ class OpenAIApp:
         self.max_body_bytes = max_body_bytes
         self.started = int(time.time())
         self.served_model_names = served_model_names  # () = the model folder's name
-        self._token_text: TokenText | None = None
+        self._ctx: tuple[generation.Runtime, protocol.Context] | None = None  # see _context
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -145,17 +148,15 @@ class OpenAIApp:
             raise ApiError(Code.INVALID_ARGUMENT, f"body: malformed JSON: {err}") from None
 
     def _context(self, rt: generation.Runtime) -> protocol.Context:
-        loaded, engine = rt.loaded, rt.engine
-        return protocol.Context(
-            tokenizer=loaded.tokenizer, vocab_size=loaded.arch.vocab_size, max_model_len=engine.max_model_len,
-            max_new_tokens_cap=engine.config.max_new_tokens_cap, limits=self.limits,
-            base_model_names=frozenset(self.served_model_names or (loaded.path.name, str(loaded.path))),
-            sampling_defaults=rt.sampling_defaults, token_text=self._text_of(loaded.tokenizer))
-
-    def _text_of(self, tokenizer: Any) -> TokenText:
-        if self._token_text is None:  # one cache of token texts for the server's life
-            self._token_text = TokenText(tokenizer)
-        return self._token_text
+        """What parsing needs, built once per runtime (nothing in it changes while it serves)."""
+        if self._ctx is None or self._ctx[0] is not rt:
+            loaded, engine = rt.loaded, rt.engine
+            self._ctx = (rt, protocol.Context(
+                tokenizer=loaded.tokenizer, vocab_size=loaded.arch.vocab_size, max_model_len=engine.max_model_len,
+                max_new_tokens_cap=engine.config.max_new_tokens_cap, limits=self.limits,
+                base_model_names=frozenset(self.served_model_names or (loaded.path.name, str(loaded.path))),
+                sampling_defaults=rt.sampling_defaults, token_text=rt.token_text))
+        return self._ctx[1]
 
     # --- generation ---------------------------------------------------------------------------
     async def completions(self, request: HttpRequest) -> Response:
@@ -257,9 +258,7 @@ class OpenAIApp:
                 await event(protocol.usage_chunk(call, finals))
         except ApiError as err:
             # Headers are out: the error travels as an event (the openai client raises on it).
-            message = protocol.rename_field(err.message, _GENERATE_FIELDS)
-            await event(openai_error_body(http_status(err.code), message, ApiError(err.code, message).field,
-                                          err.code.name))
+            await event(_error(err, _GENERATE_FIELDS)[1])
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     # --- models and adapters ----------------------------------------------------------------
