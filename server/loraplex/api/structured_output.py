@@ -48,26 +48,27 @@ OPENAI_FIELDS = frozenset({"response_format", "guided_json", "guided_regex", "gu
                            "guided_grammar", "structured_outputs"})
 
 
-def _type_name(v: Any) -> str:
+def json_type_name(v: Any) -> str:
+    """The JSON type of a parsed body value, as errors name it ("null", "object", "integer", ...)."""
     return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
                                      dict: "object", list: "array"}.get(type(v), type(v).__name__)
 
 
 def _string(v: Any, field: str) -> str:
     if not isinstance(v, str):
-        raise InvalidRequestError(field, f"expected a string, got {_type_name(v)}")
+        raise InvalidRequestError(field, f"expected a string, got {json_type_name(v)}")
     return v
 
 
 def _choices(v: Any, field: str) -> Constraint:
     if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
-        raise InvalidRequestError(field, f"expected a list of strings, got {_type_name(v)}")
+        raise InvalidRequestError(field, f"expected a list of strings, got {json_type_name(v)}")
     return Constraint(Kind.CHOICE, choices=tuple(v), field=field)
 
 
 def _response_format(v: Any) -> Constraint | None:
     if not isinstance(v, dict):
-        raise InvalidRequestError("response_format", f"expected an object, got {_type_name(v)}")
+        raise InvalidRequestError("response_format", f"expected an object, got {json_type_name(v)}")
     kind = v.get("type")
     extra = set(v) - {"type", "json_schema"}
     if extra:
@@ -81,7 +82,7 @@ def _response_format(v: Any) -> Constraint | None:
                                                           f"\"json_schema\", got {kind!r}")
     spec = v.get("json_schema")
     if not isinstance(spec, dict):
-        raise InvalidRequestError("response_format.json_schema", f"expected an object, got {_type_name(spec)}")
+        raise InvalidRequestError("response_format.json_schema", f"expected an object, got {json_type_name(spec)}")
     extra = set(spec) - {"name", "schema", "strict", "description"}
     if extra:
         raise InvalidRequestError(f"response_format.json_schema.{sorted(extra)[0]}", "unknown field")
@@ -93,7 +94,7 @@ def _response_format(v: Any) -> Constraint | None:
 
 def _structured_outputs(v: Any) -> Constraint | None:
     if not isinstance(v, dict):
-        raise InvalidRequestError("structured_outputs", f"expected an object, got {_type_name(v)}")
+        raise InvalidRequestError("structured_outputs", f"expected an object, got {json_type_name(v)}")
     set_keys = [k for k, x in v.items() if x is not None and x is not False]
     for k in set_keys:
         if k not in ("json", "regex", "choice", "grammar", "json_object"):

@@ -44,6 +44,7 @@ from collections.abc import Sequence as Seq
 
 from loraplex.api import convert, structured_output
 from loraplex.api.http import logprobs_format
+from loraplex.api.structured_output import json_type_name as _type_name
 from loraplex.config import RequestLimits
 from loraplex.engine.logprobs import MAX_TOP_LOGPROBS
 from loraplex.engine.request import FinishReason, InvalidRequestError, Request, RequestOutput
@@ -93,13 +94,6 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 _KINDS = {"string": str, "boolean": bool, "object": dict, "array": list}
 _ARTICLE = {"integer": "an integer", "number": "a finite number", "string": "a string",
             "boolean": "a boolean", "object": "an object", "array": "an array"}
-
-
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object",
-            list: "array"}.get(type(v), type(v).__name__)
 
 
 def _get(body: dict, name: str, kind: str) -> Any:
