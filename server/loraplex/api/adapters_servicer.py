@@ -42,12 +42,6 @@ async def answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable
         await abort_with(context, err)
 
 
-async def run_adapter_call(context: grpc.aio.ServicerContext, request_field: str,
-                           request_fields: tuple[str, ...], fn: Callable[..., Any], *args: Any) -> Any:
-    """adapter_ops.adapter_call, its ApiError aborting the RPC."""
-    return await answer(context, lambda: adapter_ops.adapter_call(request_field, request_fields, fn, *args))
-
-
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, runtime: Any = None):
         self.runtime = runtime  # generation_servicer.Runtime; None while the model loads
