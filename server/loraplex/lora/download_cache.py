@@ -170,10 +170,8 @@ class DownloadCache:
         """Put the complete copy `tmp` in place under `name` (one rename)."""
         final = self.root / name
         with self._lock:
-            if final.exists():  # an older version: out of the way first (rename is atomic; rmtree is not)
-                old = self.root / f"{OLD_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
+            if final.exists():  # an older version: out of the way first
+                self._delete(name)
                 self._sizes.pop(name, None)
             os.rename(tmp, final)
             fsync_dir(self.root)
@@ -182,15 +180,18 @@ class DownloadCache:
             self._sizes.move_to_end(name)
 
     def _remove(self, name: str) -> None:
-        """Under the lock: delete a complete copy (renamed first, so no half-deleted folder keeps
-        its final name)."""
+        """Under the lock: delete a complete copy and forget it."""
         self._sizes.pop(name, None)
-        final = self.root / name
-        if final.exists():
-            old = self.root / f"{OLD_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+        if (self.root / name).exists():
+            self._delete(name)
         log.info("adapter download cache: evicted %s", name)
+
+    def _delete(self, name: str) -> None:
+        """Delete the copy `name`: renamed aside first (rename is atomic; rmtree is not), so no
+        half-deleted folder keeps its final name."""
+        old = self.root / f"{OLD_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.root / name, old)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _touch(self, name: str) -> None:
         with self._lock:

@@ -375,9 +375,7 @@ class LoraManager:
             memory, source = entry.memory, entry.source
         if memory is not None:
             return memory
-        if isinstance(source, Path) and not source.is_dir():
-            raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
-        return self._read(source)
+        return self._read_again(adapter_id, source)
 
     def combine(self, adapter_id: str, sources: list[str], spec: CombineSpec, pinned: bool = False) -> AdapterInfo:
         """Register `adapter_id`, built from the registered adapters `sources` with `spec` (PEFT's
@@ -419,12 +417,16 @@ class LoraManager:
             if entry is not None and not entry.unloading:
                 self._touch(entry)
                 return mix_id
-        spec = CombineSpec("cat", tuple(w for _, w in parts))
-        weights = combine_adapters([self.weights(a) for a, _ in parts], spec, self.config.max_lora_rank,
-                                   label="mixture:" + ",".join(f"{a}*{w:g}" for a, w in parts))
+        # Built under its load lock: concurrent first requests for one mixture read and combine
+        # the parts once; the later ones find it registered.
         with self._load_lock(mix_id):
             with self._lock:
-                if mix_id not in self._entries:
+                built = mix_id in self._entries
+            if not built:
+                spec = CombineSpec("cat", tuple(w for _, w in parts))
+                weights = combine_adapters([self.weights(a) for a, _ in parts], spec, self.config.max_lora_rank,
+                                           label="mixture:" + ",".join(f"{a}*{w:g}" for a, w in parts))
+                with self._lock:
                     self._drop_idle_mixtures(keep=MIXTURE_CACHE - 1)
                     self._register(mix_id, weights.source_path, weights, False, source_kind="mixture",
                                    memory=weights, transient=True)
@@ -566,9 +568,7 @@ class LoraManager:
                 source, need_read = entry.source, entry.host is None
             if need_read:
                 try:
-                    if isinstance(source, Path) and not source.is_dir():
-                        raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
-                    weights = self._read(source)
+                    weights = self._read_again(adapter_id, source)
                     if weights.fingerprint != entry.fingerprint:
                         log.warning("adapter %r changed on disk since it was registered; serving the "
                                     "new weights", adapter_id)
@@ -715,6 +715,12 @@ class LoraManager:
         self.stats.load_seconds.append(time.perf_counter() - t0)
         self.stats.load_count += 1
         return weights
+
+    def _read_again(self, adapter_id: str, source: Source) -> AdapterWeights:
+        """A registered adapter's weights read again from its source; a vanished folder is NOT_FOUND."""
+        if isinstance(source, Path) and not source.is_dir():
+            raise AdapterNotFoundError(adapter_id, f"its folder {source} is gone")
+        return self._read(source)
 
     def _to_host(self, weights: AdapterWeights) -> AdapterWeights:
         """CUDA: cast to the pool dtype and pin, for async copies into the pool. CPU: keep the
