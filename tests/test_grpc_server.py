@@ -24,6 +24,7 @@ from loraplex.config import EngineConfig
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, start_engine
 from tests.fixtures import engine_run
+from tests.fixtures.engine_run import wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,18 +63,6 @@ def engine(server):
 
 def slow_steps(monkeypatch, engine, delay: float = STEP_DELAY) -> None:
     engine_run.slow_steps(monkeypatch, engine, delay)
-
-
-def wait_idle(engine, timeout: float = 10.0):
-    """Wait until nothing runs or waits and every KV block is free; return the last stats."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = engine.stats()
-        if st.kv_blocks_used == 0 and st.num_running == 0 and st.num_waiting == 0:
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {timeout}s: {st}")
-        time.sleep(0.02)
 
 
 def greedy(n: int, **kw) -> pb.SamplingParams:

@@ -33,7 +33,7 @@ from loraplex.config import AuthConfig, EngineConfig, LoraConfig, RequestLimits
 from loraplex.model.loader import load_model
 from loraplex.serve import ServerThread, build_lora_manager, start_engine
 from tests.fixtures.adapters import make_peft_adapter
-from tests.fixtures.engine_run import slow_steps
+from tests.fixtures.engine_run import slow_steps, wait_idle
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,16 +73,6 @@ def srv(tiny_model_dir, dirs):
 def client(srv):
     # max_retries=0: a 429 or 503 must reach the test, not be retried away.
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def wait_idle(engine, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        st = engine.stats()
-        if st.kv_blocks_used == 0 and st.num_running == 0 and st.num_waiting == 0:
-            return st
-        assert time.monotonic() < deadline, f"engine not idle after {timeout}s: {st}"
-        time.sleep(0.02)
 
 
 def grpc_greedy(srv, n: int, adapter_id: str = "", **input_) -> pb.GenerateResponse:

@@ -1,7 +1,8 @@
 """Next-token selection for a batch of sequences, one row of logits each.
 
 Order of operations (as in transformers' generate): repetition penalty -> presence / frequency
-penalties -> logit_bias -> temperature -> top-k -> top-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised logits. All the maths
+penalties -> logit_bias -> structured-output masks -> temperature -> top-k -> top-p -> draw.
+Greedy rows (temperature 0) take the argmax of the processed logits. All the maths
 is batched over rows; only drawing the random numbers of *seeded* rows loops in Python, because
 each seeded request owns a torch.Generator so that its draws never depend on its batch companions.
 
@@ -110,19 +111,23 @@ class Sampler:
         if num_rows == 0:
             return []
         penalties = [p.repetition_penalty for p in params]
+        has_penalty = any(p != 1.0 for p in penalties)
+        has_presence = any(p.presence_penalty or p.frequency_penalty for p in params)
+        has_bias = any(p.logit_bias for p in params)
         logits = logits.float()
-        cloned = False
-        if any(p != 1.0 for p in penalties):  # the penalty writes in place: not into the caller's tensor
-            logits, cloned = apply_repetition_penalty(logits.clone(), token_ids, penalties), True
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
+        if has_penalty or has_presence or has_bias:
+            # The processors below write in place: one copy, never into the caller's tensor (the
+            # engine reads the raw logits afterwards for logprobs).
+            logits = logits.clone()
+        if has_penalty:
+            apply_repetition_penalty(logits, token_ids, penalties)
+        if has_presence:
             starts = prompt_lens if prompt_lens is not None else [0] * num_rows
             generated = [ids[start:] for ids, start in zip(token_ids, starts)]
-            logits = apply_presence_frequency(logits if cloned else logits.clone(), generated,
-                                              [p.presence_penalty for p in params],
-                                              [p.frequency_penalty for p in params])
-            cloned = True
-        if any(p.logit_bias for p in params):
-            logits = apply_logit_bias(logits if cloned else logits.clone(), [p.logit_bias for p in params])
+            apply_presence_frequency(logits, generated, [p.presence_penalty for p in params],
+                                     [p.frequency_penalty for p in params])
+        if has_bias:
+            apply_logit_bias(logits, [p.logit_bias for p in params])
         if masks is not None:  # structured output: disallowed tokens -> -inf (before any sampling maths)
             logits = masks.apply(logits)
         out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
