@@ -215,9 +215,7 @@ COMBINE_FIELDS = frozenset({"lora_name", "adapters", "method", "density", "svd_r
 
 def parse_combine(body: dict) -> dict[str, Any]:
     """POST /v1/combine_lora_adapters -> adapter_ops.combine_adapters keyword arguments."""
-    for key in body:
-        if key not in COMBINE_FIELDS:
-            raise InvalidRequestError(key, "unknown field")
+    check_fields(body, COMBINE_FIELDS, {})
     name = _get(body, "lora_name", "string")
     if not name:
         raise InvalidRequestError("lora_name", "required string: the new adapter's id")
