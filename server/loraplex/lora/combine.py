@@ -52,7 +52,7 @@ import torch
 
 from .errors import AdapterCombineError
 from .peft_format import AdapterWeights, LoraModule
-from .target_match import PROJECTIONS, projection_key
+from .target_match import module_order, projection_key
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -188,10 +188,6 @@ def _float32(m: LoraModule) -> LoraModule:
     return LoraModule(A=m.A.float().contiguous(), B=m.B.float().contiguous(), scale=m.scale, rank=m.rank)
 
 
-def _module_order(key: tuple[int, str]) -> tuple[int, int]:
-    return key[0], PROJECTIONS.index(key[1])  # HF named_modules order: PEFT's DARE draw order
-
-
 def combine_adapters(adapters: Sequence[AdapterWeights], spec: CombineSpec, max_rank: int,
                      label: str = "combined") -> AdapterWeights:
     """The combined adapter (float32 tensors, in memory). Raises AdapterCombineError naming the
@@ -199,11 +195,12 @@ def combine_adapters(adapters: Sequence[AdapterWeights], spec: CombineSpec, max_
     if len(adapters) != len(spec.weights):
         raise AdapterCombineError("adapters", f"{len(adapters)} adapters but {len(spec.weights)} weights")
     method = spec.effective_method
-    keys = sorted({k for a in adapters for k in a.modules}, key=_module_order)
+    # model order: PEFT's DARE draw order
+    keys = sorted({k for a in adapters for k in a.modules}, key=module_order)
     if method in FACTOR_METHODS:
         for i, a in enumerate(adapters[1:], start=1):
             if set(a.modules) != set(adapters[0].modules):
-                only = sorted(set(a.modules) ^ set(adapters[0].modules), key=_module_order)[:3]
+                only = sorted(set(a.modules) ^ set(adapters[0].modules), key=module_order)[:3]
                 raise AdapterCombineError(
                     "adapters", f"{method} needs adapters with the same target modules; adapters[{i}] and "
                     f"adapters[0] differ on {[projection_key(*k) for k in only]} (use cat or svd)")
@@ -260,7 +257,7 @@ def in_memory_adapter(modules: dict[tuple[int, str], LoraModule], label: str) ->
         if not (bool(torch.isfinite(m.A).all()) and bool(torch.isfinite(m.B).all())):
             raise AdapterCombineError("adapters", f"the combination overflows on {projection_key(*key)}")
     digest = hashlib.sha256()
-    for key in sorted(modules, key=_module_order):
+    for key in sorted(modules, key=module_order):
         m = modules[key]
         digest.update(f"{projection_key(*key)}:{m.rank}:{m.scale!r}".encode())
         digest.update(m.A.contiguous().numpy().tobytes())

@@ -17,12 +17,12 @@ import torch
 
 from .atomic_dir import atomic_folder
 from .peft_format import CONFIG_NAME, SAFETENSORS_NAME, AdapterWeights
-from .target_match import PROJECTIONS, projection_key
+from .target_match import module_order, projection_key
 
 
 def adapter_files(weights: AdapterWeights, base_model: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json dict, tensors by PEFT name)."""
-    keys = sorted(weights.modules, key=lambda k: (k[0], PROJECTIONS.index(k[1])))
+    keys = sorted(weights.modules, key=module_order)
     r = max(weights.modules[k].rank for k in keys)
     rank_pattern, alpha_pattern, tensors = {}, {}, {}
     for key in keys:

@@ -54,6 +54,11 @@ def projection_key(layer: int, short_name: str) -> str:
     return f"model.layers.{layer}.{_PARENT[short_name]}.{short_name}"
 
 
+def module_order(key: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a (layer, projection) module: HF named_modules order (layers, then PROJECTIONS)."""
+    return key[0], PROJECTIONS.index(key[1])
+
+
 def projection_parent(short_name: str) -> str:
     return _PARENT[short_name]
 
