@@ -535,7 +535,7 @@ def _add_merge(sub) -> None:
 
 
 def _merge(args) -> int:
-    from loraplex.lora.atomic_dir import FolderExistsError
+    from loraplex.atomic_dir import FolderExistsError
     from loraplex.lora.merge import merge_adapter
 
     try:

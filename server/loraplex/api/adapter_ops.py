@@ -40,7 +40,7 @@ import torch
 
 from loraplex.api.status import ApiError, Code
 from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError
-from loraplex.lora.atomic_dir import FolderExistsError
+from loraplex.atomic_dir import FolderExistsError
 from loraplex.lora.combine import CombineSpec
 from loraplex.lora.errors import (AdapterAccessDeniedError, AdapterCapacityError, AdapterCombineError, AdapterError,
                                   AdapterExistsError, AdapterPathError, AdapterSourceNotFoundError,

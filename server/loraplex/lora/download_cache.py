@@ -40,7 +40,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
-from .durable import fsync_dir, write_synced
+from loraplex.atomic_dir import fsync_dir
+
+from .durable import write_synced
 from .errors import AdapterCapacityError, AdapterSourceNotFoundError, AdapterSourceUnavailableError
 from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, AdapterFormatError
 from .s3_source import S3Client, S3Object, S3Url, local_name

@@ -13,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
+from loraplex.atomic_dir import fsync_dir
+
 TMP_MARK = ".tmp-"
 
 
@@ -21,14 +23,6 @@ def write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -12,7 +12,7 @@ of merging into a dequantized base does.
 
 The output folder gets every other file of the base (tokenizer files, generation_config.json,
 chat template...) and its config.json (dtype updated, quantization_config removed). It is written
-atomically (lora/atomic_dir.py): a failure or a crash leaves no half folder, and an existing folder
+atomically (loraplex/atomic_dir.py): a failure or a crash leaves no half folder, and an existing folder
 is replaced only with overwrite.
 """
 
@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .atomic_dir import atomic_folder
+from loraplex.atomic_dir import atomic_folder
 from .peft_format import AdapterWeights, BaseShapes, read_adapter
 from .target_match import PROJECTIONS, projection_key
 

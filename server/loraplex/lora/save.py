@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic_dir import atomic_folder
+from loraplex.atomic_dir import atomic_folder
 from .peft_format import CONFIG_NAME, SAFETENSORS_NAME, AdapterWeights
 from .target_match import module_order, projection_key
 

