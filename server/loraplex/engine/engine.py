@@ -38,6 +38,7 @@ from loraplex.engine.structured.grammar import GrammarVocab
 from loraplex.engine.structured.masks import MaskBuilder
 from loraplex.model.fused_linear import fuse_siblings
 from loraplex.model.packed_linear import pack_lm_head, pack_projections
+from loraplex.model.widened_linear import widen_projections
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ def pack_cpu_weights(model: Any) -> None:
     if extra:
         log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",
                  extra / 2**20)
+    # Where oneDNN can neither pack nor compute bfloat16 natively (AVX2-only CPUs), the bfloat16
+    # GEMMs run our float32-math kernel instead of torch's emulated one (model/widened_linear.py).
+    if os.environ.get("LORAPLEX_WIDEN_BF16", "1") != "0":
+        widened = widen_projections(model)
+        if widened:
+            log.info("%d bfloat16 projections run the compiled float32-math GEMM (this CPU has no "
+                     "native bfloat16; LORAPLEX_WIDEN_BF16=0 turns it off)", widened)
 
 
 class _SlotHook:

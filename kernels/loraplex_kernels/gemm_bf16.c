@@ -1,0 +1,164 @@
+/* bfloat16 GEMM for CPUs without native bfloat16 arithmetic: y = x @ W.T (+ bias), every
+ * product and sum in float32, the result rounded to bfloat16 once.
+ *
+ *   y[m, n] = bf16( sum_k f32(x[m, k]) * f32(W[n, k])  (+ f32(bias[n])) )
+ *
+ * Why it exists: on a CPU with AVX2 but no AVX-512 BF16 / AMX (the dev and CI machines, many
+ * cloud AMD EPYCs), torch's bfloat16 F.linear runs oneDNN's emulated path at ~20 GFLOP/s, while
+ * the same CPU does float32 FMAs at ~140 GFLOP/s (benchmarks/results/roofline_cpu.md). A
+ * bfloat16 value is the top half of a float32, so widening it costs one shift: this kernel widens
+ * each block of W once into an L1-sized float32 buffer and runs float32 FMAs, so a bfloat16
+ * model decodes at float32's arithmetic speed while reading half of float32's bytes.
+ *
+ * Shape of the work (decode: M = running sequences, 1..64; prefill: M up to thousands):
+ * - x is widened to float32 in chunks of MC rows (MC x K x 4 bytes stays in L2);
+ * - the output columns are split over the calling thread's OpenMP team (parallel.h); a thread
+ *   takes NB rows of W at a time, widens them into its buffer, and computes the NB columns for
+ *   every row of the chunk in register tiles of MB rows x NB columns (MB * NB = 12 accumulators
+ *   of 8 lanes: the FMAs of a tile are independent, so they pipeline);
+ * - each row of W is read from memory once per chunk: at decode, once per call.
+ * Rows of x, W and y may be strided (stride in elements); their last dimension is contiguous.
+ * The sums run in another order than oneDNN's (8 lanes, then the lanes added): results differ
+ * from torch's bfloat16 F.linear by float32 rounding before the one bfloat16 rounding, i.e. at
+ * most a bfloat16 step where the sum sits on a rounding boundary (tests/test_gemm_bf16.py checks
+ * against float64). Returns 0, or -1 when scratch memory cannot be allocated. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "parallel.h"
+
+#define LANES 8
+#define MB 4
+#define NB 3
+#define MC 64
+
+typedef float v8f __attribute__((vector_size(32)));
+
+typedef struct {
+    int64_t rows, n, k, kpad;         /* rows of this chunk; columns; inner size; k rounded up to LANES */
+    const float *xf;                  /* [rows, kpad] the chunk of x, widened, zero-padded */
+    const uint16_t *w;                /* [n, k] bfloat16, row stride w_stride */
+    int64_t w_stride;
+    const uint16_t *bias;             /* [n] or NULL */
+    uint16_t *y;                      /* [rows, n] the chunk's output rows, row stride y_stride */
+    int64_t y_stride;
+} gemm_call_t;
+
+static inline float hsum(v8f v) {
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* out[i][j] = dot(xf row i, wf row j) for i < mb, j < nb (mb <= MB, nb <= NB: constants at the
+ * call sites, so the loops unroll and the accumulators live in registers). */
+static inline __attribute__((always_inline)) void tile(float out[MB][NB], const float *xf, int64_t kpad,
+                                                      const float *wf, int mb, int nb) {
+    v8f acc[MB][NB];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = (v8f){0};
+    for (int64_t k = 0; k < kpad; k += LANES) {
+        v8f xv[MB];
+        for (int i = 0; i < mb; i++) xv[i] = load8(xf + i * kpad + k);
+        for (int j = 0; j < nb; j++) {
+            v8f wv = load8(wf + j * kpad + k);
+            for (int i = 0; i < mb; i++) acc[i][j] += xv[i] * wv;
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) out[i][j] = hsum(acc[i][j]);
+}
+
+#define TILE_CASE(MBV, NBV) tile(out, xf + m * c->kpad, c->kpad, wf, MBV, NBV)
+
+/* The columns [n0, n1) for every row of the chunk: this thread's share. */
+static int gemm_share(const void *call, int64_t b0, int64_t b1) {
+    const gemm_call_t *c = (const gemm_call_t *)call;
+    int64_t kpad = c->kpad;
+    float *wf = aligned_alloc(64, (size_t)(NB * kpad * sizeof(float) + 63) / 64 * 64);
+    if (!wf) return -1;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t n0 = b * NB;
+        int nb = (int)(c->n - n0 < NB ? c->n - n0 : NB);
+        for (int j = 0; j < nb; j++) {  /* widen the block's rows of W once */
+            const uint16_t *src = c->w + (n0 + j) * c->w_stride;
+            float *dst = wf + j * kpad;
+            for (int64_t k = 0; k < c->k; k++) dst[k] = bf16_to_f32(src[k]);
+            for (int64_t k = c->k; k < kpad; k++) dst[k] = 0.0f;
+        }
+        float bias[NB] = {0};
+        if (c->bias)
+            for (int j = 0; j < nb; j++) bias[j] = bf16_to_f32(c->bias[n0 + j]);
+        const float *xf = c->xf;
+        for (int64_t m = 0; m < c->rows; m += MB) {
+            int mb = (int)(c->rows - m < MB ? c->rows - m : MB);
+            float out[MB][NB];
+            if (nb == NB) {
+                switch (mb) {
+                    case 4: TILE_CASE(4, NB); break;
+                    case 3: TILE_CASE(3, NB); break;
+                    case 2: TILE_CASE(2, NB); break;
+                    default: TILE_CASE(1, NB); break;
+                }
+            } else {  /* the last block of columns: 1 or 2 wide */
+                switch (mb) {
+                    case 4: if (nb == 2) TILE_CASE(4, 2); else TILE_CASE(4, 1); break;
+                    case 3: if (nb == 2) TILE_CASE(3, 2); else TILE_CASE(3, 1); break;
+                    case 2: if (nb == 2) TILE_CASE(2, 2); else TILE_CASE(2, 1); break;
+                    default: if (nb == 2) TILE_CASE(1, 2); else TILE_CASE(1, 1); break;
+                }
+            }
+            for (int i = 0; i < mb; i++) {
+                uint16_t *yr = c->y + (m + i) * c->y_stride + n0;
+                for (int j = 0; j < nb; j++) yr[j] = f32_to_bf16(out[i][j] + bias[j]);
+            }
+        }
+    }
+    free(wf);
+    return 0;
+}
+
+int loraplex_gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
+                       const uint16_t *w, int64_t w_stride, const uint16_t *bias, uint16_t *y,
+                       int64_t y_stride) {
+    if (m <= 0 || n <= 0) return 0;
+    int64_t kpad = (k + LANES - 1) / LANES * LANES;
+    int64_t chunk = m < MC ? m : MC;
+    float *xf = aligned_alloc(64, (size_t)(chunk * kpad * sizeof(float) + 63) / 64 * 64);
+    int64_t blocks = (n + NB - 1) / NB;
+    int64_t *cum = malloc((size_t)blocks * sizeof(int64_t));  /* equal work per block of columns */
+    if (!xf || !cum) {
+        free(xf);
+        free(cum);
+        return -1;
+    }
+    for (int64_t b = 0; b < blocks; b++) cum[b] = b + 1;
+    /* One thread per ~16 blocks of columns at least: a k/v projection of a small model is too
+     * narrow to be worth waking the team for more. */
+    int nt = lp_max_threads();
+    if (blocks / 16 < nt) nt = blocks / 16 > 0 ? (int)(blocks / 16) : 1;
+    int rc = 0;
+    for (int64_t m0 = 0; m0 < m && rc == 0; m0 += MC) {
+        int64_t rows = m - m0 < MC ? m - m0 : MC;
+        for (int64_t i = 0; i < rows; i++) {
+            const uint16_t *src = x + (m0 + i) * x_stride;
+            float *dst = xf + i * kpad;
+            for (int64_t j = 0; j < k; j++) dst[j] = bf16_to_f32(src[j]);
+            for (int64_t j = k; j < kpad; j++) dst[j] = 0.0f;
+        }
+        gemm_call_t call = {rows, n, k, kpad, xf, w, w_stride, bias, y + m0 * y_stride, y_stride};
+        rc = lp_run_shares(nt, cum, blocks, gemm_share, &call);
+    }
+    free(xf);
+    free(cum);
+    return rc;
+}
