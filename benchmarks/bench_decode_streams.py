@@ -30,16 +30,18 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from decode_driver import VARIANTS  # noqa: E402
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "decode_streams_cpu.md"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def measure(loaded, manager, ids: list[str], batch: int, steps: int, prompt_len: int) -> dict[str, list[float]]:
+def measure(loaded, manager, ids: list[str], batch: int, steps: int, prompt_len: int,
+            widen: bool) -> dict[str, list[float]]:
     """Seconds of each alternated decode step: {"base": [...], "adapters": [...]}."""
     from decode_driver import make_decode_engine
 
-    cases = {"base": make_decode_engine(loaded, batch, prompt_len, steps + 1),
-             "adapters": make_decode_engine(loaded, batch, prompt_len, steps + 1, lora_manager=manager, adapters=ids)}
+    cases = {"base": make_decode_engine(loaded, batch, prompt_len, steps + 1, widen=widen),
+             "adapters": make_decode_engine(loaded, batch, prompt_len, steps + 1, lora_manager=manager,
+                                            adapters=ids, widen=widen)}
     for dec in cases.values():
         dec.step()  # untimed: first-call costs
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -54,7 +56,7 @@ def measure(loaded, manager, ids: list[str], batch: int, steps: int, prompt_len:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8,32,64")
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--adapters", type=int, default=100)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed steps per case (alternated)")
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
 
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
-    for dtype_name in a.dtypes.split(","):
-        loaded = load_model(ensure_default_model(), DTYPES[dtype_name], torch.device("cpu"))
+    for dtype_name in a.variants.split(","):
+        dtype, widen = VARIANTS[dtype_name]
+        loaded = load_model(ensure_default_model(), dtype, torch.device("cpu"))
         with tempfile.TemporaryDirectory(prefix="loraplex-streams-") as tmp:
             ids, _, _ = write_adapters(loaded, Path(tmp), a.adapters, a.rank)
             manager = LoraManager(LoraConfig(max_lora_rank=max(16, a.rank), max_cpu_loras=max(128, a.adapters),
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
             for aid in ids:
                 manager.load(aid, Path(tmp) / aid)
             for batch in batches:
-                t = measure(loaded, manager, ids, batch, a.steps, a.prompt_len)
+                t = measure(loaded, manager, ids, batch, a.steps, a.prompt_len, widen)
                 base, lora = statistics.median(t["base"]), statistics.median(t["adapters"])
                 ratios = [b / l for b, l in zip(t["base"], t["adapters"])]  # per alternation
                 rows.append((dtype_name, batch, min(batch, a.adapters), batch / base, batch / lora,

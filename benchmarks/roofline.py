@@ -21,7 +21,7 @@ are measured before and after the steps; the best of both is used (a shared mach
 make a measurement slower, never faster, so the best is the closest to the hardware).
 
     python benchmarks/roofline.py                       # ~5 min on 2 busy cores
-    python benchmarks/roofline.py --batches 1,8 --rounds 2 --steps 2 --dtypes float32   # smoke
+    python benchmarks/roofline.py --batches 1,8 --rounds 2 --steps 2 --variants float32   # smoke
 
 Writes benchmarks/results/roofline_cpu.md and .png (--out to change).
 """
@@ -45,10 +45,10 @@ import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+from decode_driver import VARIANTS  # noqa: E402
 from machine import cpu_info  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "roofline_cpu.md"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,12 +85,19 @@ def measure_bandwidth(sizes_mib: list[int], reps: int = 5) -> list[dict]:
     return rows
 
 
-def measure_matmul(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int = 5) -> list[dict]:
-    """GFLOP/s of F.linear(x [M, K], w [N, K]) at each (M, K, N) in `dtype`, best and median."""
+def measure_matmul(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int = 5,
+                   widened: bool = False) -> list[dict]:
+    """GFLOP/s of F.linear(x [M, K], w [N, K]) at each (M, K, N) in `dtype`, best and median;
+    `widened`: the GEMM a bfloat16 engine runs on this CPU (model/widened_linear.py's)."""
+    from loraplex.model.widened_linear import WidenedLinear
+
     rows = []
     for m, k, n in shapes:
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-        best, med = _best_and_median(lambda: F.linear(x, w), reps)
+        linear = torch.nn.Linear(k, n, bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        layer = WidenedLinear.wrap(linear) if widened else linear
+        best, med = _best_and_median(lambda: layer(x), reps)
         flops = 2 * m * k * n
         rows.append(dict(m=m, k=k, n=n, best=flops / best / 1e9, median=flops / med / 1e9))
     return rows
@@ -160,7 +167,7 @@ def measure_steps(models: dict, batches: list[int], rounds: int, steps: int, pro
     for dname, loaded in models.items():
         for b in batches:
             t0 = time.perf_counter()
-            dec = make_decode_engine(loaded, b, prompt_len, decode_steps)
+            dec = make_decode_engine(loaded, b, prompt_len, decode_steps, widen=VARIANTS[dname][1])
             time_forward(dec)
             dec.step()  # one untimed decode step: first-call costs at this shape
             engines[(dname, b)] = dec
@@ -201,18 +208,19 @@ def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for dname, color in (("bfloat16", "tab:blue"), ("float32", "tab:orange")):
+    for dname, color in zip(VARIANTS, ("tab:blue", "tab:gray", "tab:orange")):
         rs = [r for r in rows if r["dtype"] == dname]
         if not rs:
             continue
         b = [r["batch"] for r in rs]
         ax.plot(b, [r["step_ms"] for r in rs], "o-", color=color, label=f"{dname} measured step")
-        ax.plot(b, [r["floor_ms"] for r in rs], "s--", color=color, label=f"{dname} roofline floor")
+        if dname != "bfloat16-torch-gemm":  # same floor as bfloat16
+            ax.plot(b, [r["floor_ms"] for r in rs], "s--", color=color, label=f"{dname} roofline floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequences in the decode step")
     ax.set_ylabel("ms per step")
-    ax.set_title("Decode step vs the roofline floor (CPU, shared machine)")
+    ax.set_title("Decode step vs the roofline floor (CPU)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -221,7 +229,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8,32,64")
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per case and round")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -233,7 +241,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()
     batches = [int(x) for x in a.batches.split(",")]
-    dnames = a.dtypes.split(",")
+    dnames = a.variants.split(",")
+    unknown = set(dnames) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}")
     sizes = [int(x) for x in a.bandwidth_mib.split(",")]
     cpu = cpu_info()
     print(cpu.describe(), flush=True)
@@ -241,9 +252,10 @@ def main(argv=None) -> int:
     from loraplex.model.default_model import ensure_default_model
     from loraplex.model.loader import load_model
     from loraplex.model.packed_linear import packing_available
+    from loraplex.model.widened_linear import widening_wanted
 
     model_dir = ensure_default_model()
-    models = {d: load_model(model_dir, DTYPES[d], torch.device("cpu")) for d in dnames}
+    models = {d: load_model(model_dir, VARIANTS[d][0], torch.device("cpu")) for d in dnames}
     arch = next(iter(models.values())).arch
     h, i = arch.hidden_size, arch.intermediate_size
     # The decode step's GEMM shapes (M = rows): q/k/v fused, o, gate/up fused, down, vocab.
@@ -253,7 +265,8 @@ def main(argv=None) -> int:
     def machine_pass(tag):
         print(f"measuring bandwidth and matmul peaks ({tag})", flush=True)
         bw = measure_bandwidth(sizes)
-        mm = {d: measure_matmul(DTYPES[d], [(a.square, a.square, a.square)] + decode_shapes, reps=5)
+        mm = {d: measure_matmul(VARIANTS[d][0], [(a.square, a.square, a.square)] + decode_shapes, reps=5,
+                                widened=VARIANTS[d][1] and widening_wanted())
               for d in dnames}
         return bw, mm
 
@@ -267,8 +280,12 @@ def main(argv=None) -> int:
     bandwidth = max(r["best"] for r in bw.values()) * 1e9  # bytes/s
     mm = {d: best_of(mm1[d], mm2[d], key=lambda r: (r["m"], r["k"], r["n"])) for d in dnames}
     # The peak is the fastest any measured shape ran (on an AVX2-only CPU bfloat16 runs faster at
-    # the decode shapes than at the square one: the square is not always the best case).
-    peak = {d: max(r["best"] for r in mm[d].values()) * 1e9 for d in dnames}  # FLOP/s
+    # the decode shapes than at the square one: the square is not always the best case). The
+    # step's arithmetic may run in any dtype that holds its operands exactly: float32 holds
+    # bfloat16, so a bfloat16 floor uses the fastest rate measured in either (on a CPU without
+    # bfloat16 units float32's FMAs are the hardware's bfloat16 limit too).
+    own = {d: max(r["best"] for r in mm[d].values()) * 1e9 for d in dnames}  # FLOP/s
+    peak = {d: own[d] if VARIANTS[d][0] == torch.float32 else max(own.values()) for d in dnames}
 
     def decode_gemm_rate(d, b):
         """FLOP/s of the step's GEMMs at M = b, weighted by their FLOPs (= total FLOPs / total time)."""
@@ -281,7 +298,7 @@ def main(argv=None) -> int:
         for b in batches:
             s = steps[(d, b)]
             ctx = statistics.mean(s["context"])
-            cost = decode_step_cost(arch, DTYPES[d].itemsize, b, ctx)
+            cost = decode_step_cost(arch, VARIANTS[d][0].itemsize, b, ctx)
             floor, bound = cost.floor_seconds(bandwidth, peak[d])
             floor_dec, _ = cost.floor_seconds(bandwidth, decode_gemm_rate(d, b))
             step, fwd = statistics.median(s["step"]), statistics.median(s["forward"])
@@ -298,7 +315,11 @@ def main(argv=None) -> int:
         f"intermediate {i}, {arch.num_heads} heads / {arch.num_kv_heads} KV heads, vocab {arch.vocab_size}; "
         f"{matmul_weights(arch) / 1e6:.1f} M matmul weights per token (projections + vocab projection).", "",
         f"- CPU: {cpu.describe()}",
-        f"- oneDNN bfloat16 weight packing available (model/packed_linear.py): {packing_available()}",
+        f"- oneDNN bfloat16 weight packing available (model/packed_linear.py): {packing_available()}; "
+        f"bfloat16 GEMMs in float32 math (model/widened_linear.py): {widening_wanted()}",
+        "- Variants: `bfloat16` = the engine as it runs by default; `bfloat16-torch-gemm` = the same with "
+        "LORAPLEX_WIDEN_BF16=0 (torch's bfloat16 GEMM: what ran before model/widened_linear.py); "
+        "`float32` = --dtype float32.",
         f"- torch {torch.__version__}, Python {platform.python_version()}, "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load0)}, at end "
@@ -315,8 +336,10 @@ def main(argv=None) -> int:
     for d in dnames:
         lines += [f"| {d} | {r['m']} x {r['k']} x {r['n']} | {r['best']:.1f} | {r['median']:.1f} |"
                   for r in mm[d].values()]
-    lines += ["", "Peak used for the floor: " + ", ".join(f"{d} **{peak[d] / 1e9:.1f} GFLOP/s**" for d in dnames)
-              + " (the fastest shape measured, square or decode).", ""]
+    lines += ["", "Fastest rate measured: " + ", ".join(f"{d} {own[d] / 1e9:.1f} GFLOP/s" for d in dnames)
+              + " (square or decode shape). Peak used for the floor: "
+              + ", ".join(f"{d} **{peak[d] / 1e9:.1f} GFLOP/s**" for d in dnames)
+              + " (bfloat16: the fastest of any variant, float32 FMAs carry bfloat16 operands exactly).", ""]
     lines += [
         "## Decode step vs floor", "",
         "floor = max(bytes / bandwidth, FLOPs / peak); efficiency = floor / measured step (the target of "
@@ -335,12 +358,15 @@ def main(argv=None) -> int:
                      f"{r['mem_ms']:.1f} | {r['comp_ms']:.1f} | {r['floor_ms']:.1f} ({r['bound']}) | "
                      f"{r['step_ms']:.1f} | {r['fwd_ms']:.1f} | {100 * r['eff']:.0f} % | {r['floor_dec_ms']:.1f} | "
                      f"{100 * r['eff_dec']:.0f} % | {r['tps']:.0f} | {r['best_ms']:.1f} | {100 * r['eff_best']:.0f} % |")
-    if len(dnames) == 2:
-        def ratio(b, f):
-            return f(steps[("float32", b)]["step"]) / f(steps[("bfloat16", b)]["step"])
-        lines += ["", "float32 / bfloat16 step time, same run (< 1: float32 is faster here): "
-                  + ", ".join(f"batch {b} {ratio(b, statistics.median):.2f}x (best steps {ratio(b, min):.2f}x)"
-                              for b in batches)]
+    def ratio(num, den, b, f):
+        return f(steps[(num, b)]["step"]) / f(steps[(den, b)]["step"])
+
+    for num, den, what in (("bfloat16-torch-gemm", "bfloat16", "speed-up of the widened bfloat16 GEMM"),
+                           ("float32", "bfloat16", "< 1: float32 is faster here")):
+        if num in dnames and den in dnames:
+            lines += ["", f"{num} / {den} step time, same run ({what}): "
+                      + ", ".join(f"batch {b} {ratio(num, den, b, statistics.median):.2f}x "
+                                  f"(best steps {ratio(num, den, b, min):.2f}x)" for b in batches)]
     lines += ["", "Per-step times (ms) of every round, for the record:", ""]
     for (d, b), s in steps.items():
         lines.append(f"- {d} batch {b}: step " + ", ".join(f"{x * 1e3:.0f}" for x in s["step"])

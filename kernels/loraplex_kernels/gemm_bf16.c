@@ -36,6 +36,8 @@
 #define MC 64
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 
 typedef struct {
     int64_t rows, n, k, kpad;         /* rows of this chunk; columns; inner size; k rounded up to LANES */
@@ -57,6 +59,45 @@ static inline v8f load8(const float *p) {
     v8f v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+/* 8 bfloat16 values widened to float32 lanes (a zero-extend and a shift: bf16 is the top half). */
+static inline v8f widen8(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    return (v8f)u;
+}
+
+static void widen_row(float *dst, const uint16_t *src, int64_t k, int64_t kpad) {
+    int64_t i = 0;
+    for (; i + LANES <= k; i += LANES) {
+        v8f v = widen8(src + i);
+        memcpy(dst + i, &v, sizeof v);
+    }
+    for (; i < k; i++) dst[i] = bf16_to_f32(src[i]);
+    for (; i < kpad; i++) dst[i] = 0.0f;
+}
+
+/* One row of x (a decode step of one sequence): every W element is used once, so widening it
+ * into a buffer first would only add a pass; W is widened as it is read, four rows of it at a
+ * time (eight independent sums keep the FMA pipeline full and four streams of W in flight).
+ * out[j] = dot(xf, w[j]) for j < 4. */
+static inline void gemv4(float out[4], const float *xf, const uint16_t *const w[4], int64_t k) {
+    v8f acc[4][2] = {{{0}}};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= k; i += 2 * LANES) {
+        v8f x0 = load8(xf + i), x1 = load8(xf + i + LANES);
+        for (int j = 0; j < 4; j++) {
+            acc[j][0] += x0 * widen8(w[j] + i);
+            acc[j][1] += x1 * widen8(w[j] + i + LANES);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        float s = hsum(acc[j][0] + acc[j][1]);
+        for (int64_t t = i; t < k; t++) s += xf[t] * bf16_to_f32(w[j][t]);
+        out[j] = s;
+    }
 }
 
 /* out[i][j] = dot(xf row i, wf row j) for i < mb, j < nb (mb <= MB, nb <= NB: constants at the
@@ -84,17 +125,26 @@ static inline __attribute__((always_inline)) void tile(float out[MB][NB], const 
 static int gemm_share(const void *call, int64_t b0, int64_t b1) {
     const gemm_call_t *c = (const gemm_call_t *)call;
     int64_t kpad = c->kpad;
+    if (c->rows == 1) {  /* one row: stream W through the FMAs, four rows of it at a time */
+        int64_t hi = b1 * NB < c->n ? b1 * NB : c->n;  /* this share's columns end here */
+        for (int64_t n = b0 * NB; n < hi; n += 4) {
+            float out[4];
+            const uint16_t *w[4];
+            for (int j = 0; j < 4; j++)  /* past the share's end: repeat its last row, unused */
+                w[j] = c->w + (n + j < hi ? n + j : hi - 1) * c->w_stride;
+            gemv4(out, c->xf, w, c->k);
+            for (int j = 0; j < 4 && n + j < hi; j++)
+                c->y[n + j] = f32_to_bf16(out[j] + (c->bias ? bf16_to_f32(c->bias[n + j]) : 0.0f));
+        }
+        return 0;
+    }
     float *wf = aligned_alloc(64, (size_t)(NB * kpad * sizeof(float) + 63) / 64 * 64);
     if (!wf) return -1;
     for (int64_t b = b0; b < b1; b++) {
         int64_t n0 = b * NB;
         int nb = (int)(c->n - n0 < NB ? c->n - n0 : NB);
-        for (int j = 0; j < nb; j++) {  /* widen the block's rows of W once */
-            const uint16_t *src = c->w + (n0 + j) * c->w_stride;
-            float *dst = wf + j * kpad;
-            for (int64_t k = 0; k < c->k; k++) dst[k] = bf16_to_f32(src[k]);
-            for (int64_t k = c->k; k < kpad; k++) dst[k] = 0.0f;
-        }
+        for (int j = 0; j < nb; j++)  /* widen the block's rows of W once */
+            widen_row(wf + j * kpad, c->w + (n0 + j) * c->w_stride, c->k, kpad);
         float bias[NB] = {0};
         if (c->bias)
             for (int j = 0; j < nb; j++) bias[j] = bf16_to_f32(c->bias[n0 + j]);
@@ -149,12 +199,7 @@ int loraplex_gemm_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64
     int rc = 0;
     for (int64_t m0 = 0; m0 < m && rc == 0; m0 += MC) {
         int64_t rows = m - m0 < MC ? m - m0 : MC;
-        for (int64_t i = 0; i < rows; i++) {
-            const uint16_t *src = x + (m0 + i) * x_stride;
-            float *dst = xf + i * kpad;
-            for (int64_t j = 0; j < k; j++) dst[j] = bf16_to_f32(src[j]);
-            for (int64_t j = k; j < kpad; j++) dst[j] = 0.0f;
-        }
+        for (int64_t i = 0; i < rows; i++) widen_row(xf + i * kpad, x + (m0 + i) * x_stride, k, kpad);
         gemm_call_t call = {rows, n, k, kpad, xf, w, w_stride, bias, y + m0 * y_stride, y_stride};
         rc = lp_run_shares(nt, cum, blocks, gemm_share, &call);
     }

@@ -45,16 +45,25 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def warn_emulated_bf16() -> None:
-    """Say so when this CPU runs bfloat16 GEMMs without native support (AVX2 only: oneDNN cannot
-    even pack them, model/packed_linear.py): on such a CPU float32 decoded 8-64 sequences 1.3-5x
-    faster and one sequence 1.5-2x slower (benchmarks/results/roofline_cpu.md), at twice the memory
-    for weights, KV cache and adapters. `auto` stays bfloat16: which one wins depends on the load."""
-    from loraplex.model.packed_linear import packing_available
+    """Say so when this CPU would run bfloat16 GEMMs emulated (AVX2 only: oneDNN can neither pack
+    nor compute them natively, model/packed_linear.py) and our float32-math kernel cannot take
+    over (model/widened_linear.py: no C compiler, or LORAPLEX_NATIVE_KERNELS=0 /
+    LORAPLEX_WIDEN_BF16=0): there float32 decoded 8-64 sequences 1.3-5x faster
+    (benchmarks/results/roofline_cpu.md), at twice the memory for weights, KV cache and adapters."""
+    import os
 
-    if not packing_available():
-        log.warning("this CPU has no native bfloat16 matmul (no AVX-512/AMX): bfloat16 GEMMs are emulated; "
-                    "--dtype float32 decodes batches of 8+ sequences faster here (1.3-5x measured, a single "
-                    "stream 1.5-2x slower) with twice the memory (benchmarks/results/roofline_cpu.md)")
+    from loraplex.model.packed_linear import packing_available
+    from loraplex.model.widened_linear import widening_wanted
+
+    if packing_available():
+        return
+    if widening_wanted() and os.environ.get("LORAPLEX_WIDEN_BF16", "1") != "0":
+        log.info("this CPU has no native bfloat16 matmul (no AVX-512 BF16/AMX): bfloat16 GEMMs run the "
+                 "compiled float32-math kernel (model/widened_linear.py)")
+        return
+    log.warning("this CPU has no native bfloat16 matmul (no AVX-512/AMX) and the compiled float32-math "
+                "kernel is off: bfloat16 GEMMs are emulated; --dtype float32 decodes batches of 8+ "
+                "sequences faster here (1.3-5x measured) with twice the memory (benchmarks/results/roofline_cpu.md)")
 
 
 def model_path(config: ModelConfig) -> Path:
