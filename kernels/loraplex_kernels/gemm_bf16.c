@@ -31,8 +31,12 @@
 #include "parallel.h"
 
 #define LANES 8
+#ifndef MB
 #define MB 4
+#endif
+#ifndef NB
 #define NB 3
+#endif
 #define MC 64
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -154,17 +158,21 @@ static int gemm_share(const void *call, int64_t b0, int64_t b1) {
             float out[MB][NB];
             if (nb == NB) {
                 switch (mb) {
-                    case 4: TILE_CASE(4, NB); break;
-                    case 3: TILE_CASE(3, NB); break;
-                    case 2: TILE_CASE(2, NB); break;
+                    case 4: TILE_CASE(4 <= MB ? 4 : 1, NB); break;
+                    case 3: TILE_CASE(3 <= MB ? 3 : 1, NB); break;
+                    case 2: TILE_CASE(2 <= MB ? 2 : 1, NB); break;
                     default: TILE_CASE(1, NB); break;
                 }
-            } else {  /* the last block of columns: 1 or 2 wide */
-                switch (mb) {
-                    case 4: if (nb == 2) TILE_CASE(4, 2); else TILE_CASE(4, 1); break;
-                    case 3: if (nb == 2) TILE_CASE(3, 2); else TILE_CASE(3, 1); break;
-                    case 2: if (nb == 2) TILE_CASE(2, 2); else TILE_CASE(2, 1); break;
-                    default: if (nb == 2) TILE_CASE(1, 2); else TILE_CASE(1, 1); break;
+            } else {  /* the last block of columns, narrower: one column at a time */
+                for (int j = 0; j < nb; j++) {
+                    float col[MB][NB];
+                    switch (mb) {
+                        case 4: tile(col, xf + m * c->kpad, c->kpad, wf + j * kpad, 4 <= MB ? 4 : 1, 1); break;
+                        case 3: tile(col, xf + m * c->kpad, c->kpad, wf + j * kpad, 3 <= MB ? 3 : 1, 1); break;
+                        case 2: tile(col, xf + m * c->kpad, c->kpad, wf + j * kpad, 2 <= MB ? 2 : 1, 1); break;
+                        default: tile(col, xf + m * c->kpad, c->kpad, wf + j * kpad, 1, 1); break;
+                    }
+                    for (int i = 0; i < mb; i++) out[i][j] = col[i][0];
                 }
             }
             for (int i = 0; i < mb; i++) {
