@@ -30,6 +30,10 @@
 #include "bf16.h"
 #include "parallel.h"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #define LANES 8
 #ifndef MB
 #define MB 4
@@ -38,6 +42,9 @@
 #define NB 3
 #endif
 #define MC 64
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 2048  /* elements of a W row requested ahead of the one-row loop's reads */
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -65,12 +72,18 @@ static inline v8f load8(const float *p) {
     return v;
 }
 
-/* 8 bfloat16 values widened to float32 lanes (a zero-extend and a shift: bf16 is the top half). */
+/* 8 bfloat16 values widened to float32 lanes (a zero-extend and a shift: bf16 is the top half).
+ * With AVX2 as one 256-bit zero-extend: GCC lowers the generic form to two 128-bit halves. */
 static inline v8f widen8(const uint16_t *p) {
+#if defined(__AVX2__)
+    __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (v8f)_mm256_castsi256_ps(u);
+#else
     v8h h;
     memcpy(&h, p, sizeof h);
     v8u u = __builtin_convertvector(h, v8u) << 16;
     return (v8f)u;
+#endif
 }
 
 static void widen_row(float *dst, const uint16_t *src, int64_t k, int64_t kpad) {
@@ -93,6 +106,7 @@ static inline void gemv4(float out[4], const float *xf, const uint16_t *const w[
     for (; i + 2 * LANES <= k; i += 2 * LANES) {
         v8f x0 = load8(xf + i), x1 = load8(xf + i + LANES);
         for (int j = 0; j < 4; j++) {
+            __builtin_prefetch(w[j] + i + PREFETCH_AHEAD, 0, 0);
             acc[j][0] += x0 * widen8(w[j] + i);
             acc[j][1] += x1 * widen8(w[j] + i + LANES);
         }
