@@ -5,13 +5,15 @@ to the roofline. Before wiring the model's paged attention and compiled LoRA / n
 inductor as custom ops, this measures what compilation can win at best: a stack of 30 layers of
 the default model's shapes (q/k/v/o, gate/up/down, two RMSNorms, SwiGLU, residuals; attention
 replaced by a cheap elementwise stand-in, so every op left is one inductor can compile) in
-float32, eager against four inductor settings, at decode batch sizes:
+float32 (or bfloat16), eager against four inductor settings, at decode batch sizes:
 
 - `compile`: torch.compile(dynamic=False), default inductor (fuses the elementwise ops, calls
   the GEMM library for the matmuls);
 - `freeze`: + inductor's freezing (weights as constants, prepacked for oneDNN);
 - `autotune`: + max_autotune with inductor's C++ GEMM template ("CPP,ATEN"), which generates
-  its own micro-kernels per shape and keeps them where they beat the library.
+  its own micro-kernels per shape and keeps them where they beat the library;
+- `widened` (bfloat16 only, not compiled): eager with the engine's own bfloat16 GEMM
+  (model/widened_linear.py), the baseline a compiled bfloat16 stack would have to beat.
 
 Each mode runs in its own process (inductor's settings are global). Compile time is reported:
 on a server it is paid per distinct batch shape unless shapes are bucketed.
@@ -36,9 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compile_probe_cpu.md"
 MODES = ("eager", "compile", "freeze", "autotune")
+EXTRA_MODES = ("widened",)  # eager with the engine's bfloat16 GEMM (model/widened_linear.py)
 
 
-def run_mode(mode: str, batches: list[int], layers: int, reps: int) -> dict:
+def run_mode(mode: str, batches: list[int], layers: int, reps: int, dtype_name: str) -> dict:
     """In this process: build the stack, compile it per `mode`, time a forward per batch size."""
     import torch
     import torch.nn.functional as F
@@ -68,8 +71,15 @@ def run_mode(mode: str, batches: list[int], layers: int, reps: int) -> dict:
             h = self.norm(x, self.n2)
             return x + self.d(F.silu(self.g(h)) * self.u(h))
 
-    model = nn.Sequential(*[Layer() for _ in range(layers)]).eval()
-    if mode != "eager":
+    dtype = getattr(torch, dtype_name)
+    model = nn.Sequential(*[Layer() for _ in range(layers)]).to(dtype).eval()
+    if mode == "widened":
+        from loraplex.model.widened_linear import WidenedLinear
+
+        for layer in model:
+            for name in ("q", "k", "v", "o", "g", "u", "d"):
+                setattr(layer, name, WidenedLinear.wrap(getattr(layer, name)))
+    elif mode != "eager":
         import torch._inductor.config as ic
         if mode in ("freeze", "autotune"):
             ic.freezing = True
@@ -80,7 +90,7 @@ def run_mode(mode: str, batches: list[int], layers: int, reps: int) -> dict:
     out = {}
     with torch.inference_mode():
         for b in batches:
-            x = torch.randn(b, hidden)
+            x = torch.randn(b, hidden, dtype=dtype)
             t0 = time.perf_counter()
             model(x)  # compiles this shape
             first = time.perf_counter() - t0
@@ -102,12 +112,19 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: eager is torch's bfloat16 GEMM (emulated on AVX2-only CPUs)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
+    unknown = set(a.modes.split(",")) - set(MODES + EXTRA_MODES)
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}")
+    if "widened" in a.modes.split(",") and a.dtype != "bfloat16":
+        p.error("mode widened is bfloat16 only")
     if a.child:
-        print(json.dumps(run_mode(a.child, batches, a.layers, a.reps)))
+        print(json.dumps(run_mode(a.child, batches, a.layers, a.reps, a.dtype)))
         return 0
     import torch
 
@@ -118,7 +135,7 @@ def main(argv=None) -> int:
     results = {}
     for mode in a.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--batches", a.batches,
-                               "--layers", str(a.layers), "--reps", str(a.reps)],
+                               "--layers", str(a.layers), "--reps", str(a.reps), "--dtype", a.dtype],
                               capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -126,7 +143,7 @@ def main(argv=None) -> int:
         print(mode, results[mode], flush=True)
     load1 = os.getloadavg()
     lines = [
-        "# torch.compile probe: a 30-layer stack of the default model's shapes, float32, CPU", "",
+        f"# torch.compile probe: a {a.layers}-layer stack of the default model's shapes, {a.dtype}, CPU", "",
         f"- CPU: {cpu_info().describe()}",
         f"- torch {torch.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
         f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}",

@@ -323,8 +323,8 @@ def main(argv=None) -> int:
         f"- torch {torch.__version__}, Python {platform.python_version()}, "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load0)}, at end "
-        f"{'/'.join(f'{x:.2f}' for x in load1)}. **The machine was shared** with other engineers' "
-        "jobs on the same 2 cores: absolute times are inflated by an unknown factor; bandwidth and peaks "
+        f"{'/'.join(f'{x:.2f}' for x in load1)}. Other processes on these cores (a load average above "
+        "this run's own ~1-2) and a virtual machine's neighbours inflate absolute times by an unknown factor; bandwidth and peaks "
         "are the best of a pass before and one after the steps, the steps the median of interleaved rounds.",
         "", "Command: `python benchmarks/roofline.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
         "", "## Machine limits (measured)", "",

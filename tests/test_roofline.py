@@ -3,6 +3,7 @@ the KV cache's own block size), its floor, and the decode driver both benchmarks
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -55,3 +56,25 @@ def test_decode_driver_runs_full_decode_steps(tiny_model_dir):
         assert dec.step() > 0
     assert dec.mean_context == ctx0 + 4
     assert len(dec.forward_seconds) == 4
+
+
+def test_decode_driver_keeps_each_variants_gemm(tiny_model_dir, monkeypatch):
+    """widen=False builds the engine with LORAPLEX_WIDEN_BF16=0 (torch's bfloat16 GEMM, the
+    'before' of the roofline's bfloat16 rows); widen=True lets it swap in WidenedLinear; the
+    environment is restored either way."""
+    from loraplex.model import widened_linear
+    from loraplex.model.linear import Projection
+    from loraplex.model.packed_linear import packing_available
+
+    monkeypatch.setattr(widened_linear, "widening_wanted", lambda: True)
+    monkeypatch.delenv("LORAPLEX_WIDEN_BF16", raising=False)
+    kinds = {}
+    for widen in (False, True):
+        loaded = load_model(tiny_model_dir, torch.bfloat16, "cpu")
+        dec = make_decode_engine(loaded, batch=2, prompt_len=4, decode_steps=2, widen=widen)
+        assert dec.step() > 0
+        kinds[widen] = {type(p.base) for p in loaded.model.modules() if isinstance(p, Projection)}
+    assert "LORAPLEX_WIDEN_BF16" not in os.environ
+    if not packing_available():  # where oneDNN packs, neither variant widens
+        assert kinds[False] == {torch.nn.Linear} and kinds[True] == {widened_linear.WidenedLinear}
+    assert roofline.VARIANTS["bfloat16-torch-gemm"] == (torch.bfloat16, False)
