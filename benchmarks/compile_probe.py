@@ -78,7 +78,7 @@ def run_mode(mode: str, batches: list[int], layers: int, reps: int, dtype_name: 
 
         for layer in model:
             for name in ("q", "k", "v", "o", "g", "u", "d"):
-                setattr(layer, name, WidenedLinear.wrap(getattr(layer, name)))
+                setattr(layer, name, WidenedLinear(getattr(layer, name)))
     elif mode != "eager":
         import torch._inductor.config as ic
         if mode in ("freeze", "autotune"):

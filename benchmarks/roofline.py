@@ -96,7 +96,7 @@ def measure_matmul(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps:
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         linear = torch.nn.Linear(k, n, bias=False, device="meta")
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
-        layer = WidenedLinear.wrap(linear) if widened else linear
+        layer = WidenedLinear(linear) if widened else linear
         best, med = _best_and_median(lambda: layer(x), reps)
         flops = 2 * m * k * n
         rows.append(dict(m=m, k=k, n=n, best=flops / best / 1e9, median=flops / med / 1e9))

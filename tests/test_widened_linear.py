@@ -74,18 +74,48 @@ def test_gemm_refuses_mismatched_operands():
     assert not gemm_native.supports(x, torch.randn(4, 8))  # mixed dtypes
 
 
-def test_widened_linear_keeps_parameters_and_falls_back():
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (17, 13), (40, 24), (192, 576)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 33, 70])
+def test_panels_match_float64_and_round_trip(m, n, k):
+    """Pre-packed panels (gemm_panels.c): an exact re-layout of W, and every row count's loop
+    (direct for < 8 rows, the float32 block buffer from 8) within a bfloat16 step of float64."""
+    g = torch.Generator().manual_seed(m * 131 + n * 7 + k)
+    w = (torch.randn(n, k + 3, generator=g) / k ** 0.5).to(torch.bfloat16)[:, :k]  # strided rows
+    packed = gemm_native.pack_panels(w)
+    assert tuple(packed.shape) == gemm_native.panel_shape(n, k)
+    assert torch.equal(gemm_native.unpack_panels(packed, n, k), w)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    _check(gemm_native.gemm_panels(x, packed, n, k), x.double() @ w.double().T)
+    _check(gemm_native.gemm_panels(x, packed, n, k, bias), x.double() @ w.double().T + bias.double())
+
+
+def test_panels_refuse_mismatched_operands():
+    w = torch.randn(20, 16).to(torch.bfloat16)
+    packed = gemm_native.pack_panels(w)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemm_native.gemm_panels(torch.randn(2, 24).to(torch.bfloat16), packed, 20, 24)
+    with pytest.raises(ValueError, match="pack_panels takes"):
+        gemm_native.pack_panels(w.float())
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_widened_linear_layouts_and_fallback(pack):
     lin = nn.Linear(40, 24, bias=True, dtype=torch.bfloat16)
-    wide = WidenedLinear.wrap(lin)
-    assert wide.weight is lin.weight and wide.bias is lin.bias
-    assert set(wide.state_dict()) == {"weight", "bias"}
+    wide = WidenedLinear(lin, pack=pack)
+    assert wide.bias is lin.bias
+    assert torch.equal(wide.unpacked_weight(), lin.weight.detach())
+    assert (wide.weight is lin.weight) == (not pack)
+    assert set(wide.state_dict()) == ({"bias"} if pack else {"weight", "bias"})  # panels: not persistent
     x = torch.randn(2, 3, 40).to(torch.bfloat16)  # 3-d input: flattened and restored
     got = wide(x)
     assert got.shape == (2, 3, 24)
     _check(got.reshape(6, 24), x.reshape(6, 40).double() @ lin.weight.double().T + lin.bias.double())
-    lin32 = nn.Linear(40, 24)
-    x32 = torch.randn(5, 40)
-    assert torch.equal(WidenedLinear.wrap(lin32)(x32), lin32(x32))  # float32: torch's F.linear
+    x32 = torch.randn(5, 40)  # float32 input: torch's F.linear on the same weights
+    want = F.linear(x32, lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(wide(x32), want)
+    with pytest.raises(ValueError, match="bfloat16 CPU"):
+        WidenedLinear(nn.Linear(4, 4))
 
 
 def _two_steps(model) -> torch.Tensor:
@@ -141,18 +171,19 @@ def test_widen_projections_swaps_bf16_layers_only(tied, tied_model_dir, tiny_mod
     assert widen_projections(fp32.model) == 0
     bf16 = load_model(folder, torch.bfloat16, "cpu")
     model = bf16.model
-    weights = {id(p.base.weight) for p in model.modules() if isinstance(p, Projection)}
+    dense = {id(p): p.base.weight.detach().clone() for p in model.modules() if isinstance(p, Projection)}
     before = quantized_bytes(model), float16_weight_bytes(model)
     n = widen_projections(model)
     projections = [p for p in model.modules() if isinstance(p, Projection)]
     assert n == len(projections) + 1  # every projection and the vocab projection
-    assert all(type(p.base) is WidenedLinear for p in projections)
-    assert {id(p.base.weight) for p in projections} == weights  # the same Parameters, no copy
-    if tied:
+    assert all(type(p.base) is WidenedLinear and p.base.packed is not None for p in projections)
+    assert all(torch.equal(p.base.unpacked_weight(), dense[id(p)]) for p in projections)  # exact re-layout
+    if tied:  # the table stays row-major for the token lookup: the head reads it in place
         assert model.lm_head is None and model.packed_head.weight is model.model.embed_tokens.weight
     else:
         assert type(model.lm_head) is WidenedLinear and model.packed_head is None
-    assert (quantized_bytes(model), float16_weight_bytes(model)) == before  # nothing held twice
+    # The tiny models' widths are whole panels: not one byte more resident, the same weights.
+    assert (quantized_bytes(model), float16_weight_bytes(model)) == before
     assert widen_projections(model) == 0  # idempotent
 
 

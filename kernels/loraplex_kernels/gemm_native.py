@@ -23,6 +23,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and native.available())
 
 
+def supports_input(x: torch.Tensor) -> bool:
+    """x is a 2-d bfloat16 CPU tensor with contiguous rows, and the library built."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1
+            and native.available())
+
+
 def gemm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] bfloat16, weight [N, K] bfloat16, bias [N] or None -> [M, N] bfloat16."""
     m, k = x.shape
@@ -39,4 +45,51 @@ def gemm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
     if rc != 0:
         raise MemoryError("gemm_bf16: out of scratch memory")
+    return y
+
+
+PANEL = 16  # columns per panel (gemm_panels.c NR)
+
+
+def panel_shape(n: int, k: int) -> tuple[int, int, int]:
+    """Shape of W [n, k] packed into panels: [ceil(n / 16), k rounded up to 8, 16]."""
+    return -(-n // PANEL), -(-k // 8) * 8, PANEL
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """W [n, k] bfloat16 (rows may be strided) -> bfloat16 panels [ceil(n/16), kpad, 16], the
+    layout gemm_panels reads (zero-padded). Exact: a rearrangement of the same values."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"pack_panels takes a 2-d bfloat16 CPU weight with contiguous rows, got "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    n, k = weight.shape
+    out = torch.empty(panel_shape(n, k), dtype=torch.bfloat16)
+    native.function("loraplex_pack_panels", [_I64, _I64, _P, _I64, _P])(
+        n, k, weight.data_ptr(), weight.stride(0), out.data_ptr())
+    return out
+
+
+def unpack_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The dense [n, k] weight back from its panels (exact)."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n, :k].contiguous()
+
+
+def gemm_panels(x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] bfloat16 (rows may be strided) @ W.T (+ bias) -> [M, n] bfloat16, W given as
+    pack_panels(W) of shape panel_shape(n, k)."""
+    m, k2 = x.shape
+    if k2 != k or tuple(packed.shape) != panel_shape(n, k) or packed.dtype != torch.bfloat16 \
+            or not packed.is_contiguous():
+        raise ValueError(f"x {tuple(x.shape)} and panels {tuple(packed.shape)} do not fit a [{n}, {k}] weight")
+    if bias is not None:
+        if bias.shape != (n,) or bias.dtype != torch.bfloat16:
+            raise ValueError(f"bias must be bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+        bias = bias.contiguous()
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = native.function("loraplex_gemm_panels", [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64])(
+        m, n, k, x.data_ptr(), x.stride(0), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+    if rc != 0:
+        raise MemoryError("gemm_panels: out of scratch memory")
     return y

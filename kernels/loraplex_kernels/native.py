@@ -1,4 +1,4 @@
-"""The CPU backend's compiled kernels (lora_rows.c, decode_attention.c, rmsnorm.c, rotary.c, gemm_bf16.c): one shared object, built
+"""The CPU backend's compiled kernels (lora_rows.c, decode_attention.c, rmsnorm.c, rotary.c, gemm_bf16.c, gemm_panels.c): one shared object, built
 on first use, cached, loaded with ctypes. The calls live in lora_native.py and attention_native.py.
 
 Why compile at run time instead of shipping a binary: `-march=native` lets the compiler use the
@@ -32,8 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in (
-    "lora_rows.c", "decode_attention.c", "rmsnorm.c", "rotary.c", "gemm_bf16.c"))
-HEADERS = (Path(__file__).with_name("bf16.h"), Path(__file__).with_name("parallel.h"))  # included by the sources: part of the cache key
+    "lora_rows.c", "decode_attention.c", "rmsnorm.c", "rotary.c", "gemm_bf16.c", "gemm_panels.c"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "parallel.h", "widen.h", "gemm_panels.h"))  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products (float sums in another order: the
 # results differ from a sequential sum by rounding only, like any BLAS).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",

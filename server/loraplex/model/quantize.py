@@ -286,9 +286,12 @@ def float16_bytes(arch, projections_only: bool = False) -> int:
 
 def _logical_numel(param: torch.Tensor) -> int:
     """Weights a parameter stands for: a 4-bit weight by its quant_state.shape [out, in] (its storage
-    packs two weights per byte); anything else (int8 [out, in], float) by its own shape."""
+    packs two weights per byte), bfloat16 panels by their logical_shape; anything else (int8
+    [out, in], float) by its own shape."""
     qs = getattr(param, "quant_state", None)
     shape = getattr(qs, "shape", None)
+    if shape is None:  # bfloat16 panels (model/widened_linear.py): the weight's shape, not the padding
+        shape = getattr(param, "logical_shape", None)
     return shape.numel() if shape is not None else param.numel()
 
 

@@ -8,11 +8,11 @@ The compiled kernel (loraplex_kernels/gemm_bf16.c) widens each block of the bflo
 an L1-sized float32 buffer and multiplies in float32, so bfloat16 keeps its half-size weights,
 KV cache and adapters and computes at float32's speed.
 
-`WidenedLinear` is an nn.Linear (same weight and bias Parameters, same state_dict, no copy) whose
-forward calls that kernel for bfloat16 CPU input. Its sums run in another order than oneDNN's: an
-output can differ from torch's bfloat16 F.linear by one bfloat16 step (checked against float64 in
-tests/test_widened_linear.py). float32 models are never touched (their bit-parity with
-transformers stays).
+`WidenedLinear` replaces a projection's nn.Linear: its weight re-laid out once into panels
+(same values, same bytes), its bias the same Parameter. Its sums run in another order than
+oneDNN's: an output can differ from torch's bfloat16 F.linear by one bfloat16 step (checked
+against float64 in tests/test_widened_linear.py). float32 models are never touched (their
+bit-parity with transformers stays).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraplex.model.packed_linear import packing_available
@@ -39,25 +40,55 @@ def widening_wanted() -> bool:
     return not any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx_ne_convert"))
 
 
-class WidenedLinear(nn.Linear):
-    """nn.Linear whose bfloat16 CPU forward runs gemm_bf16.c (float32 math, one rounding)."""
+class WidenedLinear(nn.Module):
+    """y = x @ W.T + b for bfloat16 CPU input through the compiled float32-math kernels.
 
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> "WidenedLinear":
-        """A WidenedLinear holding `linear`'s own Parameters (no copy)."""
-        shell = cls(linear.in_features, linear.out_features, bias=False, device="meta")
-        shell.weight = linear.weight
-        shell.bias = linear.bias
-        return shell
+    packed=True (the projections, an untied lm_head): W is held as bfloat16 panels of 16 columns,
+    k-major ([ceil(out/16), in rounded up to 8, 16], loraplex_kernels/gemm_panels.c), built once
+    from the dense weight, which is then dropped: the same bytes (plus padding to whole panels),
+    and 1.1-1.3x the row-major kernel's speed at every batch size on the dev box. packed=False
+    (a tied lm_head, whose table the token lookup needs row-major): W is the dense Parameter
+    itself, read through gemm_bf16.c. Other input (float32, another device) runs F.linear on the
+    dense weight."""
+
+    def __init__(self, linear: nn.Linear, pack: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            raise ValueError(f"WidenedLinear takes a bfloat16 CPU nn.Linear, got {w.dtype} on {w.device}")
+        self.bias = linear.bias  # the same Parameter (or None)
+        if pack:
+            panels = gemm_native.pack_panels(w)
+            panels.logical_shape = w.shape  # quantize.float16_weight_bytes: weights, not padding
+            # A buffer so that resident-byte counts (api/metrics.py) see it; not in state_dict.
+            self.register_buffer("packed", panels, persistent=False)
+            self.weight = None
+        else:
+            self.packed = None
+            self.weight = linear.weight  # the same Parameter (a tied embedding table)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The dense [out, in] weight (exact: the panels hold the same values)."""
+        if self.packed is None:
+            return self.weight.detach()
+        return gemm_native.unpack_panels(self.packed, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and gemm_native.supports(x, self.weight):  # [T, in]: the model's case
-            return gemm_native.gemm_bf16(x, self.weight, self.bias)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # [T, in]
-        if not gemm_native.supports(x2, self.weight):
-            return super().forward(x)
-        return gemm_native.gemm_bf16(x2, self.weight, self.bias).view(*shape[:-1], self.out_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # [T, in]
+        if not gemm_native.supports_input(x2):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.unpacked_weight().to(x.dtype), bias)
+        if self.packed is not None:
+            y = gemm_native.gemm_panels(x2, self.packed, self.out_features, self.in_features, self.bias)
+        else:
+            y = gemm_native.gemm_bf16(x2, self.weight, self.bias)
+        return y if x.dim() == 2 else y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        layout = "bf16 panels" if self.packed is not None else "row-major"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
 def widen_projections(model: nn.Module) -> int:
@@ -77,17 +108,17 @@ def widen_projections(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if isinstance(module, Projection) and eligible(module.base):
-            module.base = WidenedLinear.wrap(module.base)
+            module.base = WidenedLinear(module.base)
             n += 1
     head = getattr(model, "lm_head", None)
     if head is not None and eligible(head):
-        model.lm_head = WidenedLinear.wrap(head)
+        model.lm_head = WidenedLinear(head)
         n += 1
     elif head is None and getattr(model, "packed_head", None) is None:
         embed = model.model.embed_tokens
         if type(embed) is nn.Embedding and embed.weight.dtype == torch.bfloat16 and embed.weight.device.type == "cpu":
             shell = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False, device="meta")
             shell.weight = embed.weight  # the table itself
-            model.packed_head = WidenedLinear.wrap(shell)
+            model.packed_head = WidenedLinear(shell, pack=False)
             n += 1
     return n
