@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         print(f"measuring bandwidth and matmul peaks ({tag})", flush=True)
         bw = measure_bandwidth(sizes)
         mm = {d: measure_matmul(VARIANTS[d][0], [(a.square, a.square, a.square)] + decode_shapes, reps=5,
-                                widened=VARIANTS[d][1] and widening_wanted())
+                                widened=VARIANTS[d] == (torch.bfloat16, True) and widening_wanted())
               for d in dnames}
         return bw, mm
 

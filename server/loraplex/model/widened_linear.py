@@ -4,9 +4,10 @@ On a CPU with AVX2 but neither AVX-512 BF16 nor AMX (where oneDNN's weight packi
 packed_linear.py, is unavailable too), torch's bfloat16 F.linear is emulated at ~20 GFLOP/s
 against ~140 GFLOP/s for float32 on the same cores: a 32-sequence decode step of the default
 model took ~500-800 ms in bfloat16 against ~150 ms in float32 (benchmarks/results/roofline_cpu.md).
-The compiled kernel (loraplex_kernels/gemm_bf16.c) widens each block of the bfloat16 weight into
-an L1-sized float32 buffer and multiplies in float32, so bfloat16 keeps its half-size weights,
-KV cache and adapters and computes at float32's speed.
+The compiled kernels (loraplex_kernels/gemm_panels.c, gemm_bf16.c) widen the bfloat16 weights
+to float32 as they read them (a shift: bfloat16 is the top half of a float32) and multiply in
+float32, so bfloat16 keeps its half-size weights, KV cache and adapters and computes at (or,
+with the panel layout, above) float32's speed.
 
 `WidenedLinear` replaces a projection's nn.Linear: its weight re-laid out once into panels
 (same values, same bytes), its bias the same Parameter. Its sums run in another order than
