@@ -29,16 +29,22 @@ def supports_input(x: torch.Tensor) -> bool:
             and native.available())
 
 
+def _checked_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """bias [n] bfloat16, contiguous (or None)."""
+    if bias is None:
+        return None
+    if bias.shape != (n,) or bias.dtype != torch.bfloat16:
+        raise ValueError(f"bias must be bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    return bias.contiguous()
+
+
 def gemm_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] bfloat16, weight [N, K] bfloat16, bias [N] or None -> [M, N] bfloat16."""
     m, k = x.shape
     n, k2 = weight.shape
     if k != k2:
         raise ValueError(f"x has {k} columns, weight {tuple(weight.shape)} expects {k2}")
-    if bias is not None:
-        if bias.shape != (n,) or bias.dtype != torch.bfloat16:
-            raise ValueError(f"bias must be bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
-        bias = bias.contiguous()
+    bias = _checked_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     rc = native.function("loraplex_gemm_bf16", [_I64, _I64, _I64, _P, _I64, _P, _I64, _P, _P, _I64])(
         m, n, k, x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
@@ -82,10 +88,7 @@ def gemm_panels(x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
     if k2 != k or tuple(packed.shape) != panel_shape(n, k) or packed.dtype != torch.bfloat16 \
             or not packed.is_contiguous():
         raise ValueError(f"x {tuple(x.shape)} and panels {tuple(packed.shape)} do not fit a [{n}, {k}] weight")
-    if bias is not None:
-        if bias.shape != (n,) or bias.dtype != torch.bfloat16:
-            raise ValueError(f"bias must be bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
-        bias = bias.contiguous()
+    bias = _checked_bias(bias, n)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     rc = native.function("loraplex_gemm_panels", [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64])(
         m, n, k, x.data_ptr(), x.stride(0), packed.data_ptr(),

@@ -48,8 +48,9 @@ def warn_emulated_bf16() -> None:
     """Say so when this CPU would run bfloat16 GEMMs emulated (AVX2 only: oneDNN can neither pack
     nor compute them natively, model/packed_linear.py) and our float32-math kernel cannot take
     over (model/widened_linear.py: no C compiler, or LORAPLEX_NATIVE_KERNELS=0 /
-    LORAPLEX_WIDEN_BF16=0): there float32 decoded 8-64 sequences 1.3-5x faster
-    (benchmarks/results/roofline_cpu.md), at twice the memory for weights, KV cache and adapters."""
+    LORAPLEX_WIDEN_BF16=0): there float32 decoded 8-64 sequences 1.3-5x faster than emulated
+    bfloat16 (benchmarks/results/roofline_cpu.md), at twice the memory for weights, KV cache and
+    adapters."""
     import os
 
     from loraplex.model.packed_linear import packing_available
