@@ -28,7 +28,8 @@ with the same bitsandbytes functions, but
     such rounding, the row's logits move by units; elsewhere the match is exact (base rows: 0).
 The test measures the reference's sensitivity to such roundings on the same prompts: the same
 quantized PEFT model with sdpa instead of eager attention (a float32-rounding-only change: 6e-5 on
-the float model). Our error must be within FLOOR_FACTOR x that spread as well as the absolute bounds.
+the float model), and with its embeddings and LoRA products nudged by one float32 ulp (a few random
+patterns). Our error must be within FLOOR_FACTOR x that noise as well as the absolute bounds.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ MEAN_ATOL = {"nf4": 0.2, "int8": 0.7}
 FLOOR_FACTOR = 2.0
 ROW_FLOOR_FACTOR = 1.25
 FLOAT_ATOL = 1e-3
+NUDGE_SEEDS = (11, 12, 13)  # the one-ulp nudge patterns that sample the reference's noise floor
 # A reference near-tie: its top logit beats its logit for our token by at most this. Measured
 # margins where choices differed (two adapter std settings tried): nf4 0.017-0.064 at prompt
 # positions, 0.023 in greedy; int8 0.048-0.12 at prompt positions, 0.006-0.29 in greedy (up to 4
@@ -154,6 +156,17 @@ def reference(default_model_dir, adapters, method):
     return model.eval()
 
 
+def _one_ulp_nudge(seed: int):
+    """A forward hook: out moved one float32 ulp up or down per element (a random pattern fixed by seed)."""
+
+    def hook(module, args, out: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        up = torch.rand(out.shape, generator=g) < 0.5  # out's shape
+        return torch.nextafter(out, torch.where(up, torch.inf, -torch.inf).to(out.dtype))
+
+    return hook
+
+
 class _Active:
     """Context manager: `kind`'s adapter active on the reference, or none for kind None."""
 
@@ -204,27 +217,43 @@ def test_mixed_adapter_logits_match_transformers_bnb_peft(ours, reference, promp
     kv = KVCache.allocate(arch.num_layers, 128, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, torch.float32, "cpu")
     got = loaded.model(batch, kv)  # [T, vocab]: base rows and adapter rows in ONE forward
 
-    def reference_rows(attn: str) -> torch.Tensor:  # [T, vocab], in our flat batch's row order
-        reference.get_base_model().set_attn_implementation(attn)
+    def reference_rows(attn: str, nudge: int | None = None) -> torch.Tensor:  # [T, vocab], our row order
+        base = reference.get_base_model()
+        base.set_attn_implementation(attn)
+        # nudge (a seed): the input embeddings and every LoRA B product moved by one float32 ulp at
+        # random (up or down): the size and the places of the rounding differences between our
+        # LoRA kernel and PEFT's two matmuls, both correct in float32.
+        nudged = [base.model.embed_tokens] + [m for name, m in reference.named_modules()
+                                              if ".lora_B." in name and isinstance(m, torch.nn.Linear)]
+        hooks = [m.register_forward_hook(_one_ulp_nudge(nudge)) for m in nudged] if nudge is not None else []
         try:
             per_prompt = {(kind, q): ref_logits(reference, kind, prompts[q]) for kind, q in set(ROWS)}
         finally:
-            reference.get_base_model().set_attn_implementation("eager")
+            base.set_attn_implementation("eager")
+            for hook in hooks:
+                hook.remove()
         by_seq = {id(s): per_prompt[key] for s, key in zip(seqs, ROWS)}
         return torch.stack([by_seq[id(s)][pos] for s, pos in rows]), per_prompt
 
     want_rows, want = reference_rows("eager")
+    mean_effect = {}  # (kind, q) -> the adapter's mean move of the reference's logits on that prompt
     for kind, q in ROWS:  # a test on an adapter that does nothing could not fail
         if kind is not None:
             delta = (want[(kind, q)] - ref_logits(reference, None, prompts[q])).abs()  # [L, vocab]
-            effect = delta.max().item()
+            effect, mean_effect[(kind, q)] = delta.max().item(), delta.mean().item()
             print(f"{kind} moves the reference's logits by max {effect:.3g}, mean {delta.mean().item():.3g}")
             assert effect > MIN_LORA_EFFECT, f"{kind} barely moves the logits ({effect:.3g})"
             # Dropped, this adapter's rows would be off by its mean effect: the per-row mean bound must catch it.
             assert delta.mean().item() > 1.5 * MEAN_ATOL[method], f"{kind} barely moves the logits on average"
-    # The reference's own noise floor: the same quantized model with sdpa instead of eager attention
-    # (a float32-rounding-only change: 6e-5 on the float model) moves its quantized logits this much.
+    # The reference's own noise floor, several samples of it: the same quantized model with sdpa
+    # instead of eager attention (a float32-rounding-only change: 6e-5 on the float model), and with
+    # its input embeddings and LoRA products nudged by one ulp (NUDGE_SEEDS patterns). Where one int8
+    # activation rounding flips, a row moves by units, so one sample alone says little about a row
+    # (measured on a 2-core AMX CPU: the first qv_r4 row 0.425 from us, 0.202 from sdpa); per row
+    # and per position the largest of the samples.
     floor = (reference_rows("sdpa")[0] - want_rows).abs()  # [T, vocab]
+    for seed in NUDGE_SEEDS:
+        floor = torch.maximum(floor, (reference_rows("eager", nudge=seed)[0] - want_rows).abs())
 
     diff = (got - want_rows).abs()  # [T, vocab]
     err = diff.max().item()
@@ -239,23 +268,26 @@ def test_mixed_adapter_logits_match_transformers_bnb_peft(ours, reference, promp
         start += n
     mean_err = max(row_means)
     print(f"{method} default model: max |ours - transformers+bnb+PEFT| = {err:.3g}, worst row mean {mean_err:.3g}, "
-          f"overall mean {diff.mean().item():.3g}; reference eager vs sdpa: max {floor.max().item():.3g}, "
+          f"overall mean {diff.mean().item():.3g}; reference noise (sdpa, 1-ulp nudge): max {floor.max().item():.3g}, "
           f"worst row mean {max(floor_row_means):.3g}; "
           f"logit range {want_rows.abs().max().item():.3g}; per row ours/floor: {', '.join(per_row)}")
     floor_max, floor_mean = floor.max().item(), max(floor_row_means)
     assert err < ATOL[method], f"max |ours - transformers+bnb+PEFT| = {err:.3g} (per row ours/floor: {per_row})"
     assert err <= max(FLOOR_FACTOR * floor_max, FLOAT_ATOL), (
-        f"max error {err:.3g} is more than {FLOOR_FACTOR}x the reference's own eager/sdpa spread {floor_max:.3g}")
-    # Each row within MEAN_ATOL, or within ROW_FLOOR_FACTOR of that row's own eager/sdpa spread
+        f"max error {err:.3g} is more than {FLOOR_FACTOR}x the reference's own noise {floor_max:.3g}")
+    # Each row within MEAN_ATOL, or within ROW_FLOOR_FACTOR of that row's own reference noise
     # where the reference is noisier than that: pure LLM.int8() re-rounds every activation row, so
     # a last-bit difference in a LoRA sum (another float32 summation order) can move a row's logits
     # as much as the reference's two attention kernels do (measured: the patterns_r6 row, 0.85
     # against the reference's own 0.81). A dropped adapter moves its row by > 1.5 x MEAN_ATOL.
-    for row_mean, row_floor in zip(row_means, floor_row_means):
-        assert row_mean < max(MEAN_ATOL[method], ROW_FLOOR_FACTOR * row_floor), (
-            f"a row's mean |ours - transformers+bnb+PEFT| = {row_mean:.3g} ({per_row})")
+    for row_mean, row_floor, key in zip(row_means, floor_row_means, ROWS):
+        bound = max(MEAN_ATOL[method], ROW_FLOOR_FACTOR * row_floor)
+        assert row_mean < bound, f"a row's mean |ours - transformers+bnb+PEFT| = {row_mean:.3g} ({per_row})"
+        # The bound must still catch this row's adapter dropped (its row off by the adapter's mean effect).
+        assert key not in mean_effect or mean_effect[key] > bound, (
+            f"{key[0]}'s mean effect {mean_effect[key]:.3g} is within this row's bound {bound:.3g}")
     assert mean_err <= max(FLOOR_FACTOR * floor_mean, FLOAT_ATOL), (
-        f"mean error {mean_err:.3g} is more than {FLOOR_FACTOR}x the reference's eager/sdpa spread {floor_mean:.3g}")
+        f"mean error {mean_err:.3g} is more than {FLOOR_FACTOR}x the reference's own noise {floor_mean:.3g}")
     # Next-token choices: equal, except at near-ties of the reference (its logit for its own top
     # token beats its logit for ours by at most NEAR_TIE[method]), and then only at a few positions.
     flips = (got.argmax(-1) != want_rows.argmax(-1)).nonzero().flatten().tolist()
