@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraplex.engine.request import InvalidRequestError, SamplingParams
-from loraplex.engine.sampler import Sampler, apply_repetition_penalty, apply_top_k_top_p
+from loraplex.engine.sampler import Sampler, apply_repetition_penalty, apply_top_k_top_p, first_argmax
 
 
 def rand_logits(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -180,3 +180,20 @@ def test_presence_and_frequency_penalties_match_a_plain_reference():
     assert Sampler()(row.clone(), params, [[5, 5, 0]], [None], prompt_lens=[2]) == [5]  # prompt 5s are free
     with pytest.raises(InvalidRequestError, match="presence_penalty"):
         SamplingParams(presence_penalty=2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_argmax_with_ties_and_nan(dtype):
+    g = torch.Generator().manual_seed(5)
+    # Few distinct values: most rows have their maximum several times (ties pick the first).
+    x = torch.randint(0, 4, (64, 49152), generator=g).to(dtype)
+    x[3, 17] = float("nan")  # NaN wins wherever it is
+    x[4] = -float("inf")  # all -inf: index 0
+    x[5, -1] = 10.0  # the last column
+    got = first_argmax(x)
+    assert torch.equal(got, torch.argmax(x, dim=-1))
+    assert got[3] == 17 and got[4] == 0 and got[5] == 49151
+    for row in (0, 1, 2):
+        assert got[row] == (x[row] == x[row].max()).nonzero()[0, 0]
+    y = torch.randn(7, 1000, generator=g, dtype=torch.float64).to(dtype)
+    assert torch.equal(first_argmax(y), torch.argmax(y, dim=-1))

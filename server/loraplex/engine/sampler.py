@@ -76,6 +76,14 @@ def apply_logit_bias(logits: torch.Tensor, biases: Seq[Seq[tuple[int, float]]]) 
     return logits
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """[S, V] -> [S] int64: each row's index of its largest value, the first one on ties (NaN
+    counts as largest), exactly torch.argmax's answer. Through torch.max's indices because on CPU
+    that reduction is vectorised and argmax's is not: on a 2-core Xeon (AMX) [32, 49152] float32
+    takes ~0.45 ms against ~1.1 ms, a few percent of a 32-sequence decode step."""
+    return torch.max(x, dim=-1).indices
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (set to -inf) what top-k and then top-p exclude. logits: [S, V] (temperature already
     applied); top_k: [S] int64, 0 = off; top_p: [S] float, 1 = off. Returns a new tensor.
@@ -130,7 +138,7 @@ class Sampler:
             apply_logit_bias(logits, [p.logit_bias for p in params])
         if masks is not None:  # structured output: disallowed tokens -> -inf (before any sampling maths)
             logits = masks.apply(logits)
-        out = torch.argmax(logits, dim=-1)  # [S]; final for greedy rows
+        out = first_argmax(logits)  # [S]; final for greedy rows
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
@@ -144,7 +152,7 @@ class Sampler:
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             probs = torch.softmax(scaled, dim=-1)  # [R, V]
             noise = self._exponential_noise(len(rows), vocab, [generators[i] for i in rows], dev)
-            out[row_idx] = torch.argmax(probs / noise, dim=-1)
+            out[row_idx] = first_argmax(probs / noise)
         return out.tolist()
 
     @staticmethod
