@@ -55,7 +55,7 @@ class PackedGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, in] -> one [T, out_i] column view of the shared [T, sum out] result per member."""
-        return torch.split(self.linear(x), self.widths, dim=-1)
+        return self.linear.forward(x).split_with_sizes(self.widths, dim=-1)
 
 
 class PackedSlice(nn.Module):
@@ -82,11 +82,13 @@ def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[tor
     if not isinstance(first, PackedSlice):
         return None
     group = first.group
-    if len(projections) != len(group.widths) or any(
-            not isinstance(p.base, PackedSlice) or p.base.group is not group or p.base.index != i
-            for i, p in enumerate(projections)):
+    if len(projections) != len(group.widths):
         return None
-    return list(group(x))
+    for i, p in enumerate(projections):  # a loop, not any(<genexpr>): this runs twice a layer a step
+        base = p.base
+        if not isinstance(base, PackedSlice) or base.group is not group or base.index != i:
+            return None
+    return list(group.forward(x))
 
 
 def fuse_packed(members: Sequence[nn.Module]) -> bool:

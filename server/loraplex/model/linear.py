@@ -31,7 +31,7 @@ class Projection(nn.Module):
                    in_features, out_features)
 
     def forward(self, x: torch.Tensor, lora: Any = None) -> torch.Tensor:
-        y = self.base(x)  # [T, out]
+        y = self.base.forward(x)  # [T, out]; .forward: see LlamaForCausalLM.forward
         # No LoRA work at all when no token of the step uses an adapter (lora is None) or when
         # this module is not targeted by any loaded adapter (lora_weights is None).
         if lora is not None and self.lora_weights is not None:

@@ -22,9 +22,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [..., dim]. Normalise in float32 (bf16 squares lose too much), cast back BEFORE the
         # weight multiply: that is the order HF uses (and the compiled kernel's).
-        if NATIVE is not False and x.dim() == 2 and layer_ops_native.supports(x, self.weight):
-            return layer_ops_native.rms_norm(x, self.weight, self.eps)
+        w = self.weight  # one nn.Module attribute lookup, not three
+        if NATIVE is not False and x.dim() == 2 and layer_ops_native.supports(x, w):
+            return layer_ops_native.rms_norm(x, w, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return w * h.to(dtype)

@@ -53,8 +53,10 @@ class PackedLinear(nn.Module):
         self.tied_copy = False  # True: a packed copy of the tied embedding table (pack_lm_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        if x.dtype != torch.bfloat16 or not x.is_cpu:
             raise ValueError(f"PackedLinear expects bfloat16 CPU input, got {x.dtype} on {x.device}")
+        if x.dim() == 2:  # the model's case: [T, in]
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
