@@ -17,6 +17,13 @@ from loraplex.model.packed_linear import PackedLinear, pack_lm_head, pack_projec
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN bfloat16 weight packing unavailable on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_layout(monkeypatch):
+    """This file tests oneDNN's layout: on an AMX CPU the engine packs with our AMX kernel instead
+    (model/amx_linear.py, tested in tests/test_amx_linear.py), unless LORAPLEX_AMX=0."""
+    monkeypatch.setenv("LORAPLEX_AMX", "0")
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 32, 33, 257, 1024])
 @pytest.mark.parametrize(("d_in", "d_out"), [(576, 1536), (1536, 576), (129, 70)])

@@ -37,6 +37,7 @@ from loraplex.engine.structured.compiler import GrammarCompiler
 from loraplex.engine.structured.grammar import GrammarVocab
 from loraplex.engine.structured.masks import MaskBuilder
 from loraplex.model.fused_linear import fuse_siblings
+from loraplex.model.amx_linear import amx_wanted
 from loraplex.model.packed_linear import pack_lm_head, pack_projections
 from loraplex.model.widened_linear import widen_projections
 
@@ -70,15 +71,18 @@ class EngineObserver(Protocol):
 
 
 def pack_cpu_weights(model: Any) -> None:
-    """bfloat16 CPU weights in oneDNN's blocked layout: bit-identical, faster small GEMMs. The
-    projections, q/k/v and gate/up as one GEMM each, and the vocab projection (a tied one as a
-    packed copy of the embedding table unless LORAPLEX_PACK_TIED_HEAD=0)."""
+    """bfloat16 CPU weights packed once for faster small GEMMs: for our AMX kernel where the CPU
+    has AMX-BF16 (model/amx_linear.py; LORAPLEX_AMX=0 turns it off), else in oneDNN's blocked
+    layout (bit-identical to F.linear). The projections, q/k/v and gate/up as one GEMM each, and
+    the vocab projection (a tied one as a packed copy of the embedding table unless
+    LORAPLEX_PACK_TIED_HEAD=0)."""
     n = pack_projections(model)
     groups = fuse_siblings(model)
     extra = pack_lm_head(model, tied_copy=os.environ.get("LORAPLEX_PACK_TIED_HEAD", "1") != "0")
     if n or groups:
-        log.info("packed %d bfloat16 projections for oneDNN, %d q/k/v or gate/up groups fused into one "
-                 "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n, groups)
+        log.info("packed %d bfloat16 projections for %s, %d q/k/v or gate/up groups fused into one "
+                 "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n,
+                 "our AMX kernel (LORAPLEX_AMX=0: oneDNN)" if amx_wanted() else "oneDNN", groups)
     if extra:
         log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",
                  extra / 2**20)

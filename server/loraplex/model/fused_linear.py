@@ -20,7 +20,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from loraplex.model.amx_linear import AmxLinear
 from loraplex.model.packed_linear import PackedLinear
+
+# The packed layers a group can be made of (all members of one type; the group's GEMM is that
+# type too). AMX panels concatenate along `out` like oneDNN's do: each column's sum is its own.
+_GROUPABLE = (PackedLinear, AmxLinear)
 
 
 class PackedGroup(nn.Module):
@@ -29,15 +34,16 @@ class PackedGroup(nn.Module):
     @staticmethod
     def refusal(members: Sequence[nn.Module]) -> str | None:
         """Why these layers cannot form a group (None: they can)."""
-        if len(members) < 2 or not all(type(m) is PackedLinear for m in members):
-            return "a PackedGroup needs >= 2 PackedLinear members"
+        if len(members) < 2 or type(members[0]) not in _GROUPABLE or any(type(m) is not type(members[0])
+                                                                          for m in members):
+            return "a PackedGroup needs >= 2 members, all PackedLinear or all AmxLinear"
         if len({m.in_features for m in members}) != 1:
             return f"a PackedGroup needs members of one input width, got {sorted({m.in_features for m in members})}"
         if len({m.bias is None for m in members}) != 1:
             return "a PackedGroup's members must all have a bias or none"
         return None
 
-    def __init__(self, members: Sequence[PackedLinear]) -> None:
+    def __init__(self, members: Sequence[PackedLinear | AmxLinear]) -> None:
         super().__init__()
         why = self.refusal(members)
         if why is not None:
@@ -51,7 +57,7 @@ class PackedGroup(nn.Module):
             cat.weight.copy_(torch.cat([m.unpacked_weight() for m in members]))  # [sum out, in]
             if cat.bias is not None:
                 cat.bias.copy_(torch.cat([m.bias for m in members]))
-        self.linear = PackedLinear(cat)
+        self.linear = type(members[0])(cat)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, in] -> one [T, out_i] column view of the shared [T, sum out] result per member."""

@@ -19,6 +19,8 @@ import functools
 import torch
 from torch import nn
 
+from loraplex.model.amx_linear import AmxLinear, amx_fits, amx_wanted
+
 
 @functools.cache
 def packing_available() -> bool:
@@ -70,6 +72,14 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+def pack_linear(linear: nn.Linear) -> nn.Module:
+    """A bfloat16 CPU nn.Linear packed once: AmxLinear (our AMX tile kernel, amx_linear.py) where
+    it is built and the shape fits its tiles, else PackedLinear (oneDNN's layout)."""
+    if amx_wanted() and amx_fits(linear):
+        return AmxLinear(linear)
+    return PackedLinear(linear)
+
+
 def pack_projections(model: nn.Module) -> int:
     """Swap every bfloat16 CPU nn.Linear `.base` of the model's Projections for a PackedLinear.
     Idempotent (packed ones are left alone); returns how many were packed."""
@@ -82,7 +92,7 @@ def pack_projections(model: nn.Module) -> int:
         if isinstance(module, Projection) and type(module.base) is nn.Linear:
             w = module.base.weight
             if w.dtype == torch.bfloat16 and w.device.type == "cpu":
-                module.base = PackedLinear(module.base)
+                module.base = pack_linear(module.base)
                 n += 1
     return n
 
@@ -98,7 +108,7 @@ def pack_lm_head(model: nn.Module, tied_copy: bool = True) -> int:
     head = getattr(model, "lm_head", None)
     if type(head) is nn.Linear:
         if head.weight.dtype == torch.bfloat16 and head.weight.device.type == "cpu":
-            model.lm_head = PackedLinear(head)
+            model.lm_head = pack_linear(head)
         return 0
     embed = model.model.embed_tokens
     if head is not None or not tied_copy or type(embed) is not nn.Embedding:
@@ -109,7 +119,7 @@ def pack_lm_head(model: nn.Module, tied_copy: bool = True) -> int:
     vocab, hidden = w.shape
     shell = nn.Linear(hidden, vocab, bias=False, dtype=torch.bfloat16, device="meta")
     shell.weight = nn.Parameter(w.detach(), requires_grad=False)  # the table itself, not copied
-    packed = PackedLinear(shell)
+    packed = pack_linear(shell)
     packed.tied_copy = True  # float16_weight_bytes: a copy of the embedding, not another weight
     model.packed_head = packed
     return packed.nbytes

@@ -1,0 +1,76 @@
+"""The AMX bfloat16 GEMM (gemm_amx.c) as Python calls: the K-pair panel layout and y = x @ W.T.
+
+Used by model/amx_linear.py for bfloat16 projections on CPUs with AMX-BF16; see gemm_amx.c for
+why and for the layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import native
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+PANEL = 16  # output columns per panel
+DEPTH = 32  # K per AMX tile slice
+
+
+@functools.cache
+def available() -> bool:
+    """The library is built with AMX (a CPU with AMX-BF16 and a compiler that knows it) and the
+    kernel gave this process the tiles (Linux >= 5.16 asks for that)."""
+    if not native.available():
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    if "amx_bf16" not in flags or "amx_tile" not in flags:
+        return False
+    return native.function("loraplex_amx_enable", [])() == 0
+
+
+def supports_shape(n: int, k: int) -> bool:
+    """Whole panels and whole tile slices: N a multiple of 16, K of 32."""
+    return n > 0 and k > 0 and n % PANEL == 0 and k % DEPTH == 0
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] bfloat16 -> K-pair panels [N / 16, K / 2, 16, 2]: [nb, kp, c, j] = W[16 nb + c, 2 kp + j]."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or not supports_shape(n, k):
+        raise ValueError(f"AMX panels take a bfloat16 [N, K] weight with N % 16 == 0 and K % 32 == 0, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    return weight.reshape(n // PANEL, PANEL, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack(panels: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack: [N / 16, K / 2, 16, 2] -> W [N, K] (exact)."""
+    nb, kp, c, two = panels.shape
+    return panels.permute(0, 2, 1, 3).reshape(nb * c, kp * two)
+
+
+def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bfloat16 (rows may be strided, K contiguous) @ W.T (+ bias [N]) -> [M, N] bfloat16."""
+    if not available():  # also what enables the tiles for this process: never run them before
+        raise RuntimeError("the AMX GEMM is unavailable on this machine (gemm_amx_native.available())")
+    m, k = x.shape
+    nb, kp, c, two = panels.shape
+    n = nb * c
+    if (c, two) != (PANEL, 2) or kp * 2 != k or panels.dtype != torch.bfloat16 or not panels.is_contiguous():
+        raise ValueError(f"x {tuple(x.shape)} and panels {tuple(panels.shape)} do not fit")
+    if x.dtype != torch.bfloat16 or not x.is_cpu or x.stride(1) != 1:
+        raise ValueError(f"x must be bfloat16 on CPU with contiguous rows, got {x.dtype} on {x.device}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = native.function("loraplex_amx_gemm", [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64])(
+        m, n, k, x.data_ptr(), x.stride(0), panels.data_ptr(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+    if rc != 0:
+        raise RuntimeError(f"loraplex_amx_gemm failed ({rc}): AMX not enabled (-1), bad shape (-2), not built (-3)")
+    return y

@@ -1,0 +1,154 @@
+"""AmxLinear (model/amx_linear.py) and its kernel (loraplex_kernels/gemm_amx.c): bfloat16 GEMMs on
+AMX tiles must equal a float64 reference up to float32 summation and one bfloat16 rounding, on
+random data, for every row count and tile path (wide: <= 16 rows, tall: 17-32, several blocks);
+columns must not depend on how panels are grouped (fusion) nor rows on their batch companions or
+the thread count; and the engine packs a bf16 model with it and generates what the oneDNN-packed
+model generates. Skipped where the CPU or the compiler has no AMX-BF16 (the kernel is not built)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from loraplex_kernels import gemm_amx_native as amx
+
+pytestmark = pytest.mark.skipif(not amx.available(), reason="no AMX-BF16 on this CPU (or the kernel build lacks it)")
+
+
+def random_bf16(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+
+def assert_matches_float64(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """y (bfloat16) = x @ w.T + bias rounded once to bfloat16, with float32 sums: within half a
+    bfloat16 step of the float64 value plus float32 summation error (k terms of |x||w|)."""
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())  # [M, N]
+    magnitude = x.double().abs() @ w.double().abs().T  # [M, N]: what float32 sums can be off by, x 2^-24 k
+    bound = ref.abs() * 2.0 ** -8 + magnitude * x.shape[1] * 2.0 ** -24 + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"worst error / bound {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 31, 32, 33, 48, 64, 100])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (16, 32), (112, 96), (48, 64)])
+def test_gemm_matches_float64(n, k, rows, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w, x = random_bf16(g, n, k), random_bf16(g, rows, k)
+    b = random_bf16(g, n) if bias else None
+    panels = amx.pack(w)
+    assert torch.equal(amx.unpack(panels), w)
+    assert_matches_float64(amx.gemm(x, panels, b), x, w, b)
+    strided = random_bf16(g, rows, 2 * k)[:, :k]  # rows of a wider tensor: x_stride != k
+    assert_matches_float64(amx.gemm(strided, panels, b), strided, w, b)
+
+
+def test_rows_do_not_depend_on_batch_or_threads():
+    """Each output is one float32 sum over K in a fixed order: the same for a row alone or in any
+    batch (wide and tall tile paths), and with 1 or 2 threads."""
+    g = torch.Generator().manual_seed(7)
+    w, x = random_bf16(g, 576, 1536), random_bf16(g, 70, 1536)
+    panels = amx.pack(w)
+    full = amx.gemm(x, panels)
+    for lo, hi in ((0, 1), (5, 21), (3, 35), (40, 70), (69, 70)):
+        assert torch.equal(amx.gemm(x[lo:hi], panels), full[lo:hi])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(amx.gemm(x, panels), full)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_columns_do_not_depend_on_panel_grouping():
+    """q/k/v fused into one GEMM (model/fused_linear.py) give each member's exact columns."""
+    g = torch.Generator().manual_seed(8)
+    ws = [random_bf16(g, n, 576) for n in (576, 192, 192)]
+    x = random_bf16(g, 33, 576)
+    fused = amx.gemm(x, amx.pack(torch.cat(ws)))
+    assert torch.equal(fused, torch.cat([amx.gemm(x, amx.pack(w)) for w in ws], dim=1))
+
+
+def test_bad_operands_are_refused():
+    g = torch.Generator().manual_seed(9)
+    with pytest.raises(ValueError):
+        amx.pack(random_bf16(g, 24, 64))  # 24 columns: not whole panels
+    with pytest.raises(ValueError):
+        amx.pack(random_bf16(g, 32, 48))  # K = 48: not whole tile slices
+    with pytest.raises(ValueError):
+        amx.pack(torch.randn(32, 64))  # float32
+    panels = amx.pack(random_bf16(g, 32, 64))
+    with pytest.raises(ValueError):
+        amx.gemm(random_bf16(g, 2, 96), panels)  # wrong K
+    with pytest.raises(ValueError):
+        amx.gemm(torch.randn(2, 64), panels)  # float32 x
+    with pytest.raises(ValueError):
+        amx.gemm(random_bf16(g, 2, 64), panels, random_bf16(g, 16))  # bias of the wrong width
+
+
+def test_amx_linear_module():
+    from loraplex.model.amx_linear import AmxLinear, amx_fits
+
+    g = torch.Generator().manual_seed(10)
+    layer = nn.Linear(96, 80, bias=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 96, generator=g))
+        layer.bias.copy_(torch.randn(80, generator=g))
+    packed = AmxLinear(layer)
+    assert torch.equal(packed.unpacked_weight(), layer.weight)
+    assert packed.nbytes == 80 * 96 * 2
+    x = random_bf16(g, 2, 5, 96)  # leading dims
+    y = packed(x)
+    assert y.shape == (2, 5, 80)
+    assert_matches_float64(y.view(10, 80), x.view(10, 96), layer.weight.detach(), layer.bias.detach())
+    assert not amx_fits(nn.Linear(96, 72, dtype=torch.bfloat16)) and not amx_fits(nn.Linear(96, 80))
+    with pytest.raises(ValueError):
+        AmxLinear(nn.Linear(96, 72, dtype=torch.bfloat16))
+
+
+def test_engine_packs_with_amx_and_generates_like_onednn(monkeypatch):
+    """pack_linear picks AmxLinear here (LORAPLEX_AMX=0: PackedLinear); q/k/v and gate/up fuse;
+    a projection's outputs match the unpacked model's to float32 summation; greedy tokens equal
+    the oneDNN-packed engine's; the weights take the same bytes."""
+    from loraplex.model.amx_linear import AmxLinear
+    from loraplex.model.fused_linear import PackedSlice
+    from loraplex.model.linear import Projection
+    from loraplex.model.loader import load_model
+    from loraplex.model.packed_linear import PackedLinear, packing_available
+    from loraplex.model.quantize import float16_weight_bytes, quantized_bytes
+    from tests.fixtures.engine_run import engine_greedy
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    if not packing_available():
+        pytest.skip("oneDNN bfloat16 packing unavailable")
+    jobs = {"a": (None, [1, 5, 9, 13, 2]), "b": (None, [3, 4]), "c": (None, [7] * 11)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_model(Path(tmp) / "tied", tie_word_embeddings=True)
+        runs = {}
+        for flag in ("1", "0"):
+            monkeypatch.setenv("LORAPLEX_AMX", flag)
+            loaded = load_model(model_dir, torch.bfloat16, "cpu")
+            plain = load_model(model_dir, torch.bfloat16, "cpu").model
+            tokens = engine_greedy(loaded, None, jobs, max_new_tokens=6)
+            model = loaded.model
+            kinds = {type(p.base) for p in model.modules() if isinstance(p, Projection)}
+            groups = {type(p.base.group.linear) for p in model.modules()
+                      if isinstance(p, Projection) and isinstance(p.base, PackedSlice)}
+            runs[flag] = (tokens, kinds | groups, type(model.packed_head), quantized_bytes(model),
+                          float16_weight_bytes(model))
+            if flag == "1":
+                g = torch.Generator().manual_seed(4)
+                mine = dict(model.named_modules())
+                for name, ref in plain.named_modules():
+                    if isinstance(ref, Projection):
+                        x = random_bf16(g, 5, ref.in_features)
+                        assert_matches_float64(mine[name](x), x, ref.base.weight.detach(), ref.base.bias)
+    assert runs["1"][1] == {AmxLinear, PackedSlice} and runs["1"][2] is AmxLinear
+    assert runs["0"][1] == {PackedLinear, PackedSlice} and runs["0"][2] is PackedLinear
+    assert runs["1"][0] == runs["0"][0]
+    assert all(err is None and len(toks) == 6 for toks, err in runs["1"][0].values())
+    assert runs["1"][3:] == runs["0"][3:]
