@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-# What a benchmark row measures: the engine in a dtype, and for bfloat16 on a CPU without native
-# bfloat16 math (AVX2 only) which GEMM runs it: ours in float32 math (model/widened_linear.py, the
-# engine's default there) or torch's emulated one (LORAPLEX_WIDEN_BF16=0: what ran before it).
+# What a benchmark row measures: the engine in a dtype, and for bfloat16 which GEMM runs it: our
+# kernels where the engine picks them (the default: model/amx_linear.py on AMX CPUs,
+# model/widened_linear.py in float32 math on AVX2-only ones) or torch's own (oneDNN, packed where
+# it can; emulated on AVX2): LORAPLEX_AMX=0 and LORAPLEX_WIDEN_BF16=0, what ran before ours.
 VARIANTS = {"bfloat16": (torch.bfloat16, True), "bfloat16-torch-gemm": (torch.bfloat16, False),
             "float32": (torch.float32, True)}
+OUR_GEMM_SWITCHES = ("LORAPLEX_WIDEN_BF16", "LORAPLEX_AMX")
 
 
 @dataclass
@@ -54,7 +56,7 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
     """An engine (no thread) with `batch` sequences of `prompt_len` random prompt tokens, stepped
     until all of them decode, then good for `decode_steps` more steps of all `batch` rows.
     `adapters`: request i uses adapters[i % len] ("" = base model). `widen`: False keeps torch's
-    bfloat16 GEMM (LORAPLEX_WIDEN_BF16=0); the engine swaps the model's layers when it is built,
+    bfloat16 GEMM (LORAPLEX_WIDEN_BF16=0 and LORAPLEX_AMX=0: no kernel of ours); the engine swaps the model's layers when it is built,
     so a model keeps the first choice made for it: give each variant its own loaded model."""
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
@@ -69,15 +71,16 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
     config = EngineConfig(block_size=block, num_kv_blocks=batch * blocks_per_seq + 4, max_num_seqs=batch,
                           max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=max_len + block,
                           max_new_tokens_cap=max_new_tokens, enable_prefix_caching=False)
-    before = os.environ.get("LORAPLEX_WIDEN_BF16")
-    os.environ["LORAPLEX_WIDEN_BF16"] = "1" if widen else "0"
+    before = {name: os.environ.get(name) for name in OUR_GEMM_SWITCHES}
+    os.environ.update({name: "1" if widen else "0" for name in OUR_GEMM_SWITCHES})
     try:
         engine = Engine(loaded, config, lora_manager=lora_manager)
     finally:
-        if before is None:
-            os.environ.pop("LORAPLEX_WIDEN_BF16")
-        else:
-            os.environ["LORAPLEX_WIDEN_BF16"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     gen = torch.Generator().manual_seed(seed)
     vocab = loaded.arch.vocab_size
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)

@@ -86,17 +86,23 @@ def measure_bandwidth(sizes_mib: list[int], reps: int = 5) -> list[dict]:
 
 
 def measure_matmul(dtype: torch.dtype, shapes: list[tuple[int, int, int]], reps: int = 5,
-                   widened: bool = False) -> list[dict]:
+                   ours: bool = False) -> list[dict]:
     """GFLOP/s of F.linear(x [M, K], w [N, K]) at each (M, K, N) in `dtype`, best and median;
-    `widened`: the GEMM a bfloat16 engine runs on this CPU (model/widened_linear.py's)."""
-    from loraplex.model.widened_linear import WidenedLinear
+    `ours`: the GEMM a bfloat16 engine runs on this CPU where it is one of our kernels
+    (model/amx_linear.py on AMX CPUs, model/widened_linear.py on AVX2-only ones)."""
+    from loraplex.model.amx_linear import AmxLinear, amx_fits, amx_wanted
+    from loraplex.model.widened_linear import WidenedLinear, widening_wanted
 
     rows = []
     for m, k, n in shapes:
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         linear = torch.nn.Linear(k, n, bias=False, device="meta")
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
-        layer = WidenedLinear(linear) if widened else linear
+        layer = linear
+        if ours and dtype == torch.bfloat16 and amx_wanted() and amx_fits(linear):
+            layer = AmxLinear(linear)
+        elif ours and dtype == torch.bfloat16 and widening_wanted():
+            layer = WidenedLinear(linear)
         best, med = _best_and_median(lambda: layer(x), reps)
         flops = 2 * m * k * n
         rows.append(dict(m=m, k=k, n=n, best=flops / best / 1e9, median=flops / med / 1e9))
@@ -252,6 +258,7 @@ def main(argv=None) -> int:
     from loraplex.model.default_model import ensure_default_model
     from loraplex.model.loader import load_model
     from loraplex.model.packed_linear import packing_available
+    from loraplex.model.amx_linear import amx_wanted
     from loraplex.model.widened_linear import widening_wanted
 
     model_dir = ensure_default_model()
@@ -266,7 +273,7 @@ def main(argv=None) -> int:
         print(f"measuring bandwidth and matmul peaks ({tag})", flush=True)
         bw = measure_bandwidth(sizes)
         mm = {d: measure_matmul(VARIANTS[d][0], [(a.square, a.square, a.square)] + decode_shapes, reps=5,
-                                widened=VARIANTS[d] == (torch.bfloat16, True) and widening_wanted())
+                                ours=VARIANTS[d][1])
               for d in dnames}
         return bw, mm
 
@@ -316,10 +323,11 @@ def main(argv=None) -> int:
         f"{matmul_weights(arch) / 1e6:.1f} M matmul weights per token (projections + vocab projection).", "",
         f"- CPU: {cpu.describe()}",
         f"- oneDNN bfloat16 weight packing available (model/packed_linear.py): {packing_available()}; "
+        f"bfloat16 GEMMs on our AMX kernel (model/amx_linear.py): {amx_wanted()}; "
         f"bfloat16 GEMMs in float32 math (model/widened_linear.py): {widening_wanted()}",
         "- Variants: `bfloat16` = the engine as it runs by default; `bfloat16-torch-gemm` = the same with "
-        "LORAPLEX_WIDEN_BF16=0 (torch's bfloat16 GEMM: what ran before model/widened_linear.py); "
-        "`float32` = --dtype float32.",
+        "LORAPLEX_WIDEN_BF16=0 and LORAPLEX_AMX=0 (torch's bfloat16 GEMM, oneDNN-packed where it can be: "
+        "what ran before our GEMM kernels); `float32` = --dtype float32.",
         f"- torch {torch.__version__}, Python {platform.python_version()}, "
         f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load0)}, at end "
@@ -361,7 +369,7 @@ def main(argv=None) -> int:
     def ratio(num, den, b, f):
         return f(steps[(num, b)]["step"]) / f(steps[(den, b)]["step"])
 
-    for num, den, what in (("bfloat16-torch-gemm", "bfloat16", "speed-up of the widened bfloat16 GEMM"),
+    for num, den, what in (("bfloat16-torch-gemm", "bfloat16", "speed-up of our bfloat16 GEMM kernels"),
                            ("float32", "bfloat16", "< 1: float32 is faster here")):
         if num in dnames and den in dnames:
             lines += ["", f"{num} / {den} step time, same run ({what}): "

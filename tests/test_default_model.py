@@ -365,12 +365,59 @@ def test_engine_matches_transformers_greedy_float32(default_model_dir, prompt_id
     assert ids == hf_greedy_ids, (loaded.tokenizer.decode(ids), loaded.tokenizer.decode(hf_greedy_ids))
 
 
+# bfloat16's own rounding noise in this model's logits: |bf16 - f32| reaches ~1.2 (measured with
+# oneDNN's and with our AMX GEMMs alike; both are correct to one bfloat16 rounding per output).
+NEAR_TIE_BF16 = 1.5
+
+
+@pytest.fixture(scope="module")
+def hf_f32_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+def _f32_next_token_logits(model, prompt_ids: list[int], answer: list[int]) -> torch.Tensor:
+    """transformers float32, teacher-forced: [len(answer), vocab], row i predicting answer[i]."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + answer])).logits[0]  # [L, vocab]
+    return logits[len(prompt_ids) - 1:-1].double()
+
+
 @pytest.mark.real_model
-def test_engine_answers_the_capital_of_france_bfloat16(default_model_dir, prompt_ids):
+def test_engine_bfloat16_follows_float32_up_to_near_ties(default_model_dir, prompt_ids, hf_greedy_ids,
+                                                         hf_f32_model):
+    """This question is a near-tie for bfloat16: float32's first answer token "The" beats "L" by
+    0.08 logits, far less than bfloat16's rounding noise, so whether a bfloat16 engine answers
+    "The capital of France is Paris." or "L'Etoile, ..." depends on which correct GEMM rounds how
+    (oneDNN's and our AMX kernel's pick differently). What must hold: every token the bfloat16
+    engine picks is one float32 ranks within NEAR_TIE_BF16 of its best (scored by transformers in
+    float32 on the engine's own text); and, teacher-forced on float32's answer, the bfloat16 model
+    picks float32's token wherever float32's margin exceeds that noise, " Paris" included."""
     _require_engine()
+    from loraplex.engine.engine import pack_cpu_weights
+    from loraplex.model.kv_cache import KVCache
     from loraplex.model.loader import load_model
+    from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
 
     loaded = load_model(default_model_dir, torch.bfloat16, torch.device("cpu"))
     ids = _engine_generate(loaded, prompt_ids, MAX_NEW_TOKENS)
-    answer = loaded.tokenizer.decode(ids, skip_special_tokens=True)
-    assert "Paris" in answer, answer
+    assert ids, "the bfloat16 engine generated nothing"
+    ref = _f32_next_token_logits(hf_f32_model, prompt_ids, ids)  # [len(ids), vocab]
+    gaps = ref.max(-1).values - ref[torch.arange(len(ids)), torch.tensor(ids)]
+    assert float(gaps.max()) <= NEAR_TIE_BF16, (loaded.tokenizer.decode(ids), gaps.tolist())
+
+    pack_cpu_weights(loaded.model)  # as the engine did (idempotent)
+    arch = loaded.arch
+    tokens = prompt_ids + hf_greedy_ids
+    seq = PagedSeq(list(tokens))
+    batch, _ = make_step(BlockPool(64, 16, seed=3), [(seq, len(tokens))], logits="all")
+    kv = KVCache.allocate(arch.num_layers, 64, 16, arch.num_kv_heads, arch.head_dim, torch.bfloat16, "cpu")
+    ours = loaded.model(batch, kv)[len(prompt_ids) - 1:-1]  # [len(answer), vocab] bfloat16 model
+    want = _f32_next_token_logits(hf_f32_model, prompt_ids, hf_greedy_ids)
+    top2 = torch.topk(want, 2, dim=-1).values  # [len(answer), 2]
+    clear = (top2[:, 0] - top2[:, 1] > NEAR_TIE_BF16).nonzero().flatten().tolist()
+    paris = [i for i, t in enumerate(hf_greedy_ids) if "Paris" in loaded.tokenizer.decode([t])]
+    assert paris and set(paris) <= set(clear), (paris, clear)  # " Paris" is a clear choice: checked
+    mismatched = [i for i in clear if int(ours[i].argmax()) != hf_greedy_ids[i]]
+    assert not mismatched, [(i, loaded.tokenizer.decode([hf_greedy_ids[i]])) for i in mismatched]
