@@ -152,3 +152,20 @@ def test_engine_packs_with_amx_and_generates_like_onednn(monkeypatch):
     assert runs["1"][0] == runs["0"][0]
     assert all(err is None and len(toks) == 6 for toks, err in runs["1"][0].values())
     assert runs["1"][3:] == runs["0"][3:]
+
+
+def test_torch_amx_kernels_unaffected_in_the_same_thread():
+    """oneDNN and ATen run their own AMX kernels on the same threads: after ours, their bfloat16
+    matmul and attention give exactly what they gave before."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (random_bf16(g, 1, 9, 37, 64) for _ in range(3))
+    a, b = random_bf16(g, 64, 576), random_bf16(g, 576, 576)
+    attention, product = F.scaled_dot_product_attention(q, k, v, is_causal=True), a @ b
+    panels, x = amx.pack(random_bf16(g, 960, 576)), random_bf16(g, 37, 576)
+    for _ in range(3):
+        amx.gemm(x, panels)
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True), attention)
+        amx.gemm(x[:5], panels)
+        assert torch.equal(a @ b, product)

@@ -34,6 +34,10 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define PREFETCH_AHEAD 2048  /* bytes ahead in a panel: two B tiles */
+/* Rows per pass over a thread's panels (a multiple of 32): prefill's x rows ([ROW_CHUNK, K]
+ * bfloat16, <= 768 KB at K = 1536) stay in L2 across the panel groups instead of streaming
+ * from L3 once per group; decode steps (<= 256 rows) make one pass. */
+#define ROW_CHUNK 256
 
 static int amx_enabled = 0;
 
@@ -80,15 +84,22 @@ typedef struct {
     uint16_t *y;
 } amx_call_t;
 
-/* Accumulator tile T -> y rows [M0, M0 + ROWS), columns of panel NB, plus bias, rounded to bf16. */
+/* 16 bfloat16 -> 16 float32 (exact: the top halves of the floats). */
+static inline __m512 widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Accumulator tile T -> y rows [M0, M0 + ROWS), columns of panel NB, plus bias, rounded to
+ * bfloat16 (round to nearest even, as torch; float32 denormals flush to zero). */
 #define STORE_TILE(T, NB, M0, ROWS)                                                             \
     do {                                                                                        \
         _tile_stored(T, acc, 64);                                                               \
         const int64_t col = (NB) * 16;                                                          \
+        const __m512 bv = c->bias ? widen16(c->bias + col) : _mm512_setzero_ps();               \
         for (int r = 0; r < (ROWS); r++) {                                                      \
-            uint16_t *yr = c->y + ((M0) + r) * c->y_stride + col;                               \
-            for (int j = 0; j < 16; j++)                                                        \
-                yr[j] = f32_to_bf16(acc[r * 16 + j] + (c->bias ? bf16_to_f32(c->bias[col + j]) : 0.f)); \
+            const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), bv);                   \
+            _mm256_storeu_si256((__m256i *)(c->y + ((M0) + r) * c->y_stride + col),             \
+                                (__m256i)_mm512_cvtneps_pbh(v));                                \
         }                                                                                       \
     } while (0)
 
@@ -97,20 +108,27 @@ static void prefetch_panel(const uint16_t *b) {
     _mm_prefetch((const char *)b + PREFETCH_AHEAD + 512, _MM_HINT_T0);
 }
 
-/* Panels [lo, hi) for all rows, on the calling thread. Outer loop over groups of 4 panels (the
- * last 1-3 one at a time), inner over row blocks of 32: a group's weights come from memory once
- * and from L2 for the further row blocks. */
+/* Panels [lo, hi) for all rows, on the calling thread. Outer loop over chunks of ROW_CHUNK rows,
+ * then groups of 4 panels (the last 1-3 one at a time), inner over row blocks of 32: a group's
+ * weights come from memory once per chunk and from L2 for the further row blocks. */
 static int amx_share(const void *call, int64_t lo, int64_t hi) {
     const amx_call_t *c = call;
     const int64_t k = c->k, panel = k * 16;  /* elements per panel */
     const int64_t xs = c->x_stride * 2;      /* bytes */
     float acc[16 * 16] __attribute__((aligned(64)));
+    /* The thread's tile configuration as the caller left it, put back at the end: oneDNN and
+     * ATen run AMX kernels on these same (torch intra-op) threads and may keep theirs loaded
+     * between calls. Palette 0 (nothing loaded) restores as a release. */
+    tile_config_t saved __attribute__((aligned(64)));
+    _tile_storeconfig(&saved);
     int configured = -1;                     /* tall * 64 + rows of the loaded configuration */
+    for (int64_t mc = 0; mc < c->m; mc += ROW_CHUNK) {
+    const int64_t mend = c->m - mc < ROW_CHUNK ? c->m : mc + ROW_CHUNK;
     int64_t nb = lo;
     while (nb < hi) {
         const int group = hi - nb >= 4 ? 4 : 1;
-        for (int64_t m0 = 0; m0 < c->m; m0 += 32) {
-            const int rows = c->m - m0 < 32 ? (int)(c->m - m0) : 32;
+        for (int64_t m0 = mc; m0 < mend; m0 += 32) {
+            const int rows = mend - m0 < 32 ? (int)(mend - m0) : 32;
             const int tall = rows > 16;
             if (tall * 64 + rows != configured) {
                 configure(tall, rows);
@@ -191,7 +209,9 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
         }
         nb += group;
     }
-    _tile_release();
+    }
+    if (saved.palette) _tile_loadconfig(&saved);
+    else _tile_release();
     return 0;
 }
 
