@@ -26,7 +26,7 @@
 #include "bf16.h"
 #include "parallel.h"
 
-#if defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__linux__) && defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -247,7 +247,7 @@ int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_
     return 0;
 }
 
-#else  /* no AMX in this build (another CPU, or a compiler without the intrinsics) */
+#else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */
 
 int loraplex_amx_enable(void) { return -3; }
 
