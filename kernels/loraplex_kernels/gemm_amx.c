@@ -84,22 +84,16 @@ typedef struct {
     uint16_t *y;
 } amx_call_t;
 
-/* 16 bfloat16 -> 16 float32 (exact: the top halves of the floats). */
-static inline __m512 widen16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* Accumulator tile T -> y rows [M0, M0 + ROWS), columns of panel NB, plus bias, rounded to
  * bfloat16 (round to nearest even, as torch; float32 denormals flush to zero). */
 #define STORE_TILE(T, NB, M0, ROWS)                                                             \
     do {                                                                                        \
         _tile_stored(T, acc, 64);                                                               \
         const int64_t col = (NB) * 16;                                                          \
-        const __m512 bv = c->bias ? widen16(c->bias + col) : _mm512_setzero_ps();               \
+        const __m512 bv = c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();               \
         for (int r = 0; r < (ROWS); r++) {                                                      \
             const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), bv);                   \
-            _mm256_storeu_si256((__m256i *)(c->y + ((M0) + r) * c->y_stride + col),             \
-                                (__m256i)_mm512_cvtneps_pbh(v));                                \
+            bf16x16_store(c->y + ((M0) + r) * c->y_stride + col, v);                            \
         }                                                                                       \
     } while (0)
 

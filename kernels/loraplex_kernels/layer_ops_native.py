@@ -4,7 +4,8 @@ On a CPU decode step the model's small elementwise ops -- RMSNorm's ~8 torch ops
 tensor -- are ~600 torch calls whose fixed cost is a visible share of the step (the GEMMs are
 what is left). Each op here is one C pass over the rows. The model (model/norm.py, model/rope.py)
 uses them for bfloat16 CPU tensors when the library is built (`supports`), else its torch
-formulation. Rotary is bit-identical to torch's; RMSNorm's variance is summed in another order
+formulation. Rotary is bit-identical to torch's (but for float32 denormals, flushed to zero on
+AVX-512 BF16 CPUs); RMSNorm's variance is summed in another order
 (a result can differ by one bfloat16 step), checked against float64.
 
 (SwiGLU's silu * up was tried as a C pass too: no faster than torch's vectorised ops, so not kept.)

@@ -33,7 +33,14 @@ int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t 
             ss += v * v;
         }
         float inv = 1.0f / sqrtf(ss / (float)dim + eps);
-        for (i = 0; i < dim; i++) {
+        i = 0;
+#if LP_BF16X16
+        const __m512 invv = _mm512_set1_ps(inv);
+        for (; i + 16 <= dim; i += 16)
+            bf16x16_store(o + i, _mm512_mul_ps(bf16x16_load(w + i),
+                                               bf16x16_round(_mm512_mul_ps(bf16x16_load(xr + i), invv))));
+#endif
+        for (; i < dim; i++) {
             float h = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[i]) * inv));
             o[i] = f32_to_bf16(bf16_to_f32(w[i]) * h);
         }

@@ -5,7 +5,9 @@
    with exactly torch's rounding steps on bfloat16 tensors (each product of two bfloat16 values is
    exact in float32 and rounded once; the sum of the two rounded products is rounded once), so the
    result is bit-identical to `_rotate` in rope.py -- in one pass instead of ~6 ops and two
-   temporaries per tensor. x may be a strided view (q/k are column slices of one q/k/v GEMM). */
+   temporaries per tensor -- except that with AVX-512 BF16 (bf16.h's 16-wide path) a float32
+   denormal intermediate flushes to zero. x may be a strided view (q/k are column slices of one
+   q/k/v GEMM). */
 
 #include <stdint.h>
 
@@ -23,11 +25,23 @@ int loraplex_rotary_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint1
         for (int64_t h = 0; h < heads; h++) {
             const uint16_t *x1 = x + t * x_tok_stride + h * x_head_stride, *x2 = x1 + half;
             uint16_t *o1 = out + (t * heads + h) * dim, *o2 = o1 + half;
+            int64_t i0 = 0;
+#if LP_BF16X16
+            for (; i0 + 16 <= half; i0 += 16) {
+                const __m512 a = bf16x16_load(x1 + i0), b = bf16x16_load(x2 + i0);
+                const __m512 minus_b = _mm512_castsi512_ps(  /* -b exactly (sign bit flipped) */
+                    _mm512_xor_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0x80000000u)));
+                bf16x16_store(o1 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(a, bf16x16_load(c1 + i0))),
+                                                     bf16x16_round(_mm512_mul_ps(minus_b, bf16x16_load(s1 + i0)))));
+                bf16x16_store(o2 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(b, bf16x16_load(c2 + i0))),
+                                                     bf16x16_round(_mm512_mul_ps(a, bf16x16_load(s2 + i0)))));
+            }
+#endif
             /* two loops of unit stride (one per half) so that each vectorises */
-            for (int64_t i = 0; i < half; i++)
+            for (int64_t i = i0; i < half; i++)
                 o1[i] = f32_to_bf16(r16(bf16_to_f32(x1[i]) * bf16_to_f32(c1[i]))
                                     + r16(-bf16_to_f32(x2[i]) * bf16_to_f32(s1[i])));
-            for (int64_t i = 0; i < half; i++)
+            for (int64_t i = i0; i < half; i++)
                 o2[i] = f32_to_bf16(r16(bf16_to_f32(x2[i]) * bf16_to_f32(c2[i]))
                                     + r16(bf16_to_f32(x1[i]) * bf16_to_f32(s2[i])));
         }
