@@ -81,50 +81,58 @@ static void decode_attention_##SUFFIX(                                          
                             block_table + (b + 1) * table_stride, n2, lo2, block_size,             \
                             blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T));     \
         }                                                                                          \
-        for (int64_t g = 0; g < num_kv_heads; g++) {                                               \
-            for (int64_t r = 0; r < rep; r++) {                                                    \
-                const T *qs = q + qrow * q_row_stride + (g * rep + r) * q_head_stride;             \
-                for (int64_t d = 0; d < D; d++) qf[r * D + d] = LOAD(qs[d]) * scale;               \
-            }                                                                                      \
-            for (int64_t j = lo; j < n; j++) {                                                     \
-                const T *kr = k_cache + table[j / block_size] * blk_stride                         \
-                              + (j % block_size) * pos_stride + g * kv_head_stride;                \
+        /* Every head at once, position by position: a position's keys (values) for all kv    \
+         * heads are one contiguous record, read once and in order through the blocks, instead \
+         * of one strided pass per kv head (same sums in the same order). */                    \
+        const int64_t H = num_kv_heads * rep;                                                      \
+        for (int64_t h = 0; h < H; h++) {                                                          \
+            const T *qs = q + qrow * q_row_stride + h * q_head_stride;                             \
+            for (int64_t d = 0; d < D; d++) qf[h * D + d] = LOAD(qs[d]) * scale;                   \
+        }                                                                                          \
+        for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
+            const T *rec = k_cache + table[blk] * blk_stride + off * pos_stride;                   \
+            if (++off == block_size) { off = 0; blk++; }                                           \
+            for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
+                const T *kr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(kr[d]);                              \
                 for (int64_t r = 0; r < rep; r++) {                                                \
-                    const float *qr = qf + r * D;                                                  \
+                    const float *qr = qf + (g * rep + r) * D;                                      \
                     float dot = 0.f;                                                               \
                     for (int64_t d = 0; d < D; d++) dot += qr[d] * row[d];                         \
-                    s[r * len + (j - lo)] = dot;                                                   \
+                    s[(g * rep + r) * len + (j - lo)] = dot;                                       \
                 }                                                                                  \
             }                                                                                      \
-            for (int64_t r = 0; r < rep; r++) {                                                    \
-                float *sr = s + r * len;                                                           \
-                float m = sr[0];                                                                   \
-                for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;                       \
-                float sum = 0.f;                                                                   \
-                for (int64_t j = 0; j < len; j++) {                                                \
-                    float e = exp_nonpos(sr[j] - m);                                               \
-                    sr[j] = e;                                                                     \
-                    sum += e;                                                                      \
-                }                                                                                  \
-                float inv = 1.0f / sum;                                                            \
-                for (int64_t j = 0; j < len; j++) sr[j] *= inv;                                    \
+        }                                                                                          \
+        for (int64_t h = 0; h < H; h++) {                                                          \
+            float *sr = s + h * len;                                                               \
+            float m = sr[0];                                                                       \
+            for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;                           \
+            float sum = 0.f;                                                                       \
+            for (int64_t j = 0; j < len; j++) {                                                    \
+                float e = exp_nonpos(sr[j] - m);                                                   \
+                sr[j] = e;                                                                         \
+                sum += e;                                                                          \
             }                                                                                      \
-            memset(acc, 0, (size_t)(rep * D) * sizeof(float));                                     \
-            for (int64_t j = lo; j < n; j++) {                                                     \
-                const T *vr = v_cache + table[j / block_size] * blk_stride                         \
-                              + (j % block_size) * pos_stride + g * kv_head_stride;                \
+            float inv = 1.0f / sum;                                                                \
+            for (int64_t j = 0; j < len; j++) sr[j] *= inv;                                        \
+        }                                                                                          \
+        memset(acc, 0, (size_t)(H * D) * sizeof(float));                                          \
+        for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
+            const T *rec = v_cache + table[blk] * blk_stride + off * pos_stride;                   \
+            if (++off == block_size) { off = 0; blk++; }                                           \
+            for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
+                const T *vr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(vr[d]);                              \
                 for (int64_t r = 0; r < rep; r++) {                                                \
-                    float p = s[r * len + (j - lo)];                                               \
-                    float *ar = acc + r * D;                                                       \
+                    float p = s[(g * rep + r) * len + (j - lo)];                                   \
+                    float *ar = acc + (g * rep + r) * D;                                           \
                     for (int64_t d = 0; d < D; d++) ar[d] += p * row[d];                           \
                 }                                                                                  \
             }                                                                                      \
-            for (int64_t r = 0; r < rep; r++) {                                                    \
-                T *o = out + b * out_row_stride + (g * rep + r) * D;                               \
-                for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[r * D + d]);                      \
-            }                                                                                      \
+        }                                                                                          \
+        for (int64_t h = 0; h < H; h++) {                                                          \
+            T *o = out + b * out_row_stride + h * D;                                               \
+            for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[h * D + d]);                          \
         }                                                                                          \
     }                                                                                              \
 }
@@ -180,9 +188,10 @@ static int attention_rows(const void *call, int64_t lo, int64_t hi) {
     int64_t max_len = 1;
     for (int64_t b = 0; b < num_seqs; b++)
         if (seq_lens[b] > max_len) max_len = seq_lens[b];
-    float *s = malloc((size_t)(rep * max_len) * sizeof(float));
-    float *qf = malloc((size_t)(rep * D) * sizeof(float));
-    float *acc = malloc((size_t)(rep * D) * sizeof(float));
+    const int64_t H = c->num_heads;  /* every query head of a sequence at once */
+    float *s = malloc((size_t)(H * max_len) * sizeof(float));
+    float *qf = malloc((size_t)(H * D) * sizeof(float));
+    float *acc = malloc((size_t)(H * D) * sizeof(float));
     float *row = malloc((size_t)D * sizeof(float));
     if (!s || !qf || !acc || !row) {
         free(s); free(qf); free(acc); free(row);
