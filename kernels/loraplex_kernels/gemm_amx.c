@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE  /* syscall() under -std=c11 */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -211,7 +212,7 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
 
 /* y[m, n] (row stride y_stride) = bf16(x[m, k] @ W.T + bias), W as K-pair panels (see the top).
  * x rows contiguous (row stride x_stride elements), bias [n] or NULL. Returns 0; -1 when AMX was
- * not enabled (loraplex_amx_enable), -2 for a shape the layout does not cover. */
+ * not enabled (loraplex_amx_enable), -2 for a shape the layout does not cover, -4 out of memory. */
 int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                       const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     if (!amx_enabled) return -1;
@@ -222,23 +223,13 @@ int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_
     int nt = lp_max_threads();
     if (nt > num_panels) nt = (int)num_panels;
     if (nt <= 1) return amx_share(&call, 0, num_panels);
-    /* Equal numbers of panels per thread: every panel is the same work. */
-    int rcs[LP_MAX_THREADS] = {0};
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), kk = omp_get_num_threads();
-#else
-        int t = 0, kk = 1;
-#endif
-        int64_t lo = num_panels * t / kk, hi = num_panels * (t + 1) / kk;
-        if (hi > lo) rcs[t] = amx_share(&call, lo, hi);
-    }
-    for (int t = 0; t < nt; t++)
-        if (rcs[t]) return rcs[t];
-    return 0;
+    /* Every panel is the same work: cum[i] = i + 1 splits them evenly (parallel.h). */
+    int64_t *cum = malloc((size_t)num_panels * sizeof(int64_t));
+    if (!cum) return -4;
+    for (int64_t i = 0; i < num_panels; i++) cum[i] = i + 1;
+    const int rc = lp_run_shares(nt, cum, num_panels, amx_share, &call);
+    free(cum);
+    return rc;
 }
 
 #else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */
