@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_info  # noqa: E402
+from report import write_report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "amx_gemm_cpu.md"
 HIDDEN, INTER, QKV, VOCAB, LAYERS = 576, 1536, 960, 49152, 30
@@ -111,10 +112,7 @@ def main(argv=None) -> int:
             lines.append(f"| {m} | {v} | {statistics.median(pt) * 1e3:.2f} ({min(pt) * 1e3:.2f}) | "
                          f"{proj_bytes / statistics.median(pt) / 1e9:.1f} | {statistics.median(ht) * 1e3:.2f} "
                          f"({min(ht) * 1e3:.2f}) | {base / statistics.median(pt):.2f}x |")
-    text = "\n".join(lines) + "\n"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    write_report(lines, a.out)
     return 0
 
 

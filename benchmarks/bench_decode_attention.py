@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_info  # noqa: E402
+from report import write_report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_attention_cpu.md"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
@@ -77,10 +78,7 @@ def main(argv=None) -> int:
             lines.append(f"| {str(dtype).removeprefix('torch.')} | {ctx} | {sec / LAYERS * 1e6:.0f} | "
                          f"{kv_bytes / sec / 1e9:.1f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    write_report(lines, a.out)
     return 0
 
 
