@@ -59,22 +59,28 @@ def test_decode_driver_runs_full_decode_steps(tiny_model_dir):
 
 
 def test_decode_driver_keeps_each_variants_gemm(tiny_model_dir, monkeypatch):
-    """widen=False builds the engine with LORAPLEX_WIDEN_BF16=0 (torch's bfloat16 GEMM, the
-    'before' of the roofline's bfloat16 rows); widen=True lets it swap in WidenedLinear; the
-    environment is restored either way."""
+    """widen=False builds the engine with LORAPLEX_WIDEN_BF16=0 and LORAPLEX_AMX=0 (torch's
+    bfloat16 GEMM, the 'before' of the roofline's bfloat16 rows); widen=True lets it swap in
+    WidenedLinear or, on an AMX CPU, AmxLinear; the environment is restored either way."""
     from loraplex.model import widened_linear
     from loraplex.model.linear import Projection
     from loraplex.model.packed_linear import packing_available
 
     monkeypatch.setattr(widened_linear, "widening_wanted", lambda: True)
     monkeypatch.delenv("LORAPLEX_WIDEN_BF16", raising=False)
+    monkeypatch.delenv("LORAPLEX_AMX", raising=False)
     kinds = {}
     for widen in (False, True):
         loaded = load_model(tiny_model_dir, torch.bfloat16, "cpu")
         dec = make_decode_engine(loaded, batch=2, prompt_len=4, decode_steps=2, widen=widen)
         assert dec.step() > 0
         kinds[widen] = {type(p.base) for p in loaded.model.modules() if isinstance(p, Projection)}
-    assert "LORAPLEX_WIDEN_BF16" not in os.environ
+    assert "LORAPLEX_WIDEN_BF16" not in os.environ and "LORAPLEX_AMX" not in os.environ
     if not packing_available():  # where oneDNN packs, neither variant widens
         assert kinds[False] == {torch.nn.Linear} and kinds[True] == {widened_linear.WidenedLinear}
+    from loraplex.model.amx_linear import AmxLinear, amx_wanted
+    from loraplex.model.fused_linear import PackedSlice
+
+    if amx_wanted():  # an AMX CPU: ours (AmxLinear) only in the default variant, oneDNN's otherwise
+        assert kinds[True] == {AmxLinear, PackedSlice} and AmxLinear not in kinds[False]
     assert roofline.VARIANTS["bfloat16-torch-gemm"] == (torch.bfloat16, False)
