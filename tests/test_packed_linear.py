@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.model.fused_linear import PackedGroup, PackedSlice, fuse_siblings, group_outputs
-from loraplex.model.packed_linear import PackedLinear, pack_lm_head, pack_projections, packing_available
+from loraplex.model.packed_linear import PackedLinear, pack_lm_head, packing_available
+from loraplex.model.projection_packing import pack_projections
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN bfloat16 weight packing unavailable on this CPU (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 

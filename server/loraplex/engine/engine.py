@@ -38,7 +38,8 @@ from loraplex.engine.structured.grammar import GrammarVocab
 from loraplex.engine.structured.masks import MaskBuilder
 from loraplex.model.fused_linear import fuse_siblings
 from loraplex.model.amx_linear import amx_wanted
-from loraplex.model.packed_linear import pack_lm_head, pack_projections
+from loraplex.model.packed_linear import pack_lm_head
+from loraplex.model.projection_packing import pack_projections
 from loraplex.model.widened_linear import widen_projections
 
 log = logging.getLogger(__name__)
