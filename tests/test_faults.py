@@ -420,8 +420,10 @@ def test_client_disconnect_mid_stream_aborts_within_a_few_steps(srv, monkeypatch
     slow_steps(monkeypatch, engine, 0.03)  # 150 tokens take >= 4.5 s
     cancelled = engine.stats().finished_total["cancelled"]
     with ThreadPoolExecutor(1) as pool:
+        # The survivor must outlive the leaver's abort by a margin: 150 tokens take >= 4.5 s
+        # (60 did not always, once the engine's steps got faster: it had finished by then).
         other = pool.submit(lambda: list(srv.gen.GenerateStream(
-            greedy_req("Once upon a time", 60, request_id="survivor"), timeout=60)))
+            greedy_req("Once upon a time", 150, request_id="survivor"), timeout=60)))
         ch = grpc.insecure_channel(srv.address)
         stream = generation_pb2_grpc.GenerationStub(ch).GenerateStream(
             greedy_req("The quick brown fox", 150, request_id="leaver"), timeout=60)
@@ -438,7 +440,7 @@ def test_client_disconnect_mid_stream_aborts_within_a_few_steps(srv, monkeypatch
         assert "survivor" in engine._live  # the other stream goes on
         chunks = other.result(timeout=60)
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
-    assert sum(len(c.token_ids) for c in chunks) == 60
+    assert sum(len(c.token_ids) for c in chunks) == 150
     wait_idle(engine)
 
 
