@@ -7,9 +7,6 @@ model generates. Skipped where the CPU or the compiler has no AMX-BF16 (the kern
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -110,7 +107,7 @@ def test_amx_linear_module():
         AmxLinear(nn.Linear(96, 72, dtype=torch.bfloat16))
 
 
-def test_engine_packs_with_amx_and_generates_like_onednn(monkeypatch):
+def test_engine_packs_with_amx_and_generates_like_onednn(monkeypatch, tmp_path):
     """pack_linear picks AmxLinear here (LORAPLEX_AMX=0: PackedLinear); q/k/v and gate/up fuse;
     a projection's outputs match the unpacked model's to float32 summation; greedy tokens equal
     the oneDNN-packed engine's; the weights take the same bytes."""
@@ -126,27 +123,26 @@ def test_engine_packs_with_amx_and_generates_like_onednn(monkeypatch):
     if not packing_available():
         pytest.skip("oneDNN bfloat16 packing unavailable")
     jobs = {"a": (None, [1, 5, 9, 13, 2]), "b": (None, [3, 4]), "c": (None, [7] * 11)}
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "tied", tie_word_embeddings=True)
-        runs = {}
-        for flag in ("1", "0"):
-            monkeypatch.setenv("LORAPLEX_AMX", flag)
-            loaded = load_model(model_dir, torch.bfloat16, "cpu")
+    model_dir = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LORAPLEX_AMX", flag)
+        loaded = load_model(model_dir, torch.bfloat16, "cpu")
+        tokens = engine_greedy(loaded, None, jobs, max_new_tokens=6)
+        model = loaded.model
+        kinds = {type(p.base) for p in model.modules() if isinstance(p, Projection)}
+        groups = {type(p.base.group.linear) for p in model.modules()
+                  if isinstance(p, Projection) and isinstance(p.base, PackedSlice)}
+        runs[flag] = (tokens, kinds | groups, type(model.packed_head), quantized_bytes(model),
+                      float16_weight_bytes(model))
+        if flag == "1":
             plain = load_model(model_dir, torch.bfloat16, "cpu").model
-            tokens = engine_greedy(loaded, None, jobs, max_new_tokens=6)
-            model = loaded.model
-            kinds = {type(p.base) for p in model.modules() if isinstance(p, Projection)}
-            groups = {type(p.base.group.linear) for p in model.modules()
-                      if isinstance(p, Projection) and isinstance(p.base, PackedSlice)}
-            runs[flag] = (tokens, kinds | groups, type(model.packed_head), quantized_bytes(model),
-                          float16_weight_bytes(model))
-            if flag == "1":
-                g = torch.Generator().manual_seed(4)
-                mine = dict(model.named_modules())
-                for name, ref in plain.named_modules():
-                    if isinstance(ref, Projection):
-                        x = random_bf16(g, 5, ref.in_features)
-                        assert_matches_float64(mine[name](x), x, ref.base.weight.detach(), ref.base.bias)
+            g = torch.Generator().manual_seed(4)
+            mine = dict(model.named_modules())
+            for name, ref in plain.named_modules():
+                if isinstance(ref, Projection):
+                    x = random_bf16(g, 5, ref.in_features)
+                    assert_matches_float64(mine[name](x), x, ref.base.weight.detach(), ref.base.bias)
     assert runs["1"][1] == {AmxLinear, PackedSlice} and runs["1"][2] is AmxLinear
     assert runs["0"][1] == {PackedLinear, PackedSlice} and runs["0"][2] is PackedLinear
     assert runs["1"][0] == runs["0"][0]

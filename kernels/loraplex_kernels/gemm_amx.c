@@ -21,7 +21,6 @@
  */
 #define _GNU_SOURCE  /* syscall() under -std=c11 */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -91,7 +90,7 @@ typedef struct {
     do {                                                                                        \
         _tile_stored(T, acc, 64);                                                               \
         const int64_t col = (NB) * 16;                                                          \
-        const __m512 bv = c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();               \
+        const __m512 bv = c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();         \
         for (int r = 0; r < (ROWS); r++) {                                                      \
             const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), bv);                   \
             bf16x16_store(c->y + ((M0) + r) * c->y_stride + col, v);                            \
@@ -118,92 +117,92 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     _tile_storeconfig(&saved);
     int configured = -1;                     /* tall * 64 + rows of the loaded configuration */
     for (int64_t mc = 0; mc < c->m; mc += ROW_CHUNK) {
-    const int64_t mend = c->m - mc < ROW_CHUNK ? c->m : mc + ROW_CHUNK;
-    int64_t nb = lo;
-    while (nb < hi) {
-        const int group = hi - nb >= 4 ? 4 : 1;
-        for (int64_t m0 = mc; m0 < mend; m0 += 32) {
-            const int rows = mend - m0 < 32 ? (int)(mend - m0) : 32;
-            const int tall = rows > 16;
-            if (tall * 64 + rows != configured) {
-                configure(tall, rows);
-                configured = tall * 64 + rows;
-            }
-            const uint16_t *xr = c->x + m0 * c->x_stride;
-            if (tall) {  /* 32 rows (or 17-31) x panel pairs: 2 x 2 accumulators */
-                const uint16_t *xr2 = xr + 16 * c->x_stride;
-                for (int g = 0; g < group; g += 2) {
-                    const int pair = group - g >= 2;
-                    const uint16_t *p0 = c->panels + (nb + g) * panel;
-                    _tile_zero(0);
-                    _tile_zero(2);
-                    if (pair) {
-                        _tile_zero(1);
-                        _tile_zero(3);
+        const int64_t mend = c->m - mc < ROW_CHUNK ? c->m : mc + ROW_CHUNK;
+        int64_t nb = lo;
+        while (nb < hi) {
+            const int group = hi - nb >= 4 ? 4 : 1;
+            for (int64_t m0 = mc; m0 < mend; m0 += 32) {
+                const int rows = mend - m0 < 32 ? (int)(mend - m0) : 32;
+                const int tall = rows > 16;
+                if (tall * 64 + rows != configured) {
+                    configure(tall, rows);
+                    configured = tall * 64 + rows;
+                }
+                const uint16_t *xr = c->x + m0 * c->x_stride;
+                if (tall) {  /* 32 rows (or 17-31) x panel pairs: 2 x 2 accumulators */
+                    const uint16_t *xr2 = xr + 16 * c->x_stride;
+                    for (int g = 0; g < group; g += 2) {
+                        const int pair = group - g >= 2;
+                        const uint16_t *p0 = c->panels + (nb + g) * panel;
+                        _tile_zero(0);
+                        _tile_zero(2);
+                        if (pair) {
+                            _tile_zero(1);
+                            _tile_zero(3);
+                        }
+                        for (int64_t k0 = 0; k0 < k; k0 += 32) {
+                            const uint16_t *b = p0 + k0 * 16;
+                            _tile_loadd(4, xr + k0, xs);
+                            _tile_loadd(5, xr2 + k0, xs);
+                            prefetch_panel(b);
+                            _tile_loadd(6, b, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(2, 5, 6);
+                            if (pair) {
+                                prefetch_panel(b + panel);
+                                _tile_loadd(7, b + panel, 64);
+                                _tile_dpbf16ps(1, 4, 7);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                        }
+                        STORE_TILE(0, nb + g, m0, 16);
+                        STORE_TILE(2, nb + g, m0 + 16, rows - 16);
+                        if (pair) {
+                            STORE_TILE(1, nb + g + 1, m0, 16);
+                            STORE_TILE(3, nb + g + 1, m0 + 16, rows - 16);
+                        }
                     }
+                    continue;
+                }
+                const uint16_t *p0 = c->panels + nb * panel;
+                _tile_zero(0);
+                if (group == 4) {
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+                        const uint16_t *b = p0 + k0 * 16;  /* this 32-deep slice of panel nb */
+                        _tile_loadd(4, xr + k0, xs);
+                        prefetch_panel(b);
+                        _tile_loadd(5, b, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        prefetch_panel(b + panel);
+                        _tile_loadd(6, b + panel, 64);
+                        _tile_dpbf16ps(1, 4, 6);
+                        prefetch_panel(b + 2 * panel);
+                        _tile_loadd(5, b + 2 * panel, 64);
+                        _tile_dpbf16ps(2, 4, 5);
+                        prefetch_panel(b + 3 * panel);
+                        _tile_loadd(6, b + 3 * panel, 64);
+                        _tile_dpbf16ps(3, 4, 6);
+                    }
+                    STORE_TILE(0, nb, m0, rows);
+                    STORE_TILE(1, nb + 1, m0, rows);
+                    STORE_TILE(2, nb + 2, m0, rows);
+                    STORE_TILE(3, nb + 3, m0, rows);
+                } else {
                     for (int64_t k0 = 0; k0 < k; k0 += 32) {
                         const uint16_t *b = p0 + k0 * 16;
                         _tile_loadd(4, xr + k0, xs);
-                        _tile_loadd(5, xr2 + k0, xs);
                         prefetch_panel(b);
-                        _tile_loadd(6, b, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(2, 5, 6);
-                        if (pair) {
-                            prefetch_panel(b + panel);
-                            _tile_loadd(7, b + panel, 64);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
+                        _tile_loadd(5, b, 64);
+                        _tile_dpbf16ps(0, 4, 5);
                     }
-                    STORE_TILE(0, nb + g, m0, 16);
-                    STORE_TILE(2, nb + g, m0 + 16, rows - 16);
-                    if (pair) {
-                        STORE_TILE(1, nb + g + 1, m0, 16);
-                        STORE_TILE(3, nb + g + 1, m0 + 16, rows - 16);
-                    }
+                    STORE_TILE(0, nb, m0, rows);
                 }
-                continue;
             }
-            const uint16_t *p0 = c->panels + nb * panel;
-            _tile_zero(0);
-            if (group == 4) {
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t k0 = 0; k0 < k; k0 += 32) {
-                    const uint16_t *b = p0 + k0 * 16;  /* this 32-deep slice of panel nb */
-                    _tile_loadd(4, xr + k0, xs);
-                    prefetch_panel(b);
-                    _tile_loadd(5, b, 64);
-                    _tile_dpbf16ps(0, 4, 5);
-                    prefetch_panel(b + panel);
-                    _tile_loadd(6, b + panel, 64);
-                    _tile_dpbf16ps(1, 4, 6);
-                    prefetch_panel(b + 2 * panel);
-                    _tile_loadd(5, b + 2 * panel, 64);
-                    _tile_dpbf16ps(2, 4, 5);
-                    prefetch_panel(b + 3 * panel);
-                    _tile_loadd(6, b + 3 * panel, 64);
-                    _tile_dpbf16ps(3, 4, 6);
-                }
-                STORE_TILE(0, nb, m0, rows);
-                STORE_TILE(1, nb + 1, m0, rows);
-                STORE_TILE(2, nb + 2, m0, rows);
-                STORE_TILE(3, nb + 3, m0, rows);
-            } else {
-                for (int64_t k0 = 0; k0 < k; k0 += 32) {
-                    const uint16_t *b = p0 + k0 * 16;
-                    _tile_loadd(4, xr + k0, xs);
-                    prefetch_panel(b);
-                    _tile_loadd(5, b, 64);
-                    _tile_dpbf16ps(0, 4, 5);
-                }
-                STORE_TILE(0, nb, m0, rows);
-            }
+            nb += group;
         }
-        nb += group;
-    }
     }
     if (saved.palette) _tile_loadconfig(&saved);
     else _tile_release();
@@ -212,7 +211,7 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
 
 /* y[m, n] (row stride y_stride) = bf16(x[m, k] @ W.T + bias), W as K-pair panels (see the top).
  * x rows contiguous (row stride x_stride elements), bias [n] or NULL. Returns 0; -1 when AMX was
- * not enabled (loraplex_amx_enable), -2 for a shape the layout does not cover, -4 out of memory. */
+ * not enabled (loraplex_amx_enable), -2 for a shape the layout does not cover. */
 int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                       const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     if (!amx_enabled) return -1;
@@ -223,13 +222,7 @@ int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_
     int nt = lp_max_threads();
     if (nt > num_panels) nt = (int)num_panels;
     if (nt <= 1) return amx_share(&call, 0, num_panels);
-    /* Every panel is the same work: cum[i] = i + 1 splits them evenly (parallel.h). */
-    int64_t *cum = malloc((size_t)num_panels * sizeof(int64_t));
-    if (!cum) return -4;
-    for (int64_t i = 0; i < num_panels; i++) cum[i] = i + 1;
-    const int rc = lp_run_shares(nt, cum, num_panels, amx_share, &call);
-    free(cum);
-    return rc;
+    return lp_run_shares(nt, NULL, num_panels, amx_share, &call);  /* every panel is the same work */
 }
 
 #else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */

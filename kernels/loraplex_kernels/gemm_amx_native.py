@@ -72,6 +72,5 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None
         m, n, k, x.data_ptr(), x.stride(0), panels.data_ptr(),
         None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
     if rc != 0:
-        raise RuntimeError(f"loraplex_amx_gemm failed ({rc}): AMX not enabled (-1), bad shape (-2), not built (-3), "
-                           "out of memory (-4)")
+        raise RuntimeError(f"loraplex_amx_gemm failed ({rc}): AMX not enabled (-1), bad shape (-2), not built (-3)")
     return y

@@ -24,10 +24,12 @@ static inline int lp_max_threads(void) {
 }
 
 /* The first index i of cum[0..n) (a non-decreasing prefix sum of per-item work, cum[n-1] = total)
- * with cum[i] > total * part / parts: items [split(part), split(part + 1)) are part's share. */
+ * with cum[i] > total * part / parts: items [split(part), split(part + 1)) are part's share.
+ * cum NULL: every item is the same work (an even split, no table to build). */
 static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int parts) {
     if (part <= 0) return 0;
     if (part >= parts) return n;
+    if (!cum) return n * part / parts;
     int64_t target = cum[n - 1] * part / parts, lo = 0, hi = n;
     while (lo < hi) {  /* binary search: first cum[i] > target */
         int64_t mid = (lo + hi) / 2;
@@ -40,7 +42,7 @@ static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int part
 typedef int (*lp_share_fn)(const void *call, int64_t lo, int64_t hi);
 
 /* Runs `share` over n items split into up to nt shares of equal work (cum: running total of each
- * item's work, see lp_split) on the calling thread's OpenMP team, each share on one thread.
+ * item's work, or NULL for items of equal work: see lp_split) on the calling thread's OpenMP team, each share on one thread.
  * Returns 0 when every share returned 0, else a failing share's code. */
 static inline int lp_run_shares(int nt, const int64_t *cum, int64_t n, lp_share_fn share, const void *call) {
     int rcs[LP_MAX_THREADS] = {0};

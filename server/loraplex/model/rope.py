@@ -16,7 +16,8 @@ from loraplex.model.arch import RopeConfig
 from loraplex_kernels import layer_ops_native
 
 # bfloat16 q/k on CPU through the compiled kernel (loraplex_kernels/rotary.c, bit-identical to
-# `_rotate` but for denormals): one pass per tensor instead of ~6 ops. None = whenever built; False = torch always.
+# `_rotate` but for denormals): one pass per tensor instead of ~6 ops. None = whenever built;
+# False = torch always.
 NATIVE: bool | None = None
 
 
