@@ -42,8 +42,9 @@ static inline int64_t lp_split(const int64_t *cum, int64_t n, int part, int part
 typedef int (*lp_share_fn)(const void *call, int64_t lo, int64_t hi);
 
 /* Runs `share` over n items split into up to nt shares of equal work (cum: running total of each
- * item's work, or NULL for items of equal work: see lp_split) on the calling thread's OpenMP team, each share on one thread.
- * Returns 0 when every share returned 0, else a failing share's code. */
+ * item's work, or NULL for items of equal work: see lp_split) on the calling thread's OpenMP
+ * team, each share on one thread. Returns 0 when every share returned 0, else a failing share's
+ * code. */
 static inline int lp_run_shares(int nt, const int64_t *cum, int64_t n, lp_share_fn share, const void *call) {
     int rcs[LP_MAX_THREADS] = {0};
 #ifdef _OPENMP
