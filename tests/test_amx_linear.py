@@ -165,3 +165,120 @@ def test_torch_amx_kernels_unaffected_in_the_same_thread():
         assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True), attention)
         amx.gemm(x[:5], panels)
         assert torch.equal(a @ b, product)
+
+
+def _bf16_step(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at |x| (one step of its 8-bit significand)."""
+    exp = torch.frexp(x.double().abs().clamp_min(1e-30)).exponent
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - 8)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32, 45, 300])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (48, 64)])
+def test_residual_epilogue_is_torchs_add(rows, n, k):
+    """gemm(x, residual=r) == r + gemm(x), bit for bit, with strided x and residual rows."""
+    g = torch.Generator().manual_seed(rows + n)
+    panels, b = amx.pack(random_bf16(g, n, k)), random_bf16(g, n)
+    x = random_bf16(g, rows, k + 32)[:, 16:16 + k]
+    r = (random_bf16(g, rows, n + 16) * 4)[:, :n]
+    assert torch.equal(amx.gemm(x, panels, b, residual=r), r + amx.gemm(x, panels, b))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 100, 260])
+@pytest.mark.parametrize(("half", "k"), [(1536, 576), (48, 64), (16, 32), (80, 96)])
+def test_swiglu_epilogue_matches_torch_and_float64(half, k, rows, bias):
+    """swiglu(x) against torch's F.silu(gate) * up on the same GEMM's bfloat16 halves: at most one
+    bfloat16 step apart (our exp inside silu), nearly all equal; and as close to the float64
+    silu(gate) * up of those halves as torch's own bfloat16 ops. Half widths of 1, 3 and 5 panels
+    exercise the one-item tail of the 2-items-per-step grouping."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(rows * 7 + half + k)
+    w = random_bf16(g, 2 * half, k) * 0.2
+    x, b = random_bf16(g, rows, k), (random_bf16(g, 2 * half) if bias else None)
+    panels = amx.pack(w)
+    y = amx.gemm(x, panels, b)  # [rows, 2 half]: bf16(gate), bf16(up)
+    gate, up = y[:, :half], y[:, half:]
+    want = F.silu(gate) * up
+    got = amx.swiglu(x, panels, b)
+    assert got.shape == (rows, half) and got.dtype == torch.bfloat16
+    diff = (got.double() - want.double()).abs()
+    assert bool((diff <= _bf16_step(want)).all())
+    assert (diff == 0).double().mean() >= 0.999
+    g64, u64 = gate.double(), up.double()
+    ref = g64 * torch.sigmoid(g64) * u64
+    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+
+
+def test_swiglu_epilogue_extremes_match_torch():
+    """silu at the ends of the float range, infinities and NaN (set through the bias): torch's
+    values, NaN where torch has NaN."""
+    import torch.nn.functional as F
+
+    half, k = 32, 32
+    edge = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 20.0, -20.0, 88.0, -88.0, 89.5, -89.5, 104.0, -104.0,
+                         1e30, -1e30, float("inf"), float("-inf"), float("nan")] * 4)[:half]
+    g = torch.Generator().manual_seed(12)
+    w = torch.zeros(2 * half, k, dtype=torch.bfloat16)  # sums of zero: the bias is the value
+    b = torch.cat([edge, random_bf16(g, half).float()]).to(torch.bfloat16)
+    panels, x = amx.pack(w), random_bf16(g, 3, k)
+    y = amx.gemm(x, panels, b)
+    want = F.silu(y[:, :half]) * y[:, half:]
+    got = amx.swiglu(x, panels, b)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def test_epilogue_operands_are_refused():
+    g = torch.Generator().manual_seed(13)
+    panels, x = amx.pack(random_bf16(g, 48, 64)), random_bf16(g, 4, 64)
+    with pytest.raises(ValueError):
+        amx.swiglu(x, panels)  # 48 columns: no two halves of whole panels
+    with pytest.raises(ValueError):
+        amx.gemm(x, panels, residual=random_bf16(g, 4, 32))  # residual of the wrong width
+    with pytest.raises(ValueError):
+        amx.gemm(x, panels, residual=torch.randn(4, 48))  # float32 residual
+
+
+def test_fused_epilogues_in_the_engine(monkeypatch, tmp_path):
+    """llama.FUSED_EPILOGUES: SwiGLU and the residual adds run in the AMX GEMMs' epilogues where
+    no LoRA delta is due on those projections, the separate ops where one is (adapters on q/v,
+    on layer 1's gate/up and on layer 1's v/down, batched with base rows); greedy tokens equal
+    the unfused engine's for every request, and both epilogues really ran."""
+    from loraplex.model import llama
+    from loraplex.model.loader import load_model
+    from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
+    from tests.fixtures.engine_run import engine_greedy
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    kinds = ("qv_r4", "regex_mlp_r5", "layer1_r3")
+    for i, kind in enumerate(kinds):
+        make_peft_adapter(model_dir, tmp_path / "adapters" / kind, kind, seed=i)
+    calls = {"swiglu": 0, "residual": 0}
+    real_swiglu, real_gemm = amx.swiglu, amx.gemm
+
+    def swiglu(*a, **kw):
+        calls["swiglu"] += 1
+        return real_swiglu(*a, **kw)
+
+    def gemm(x, panels, bias=None, residual=None):
+        calls["residual"] += residual is not None
+        return real_gemm(x, panels, bias, residual)
+
+    monkeypatch.setattr(amx, "swiglu", swiglu)
+    monkeypatch.setattr(amx, "gemm", gemm)
+    jobs = {"base": (None, [1, 5, 9, 13, 2]), "qv": ("qv_r4", [3, 4, 8]),
+            "mlp1": ("regex_mlp_r5", [7] * 11), "down1": ("layer1_r3", [9, 1]), "base2": (None, [2, 2, 6])}
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(llama, "FUSED_EPILOGUES", fused)
+        loaded = load_model(model_dir, torch.bfloat16, "cpu")
+        manager, _ = manager_with_slots(loaded, tmp_path / "adapters", kinds)
+        before = dict(calls)
+        runs[fused] = engine_greedy(loaded, manager, jobs, max_new_tokens=6)
+        ran = {name: calls[name] - before[name] for name in calls}
+        assert (ran["swiglu"] > 0 and ran["residual"] > 0) if fused else ran == {"swiglu": 0, "residual": 0}
+    assert all(err is None and len(toks) == 6 for toks, err in runs[True].values())
+    assert runs[True] == runs[False]

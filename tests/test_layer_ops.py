@@ -103,3 +103,44 @@ def test_bf16_model_logits_same_with_and_without_compiled_ops(tiny_model_dir):
     assert all(err is None and len(toks) == 8 for toks, err in runs[1].values())
     same = sum(runs[0][k][0] == runs[1][k][0] for k in jobs)
     assert same >= 2, runs  # one bf16 step in a norm may flip a near-tie, not whole runs
+
+
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (2, 1, 80)])
+def test_rotary_and_cache_write_in_one_pass(tokens, heads, kv_heads, dim):
+    """attention.rotate_and_write_kv through rotary.c's one pass == apply_rotary + write_kv, bit
+    for bit: the rotated q and k it returns and both caches (every slot, not only the written
+    ones); q/k/v column views of one GEMM's output, slots scattered over the blocks."""
+    from loraplex.model import attention as attn
+
+    g = torch.Generator().manual_seed(tokens * 13 + dim)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g) * 2).to(torch.bfloat16)
+    q = qkv[:, :heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
+    ang = torch.rand(tokens, dim, generator=g) * 500
+    cos_sin = (ang.cos().to(torch.bfloat16)[:, None], ang.sin().to(torch.bfloat16)[:, None])
+    slots = torch.randperm(8 * 16, generator=g)[:tokens]
+    caches = [torch.randn(8, 16, kv_heads, dim, generator=g).to(torch.bfloat16) for _ in range(2)]
+    results = []
+    before = attn.NATIVE_ROTARY_KV
+    try:
+        for flag in (False, None):
+            attn.NATIVE_ROTARY_KV = flag
+            kc, vc = (c.clone() for c in caches)
+            results.append((*attn.rotate_and_write_kv(q, k, v, cos_sin, kc, vc, slots), kc, vc))
+    finally:
+        attn.NATIVE_ROTARY_KV = before
+    for want, got in zip(*results):
+        assert torch.equal(want, got)
+    assert not torch.equal(results[1][2], caches[0])  # the slots were written
+
+
+def test_rotary_and_cache_write_refuses_a_bad_slot():
+    """A slot outside the cache raises and writes nothing (as index_copy_ would refuse)."""
+    q, k, v = (torch.randn(2, h, 16).to(torch.bfloat16) for h in (2, 1, 1))
+    cos = sin = torch.ones(2, 1, 16, dtype=torch.bfloat16)
+    kc, vc = torch.zeros(2, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(2, 4, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="slot"):
+        layer_ops_native.rotary_kv(q, k, v, cos, sin, kc, vc, torch.tensor([3, 8]))
+    assert not kc.any() and not vc.any()

@@ -78,38 +78,167 @@ static void configure(int tall, int rows) {
     _tile_loadconfig(&cfg);
 }
 
+/* What a call writes from its float32 sums (acc) -- the epilogue, fused here so that the decode
+ * step's elementwise ops around a projection cost no extra torch call and no extra pass:
+ *   PLAIN     y = bf16(acc + bias)
+ *   RESIDUAL  y = bf16(bf16(acc + bias) + residual): torch's `residual + linear(x)` on bfloat16,
+ *             bit for bit (o_proj and down_proj add into the residual stream)
+ *   SWIGLU    W = [W_gate; W_up] (two halves of N / 2 columns), y [M, N / 2] =
+ *             bf16(bf16(silu(g)) * u) with g, u = bf16(acc + bias) of the two halves: torch's
+ *             `F.silu(gate) * up` on bfloat16 tensors (each op rounds once), but silu's exp is ours
+ *             (exp512 below, within ~2 float32 ulps of torch's), so a product lying on a bfloat16
+ *             rounding boundary can come out one bfloat16 step apart. */
+enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
+
 typedef struct {
-    const uint16_t *x, *panels, *bias;
-    int64_t m, k, x_stride, n, y_stride;
+    const uint16_t *x, *panels, *bias, *residual;
+    int64_t m, k, x_stride, y_stride, r_stride;
+    int64_t half;  /* SWIGLU: panels in the gate half (item i's up panel is i + half) */
+    int mode;
     uint16_t *y;
 } amx_call_t;
 
-/* Accumulator tile T -> y rows [M0, M0 + ROWS), columns of panel NB, plus bias, rounded to
- * bfloat16 (round to nearest even, as torch; float32 denormals flush to zero). */
-#define STORE_TILE(T, NB, M0, ROWS)                                                             \
-    do {                                                                                        \
-        _tile_stored(T, acc, 64);                                                               \
-        const int64_t col = (NB) * 16;                                                          \
-        const __m512 bv = c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();         \
-        for (int r = 0; r < (ROWS); r++) {                                                      \
-            const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 16), bv);                   \
-            bf16x16_store(c->y + ((M0) + r) * c->y_stride + col, v);                            \
-        }                                                                                       \
-    } while (0)
+/* exp(v) for float32 lanes: v = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts so r is exact),
+ * exp(r) by a degree-7 polynomial (Cephes' expf coefficients), times 2^n by VSCALEFPS (which
+ * gives inf / 0 past the float range). ~1-2 ulps; NaN lanes are not used (silu keeps x's NaN). */
+static inline __m512 exp512(__m512 v) {
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* silu(g) = g / (1 + exp(-g)), as torch writes it for float32 lanes */
+static inline __m512 silu512(__m512 g) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+static inline __m512 bias16(const amx_call_t *c, int64_t col) {
+    return c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();
+}
+
+/* Item `item`'s 16 output columns for rows [m0, m0 + rows) from its sums: a [rows, 16] (its
+ * panel, or its gate panel) and u (SWIGLU: its up panel), row-major float32. */
+static void emit(const amx_call_t *c, int64_t item, const float *a, const float *u, int64_t m0, int rows) {
+    const int64_t col = item * 16;
+    uint16_t *y = c->y + m0 * c->y_stride + col;
+    if (c->mode == EPI_SWIGLU) {
+        const __m512 bg = bias16(c, col), bu = bias16(c, col + c->half * 16);
+        for (int r = 0; r < rows; r++) {
+            const __m512 g = bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bg));
+            const __m512 up = bf16x16_round(_mm512_add_ps(_mm512_load_ps(u + r * 16), bu));
+            bf16x16_store(y + r * c->y_stride, _mm512_mul_ps(bf16x16_round(silu512(g)), up));
+        }
+        return;
+    }
+    const __m512 bv = bias16(c, col);
+    for (int r = 0; r < rows; r++) {
+        __m512 v = _mm512_add_ps(_mm512_load_ps(a + r * 16), bv);
+        if (c->mode == EPI_RESIDUAL)
+            v = _mm512_add_ps(bf16x16_round(v), bf16x16_load(c->residual + (m0 + r) * c->r_stride + col));
+        bf16x16_store(y + r * c->y_stride, v);
+    }
+}
 
 static void prefetch_panel(const uint16_t *b) {
     _mm_prefetch((const char *)b + PREFETCH_AHEAD, _MM_HINT_T0);
     _mm_prefetch((const char *)b + PREFETCH_AHEAD + 512, _MM_HINT_T0);
 }
 
-/* Panels [lo, hi) for all rows, on the calling thread. Outer loop over chunks of ROW_CHUNK rows,
- * then groups of 4 panels (the last 1-3 one at a time), inner over row blocks of 32: a group's
- * weights come from memory once per chunk and from L2 for the further row blocks. */
+#define ACC_STRIDE (32 * 16)  /* floats per weight panel's sums in a step's buffer: 32 rows x 16 */
+
+/* Sums of <= 16 rows (xr, row stride xs bytes) against nw (1, 2 or 4) weight panels w[], each
+ * one float32 tile; stored to acc + j * ACC_STRIDE, row-major [rows, 16]. */
+static void wide_step(const uint16_t *xr, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc) {
+    _tile_zero(0);
+    if (nw > 1) _tile_zero(1);
+    if (nw > 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+        const int64_t off = k0 * 16;  /* this 32-deep slice of each panel */
+        _tile_loadd(4, xr + k0, xs);
+        prefetch_panel(w[0] + off);
+        _tile_loadd(5, w[0] + off, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (nw > 1) {
+            prefetch_panel(w[1] + off);
+            _tile_loadd(6, w[1] + off, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (nw > 2) {
+            prefetch_panel(w[2] + off);
+            _tile_loadd(5, w[2] + off, 64);
+            _tile_dpbf16ps(2, 4, 5);
+            prefetch_panel(w[3] + off);
+            _tile_loadd(6, w[3] + off, 64);
+            _tile_dpbf16ps(3, 4, 6);
+        }
+    }
+    _tile_stored(0, acc, 64);
+    if (nw > 1) _tile_stored(1, acc + ACC_STRIDE, 64);
+    if (nw > 2) {
+        _tile_stored(2, acc + 2 * ACC_STRIDE, 64);
+        _tile_stored(3, acc + 3 * ACC_STRIDE, 64);
+    }
+}
+
+/* Sums of 17-32 rows (xr; xr2 = its 17th row) against nw (1 or 2) weight panels: tiles 0 / 2
+ * hold panel 0's rows 0-15 / 16-31, tiles 1 / 3 panel 1's; each weight slice loaded once for
+ * all the rows. Stored like wide_step's. */
+static void tall_step(const uint16_t *xr, const uint16_t *xr2, int64_t xs, const uint16_t *const *w, int nw,
+                      int64_t k, float *acc) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (nw > 1) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += 32) {
+        const int64_t off = k0 * 16;
+        _tile_loadd(4, xr + k0, xs);
+        _tile_loadd(5, xr2 + k0, xs);
+        prefetch_panel(w[0] + off);
+        _tile_loadd(6, w[0] + off, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (nw > 1) {
+            prefetch_panel(w[1] + off);
+            _tile_loadd(7, w[1] + off, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, acc, 64);
+    _tile_stored(2, acc + 16 * 16, 64);
+    if (nw > 1) {
+        _tile_stored(1, acc + ACC_STRIDE, 64);
+        _tile_stored(3, acc + ACC_STRIDE + 16 * 16, 64);
+    }
+}
+
+/* Items [lo, hi) for all rows, on the calling thread (an item is 16 output columns: one weight
+ * panel, or for SWIGLU a gate and an up panel). Outer loop over chunks of ROW_CHUNK rows, then
+ * groups of items with 4 weight panels (the last ones one item at a time), inner over row blocks
+ * of 32: a group's weights come from memory once per chunk and from L2 for the further blocks. */
 static int amx_share(const void *call, int64_t lo, int64_t hi) {
     const amx_call_t *c = call;
     const int64_t k = c->k, panel = k * 16;  /* elements per panel */
     const int64_t xs = c->x_stride * 2;      /* bytes */
-    float acc[16 * 16] __attribute__((aligned(64)));
+    const int per_item = c->mode == EPI_SWIGLU ? 2 : 1;  /* weight panels per item */
+    const int full = 4 / per_item;                       /* items per group of 4 panels */
+    float acc[4 * ACC_STRIDE] __attribute__((aligned(64)));
     /* The thread's tile configuration as the caller left it, put back at the end: oneDNN and
      * ATen run AMX kernels on these same (torch intra-op) threads and may keep theirs loaded
      * between calls. Palette 0 (nothing loaded) restores as a release. */
@@ -118,9 +247,15 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     int configured = -1;                     /* tall * 64 + rows of the loaded configuration */
     for (int64_t mc = 0; mc < c->m; mc += ROW_CHUNK) {
         const int64_t mend = c->m - mc < ROW_CHUNK ? c->m : mc + ROW_CHUNK;
-        int64_t nb = lo;
-        while (nb < hi) {
-            const int group = hi - nb >= 4 ? 4 : 1;
+        int64_t it = lo;
+        while (it < hi) {
+            const int group = hi - it >= full ? full : 1;
+            const uint16_t *w[4];  /* the group's weight panels: item by item, gate before up */
+            int nw = 0;
+            for (int i = 0; i < group; i++) {
+                w[nw++] = c->panels + (it + i) * panel;
+                if (per_item == 2) w[nw++] = c->panels + (it + i + c->half) * panel;
+            }
             for (int64_t m0 = mc; m0 < mend; m0 += 32) {
                 const int rows = mend - m0 < 32 ? (int)(mend - m0) : 32;
                 const int tall = rows > 16;
@@ -129,79 +264,26 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
                     configured = tall * 64 + rows;
                 }
                 const uint16_t *xr = c->x + m0 * c->x_stride;
-                if (tall) {  /* 32 rows (or 17-31) x panel pairs: 2 x 2 accumulators */
-                    const uint16_t *xr2 = xr + 16 * c->x_stride;
-                    for (int g = 0; g < group; g += 2) {
-                        const int pair = group - g >= 2;
-                        const uint16_t *p0 = c->panels + (nb + g) * panel;
-                        _tile_zero(0);
-                        _tile_zero(2);
-                        if (pair) {
-                            _tile_zero(1);
-                            _tile_zero(3);
-                        }
-                        for (int64_t k0 = 0; k0 < k; k0 += 32) {
-                            const uint16_t *b = p0 + k0 * 16;
-                            _tile_loadd(4, xr + k0, xs);
-                            _tile_loadd(5, xr2 + k0, xs);
-                            prefetch_panel(b);
-                            _tile_loadd(6, b, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(2, 5, 6);
-                            if (pair) {
-                                prefetch_panel(b + panel);
-                                _tile_loadd(7, b + panel, 64);
-                                _tile_dpbf16ps(1, 4, 7);
-                                _tile_dpbf16ps(3, 5, 7);
-                            }
-                        }
-                        STORE_TILE(0, nb + g, m0, 16);
-                        STORE_TILE(2, nb + g, m0 + 16, rows - 16);
-                        if (pair) {
-                            STORE_TILE(1, nb + g + 1, m0, 16);
-                            STORE_TILE(3, nb + g + 1, m0 + 16, rows - 16);
+                if (tall) {  /* two weight panels at a time: one SWIGLU item or two plain ones */
+                    for (int j = 0; j < nw; j += 2) {
+                        const int pair = nw - j >= 2 ? 2 : 1;
+                        tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc);
+                        const int64_t item = it + j / per_item;
+                        if (per_item == 2) {
+                            emit(c, item, acc, acc + ACC_STRIDE, m0, rows);
+                        } else {
+                            emit(c, item, acc, NULL, m0, rows);
+                            if (pair == 2) emit(c, item + 1, acc + ACC_STRIDE, NULL, m0, rows);
                         }
                     }
                     continue;
                 }
-                const uint16_t *p0 = c->panels + nb * panel;
-                _tile_zero(0);
-                if (group == 4) {
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t k0 = 0; k0 < k; k0 += 32) {
-                        const uint16_t *b = p0 + k0 * 16;  /* this 32-deep slice of panel nb */
-                        _tile_loadd(4, xr + k0, xs);
-                        prefetch_panel(b);
-                        _tile_loadd(5, b, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        prefetch_panel(b + panel);
-                        _tile_loadd(6, b + panel, 64);
-                        _tile_dpbf16ps(1, 4, 6);
-                        prefetch_panel(b + 2 * panel);
-                        _tile_loadd(5, b + 2 * panel, 64);
-                        _tile_dpbf16ps(2, 4, 5);
-                        prefetch_panel(b + 3 * panel);
-                        _tile_loadd(6, b + 3 * panel, 64);
-                        _tile_dpbf16ps(3, 4, 6);
-                    }
-                    STORE_TILE(0, nb, m0, rows);
-                    STORE_TILE(1, nb + 1, m0, rows);
-                    STORE_TILE(2, nb + 2, m0, rows);
-                    STORE_TILE(3, nb + 3, m0, rows);
-                } else {
-                    for (int64_t k0 = 0; k0 < k; k0 += 32) {
-                        const uint16_t *b = p0 + k0 * 16;
-                        _tile_loadd(4, xr + k0, xs);
-                        prefetch_panel(b);
-                        _tile_loadd(5, b, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                    }
-                    STORE_TILE(0, nb, m0, rows);
-                }
+                wide_step(xr, xs, w, nw, k, acc);
+                for (int i = 0; i < group; i++)
+                    emit(c, it + i, acc + i * per_item * ACC_STRIDE,
+                         per_item == 2 ? acc + (2 * i + 1) * ACC_STRIDE : NULL, m0, rows);
             }
-            nb += group;
+            it += group;
         }
     }
     if (saved.palette) _tile_loadconfig(&saved);
@@ -209,20 +291,30 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     return 0;
 }
 
-/* y[m, n] (row stride y_stride) = bf16(x[m, k] @ W.T + bias), W as K-pair panels (see the top).
- * x rows contiguous (row stride x_stride elements), bias [n] or NULL. Returns 0; -1 when AMX was
- * not enabled (loraplex_amx_enable), -2 for a shape the layout does not cover. */
+/* y = epilogue(x[m, k] @ W.T + bias) (see the modes above), W [n, k] as K-pair panels (see the
+ * top). x rows contiguous (row stride x_stride elements), bias [n] or NULL, y row stride
+ * y_stride: [m, n] for PLAIN and RESIDUAL, [m, n / 2] for SWIGLU (n / 2 a multiple of 16);
+ * residual [m, n] (row stride r_stride) for RESIDUAL, else NULL. Returns 0; -1 when AMX was not
+ * enabled (loraplex_amx_enable), -2 for a shape or mode the layout does not cover. */
+int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
+                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               int mode, const uint16_t *residual, int64_t r_stride) {
+    if (!amx_enabled) return -1;
+    if (m < 0 || n % 16 || k % 32 || k <= 0 || mode < EPI_PLAIN || mode > EPI_SWIGLU) return -2;
+    if ((mode == EPI_SWIGLU && n % 32) || (mode == EPI_RESIDUAL) != (residual != NULL)) return -2;
+    if (m == 0 || n == 0) return 0;
+    const int64_t items = mode == EPI_SWIGLU ? n / 32 : n / 16;
+    amx_call_t call = {x, panels, bias, residual, m, k, x_stride, y_stride, r_stride, n / 32, mode, y};
+    int nt = lp_max_threads();
+    if (nt > items) nt = (int)items;
+    if (nt <= 1) return amx_share(&call, 0, items);
+    return lp_run_shares(nt, NULL, items, amx_share, &call);  /* every item is the same work */
+}
+
+/* y[m, n] (row stride y_stride) = bf16(x[m, k] @ W.T + bias): the PLAIN epilogue. */
 int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                       const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    if (!amx_enabled) return -1;
-    if (m < 0 || n % 16 || k % 32 || k <= 0) return -2;
-    if (m == 0 || n == 0) return 0;
-    amx_call_t call = {x, panels, bias, m, k, x_stride, n, y_stride, y};
-    const int64_t num_panels = n / 16;
-    int nt = lp_max_threads();
-    if (nt > num_panels) nt = (int)num_panels;
-    if (nt <= 1) return amx_share(&call, 0, num_panels);
-    return lp_run_shares(nt, NULL, num_panels, amx_share, &call);  /* every panel is the same work */
+    return loraplex_amx_gemm_epilogue(m, n, k, x, x_stride, panels, bias, y, y_stride, EPI_PLAIN, NULL, 0);
 }
 
 #else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */
@@ -232,6 +324,14 @@ int loraplex_amx_enable(void) { return -3; }
 int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                       const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
     (void)m; (void)n; (void)k; (void)x; (void)x_stride; (void)panels; (void)bias; (void)y; (void)y_stride;
+    return -3;
+}
+
+int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
+                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               int mode, const uint16_t *residual, int64_t r_stride) {
+    (void)m; (void)n; (void)k; (void)x; (void)x_stride; (void)panels; (void)bias; (void)y; (void)y_stride;
+    (void)mode; (void)residual; (void)r_stride;
     return -3;
 }
 

@@ -54,8 +54,12 @@ def unpack(panels: torch.Tensor) -> torch.Tensor:
     return panels.permute(0, 2, 1, 3).reshape(nb * c, kp * two)
 
 
-def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] bfloat16 (rows may be strided, K contiguous) @ W.T (+ bias [N]) -> [M, N] bfloat16."""
+# gemm_amx.c's epilogues (what a call writes from its float32 sums)
+PLAIN, RESIDUAL, SWIGLU = 0, 1, 2
+
+
+def _check(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(m, n, k) of y = x @ W.T for operands the kernel takes; ValueError otherwise."""
     if not available():  # also what enables the tiles for this process: never run them before
         raise RuntimeError("the AMX GEMM is unavailable on this machine (gemm_amx_native.available())")
     m, k = x.shape
@@ -67,10 +71,43 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"x must be bfloat16 on CPU with contiguous rows, got {x.dtype} on {x.device}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous bfloat16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = native.function("loraplex_amx_gemm", [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64])(
-        m, n, k, x.data_ptr(), x.stride(0), panels.data_ptr(),
-        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+    return m, n, k
+
+
+def _run(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, mode: int,
+         residual: torch.Tensor | None) -> torch.Tensor:
+    m, n, k = x.shape[0], panels.shape[0] * PANEL, x.shape[1]
+    rc = native.function("loraplex_amx_gemm_epilogue",
+                         [_I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, ctypes.c_int, _P, _I64])(
+        m, n, k, x.data_ptr(), x.stride(0), panels.data_ptr(), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), y.stride(0), mode, None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0))
     if rc != 0:
-        raise RuntimeError(f"loraplex_amx_gemm failed ({rc}): AMX not enabled (-1), bad shape (-2), not built (-3)")
+        raise RuntimeError(f"loraplex_amx_gemm_epilogue failed ({rc}): AMX not enabled (-1), bad shape (-2), "
+                           f"not built (-3)")
     return y
+
+
+def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bfloat16 (rows may be strided, K contiguous) @ W.T (+ bias [N]) -> [M, N] bfloat16.
+    With `residual` [M, N] (rows may be strided): residual + that, rounded as torch rounds
+    `residual + linear(x)` in bfloat16 (bit-identical), in the same pass."""
+    m, n, _ = _check(x, panels, bias)
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.bfloat16
+                                 or not residual.is_cpu or residual.stride(1) != 1):
+        raise ValueError(f"residual must be bfloat16 [{m}, {n}] on CPU with contiguous rows, "
+                         f"got {residual.dtype} {tuple(residual.shape)}")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    return _run(x, panels, bias, y, PLAIN if residual is None else RESIDUAL, residual)
+
+
+def swiglu(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W = [W_gate; W_up] as one panel set of 2 I columns (I % 16 == 0): x [M, K] ->
+    silu(gate) * up [M, I] bfloat16, each op rounded like torch's on bfloat16 tensors, with our
+    exp inside silu (a result can differ from torch's by one bfloat16 step)."""
+    m, n, _ = _check(x, panels, bias)
+    if n % (2 * PANEL):
+        raise ValueError(f"SwiGLU panels need two halves of whole panels, got {n} columns")
+    y = torch.empty(m, n // 2, dtype=torch.bfloat16)
+    return _run(x, panels, bias, y, SWIGLU, None)

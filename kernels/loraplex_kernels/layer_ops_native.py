@@ -53,3 +53,34 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         tokens, heads, dim, x.data_ptr(), x.stride(0), x.stride(1), cos2.data_ptr(), sin2.data_ptr(),
         cos2.stride(0), out.data_ptr())
     return out
+
+
+def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k / v [T, Hkv, D] (head dims contiguous), cos/sin [T, 1, D] or [T, D], caches
+    [num_blocks, block_size, Hkv, D] contiguous, slots [T] int64 flat cache slots ->
+    (rotary(q), rotary(k)); the caches' slots get rotary(k) and v. One C pass (rotary.c)."""
+    tokens, hq, dim = q.shape
+    hkv = k.shape[1]
+    cos2, sin2 = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
+    if dim % 2 or cos2.stride() != sin2.stride() or cos2.stride(1) != 1:
+        raise ValueError("rotary needs an even head dim and cos/sin rows of one contiguous layout")
+    if (k.shape != (tokens, hkv, dim) or v.shape != k.shape or k_cache.shape[-2:] != (hkv, dim)
+            or v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the caches "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} ({k_cache.dtype})")
+    if slots.shape != (tokens,) or slots.dtype != torch.int64 or not slots.is_contiguous():
+        raise ValueError(f"slots must be contiguous int64 [{tokens}], got {slots.dtype} {tuple(slots.shape)}")
+    q_out = torch.empty(tokens, hq, dim, dtype=q.dtype)
+    k_out = torch.empty(tokens, hkv, dim, dtype=q.dtype)
+    num_slots = k_cache.numel() // (hkv * dim)
+    rc = native.function("loraplex_rotary_kv_bf16", [_I64] * 4 + [_P, _I64, _I64] * 3 + [_P, _P, _I64] + [_P] * 4
+                         + [_I64, _P])(
+        tokens, hq, hkv, dim, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+        v.data_ptr(), v.stride(0), v.stride(1), cos2.data_ptr(), sin2.data_ptr(), cos2.stride(0),
+        q_out.data_ptr(), k_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_slots, slots.data_ptr())
+    if rc != 0:
+        raise IndexError(f"a KV slot is outside the cache's {num_slots} slots")
+    return q_out, k_out

@@ -10,40 +10,74 @@
    q/k/v GEMM). */
 
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
 static inline float r16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
+/* One head: o = rotary(x) over dim = 2 * half values (x1 = x, x2 = x + half; cos/sin rows c1, s1). */
+static void rotate_head(const uint16_t *x1, const uint16_t *c1, const uint16_t *s1, int64_t half,
+                        uint16_t *restrict o1) {
+    const uint16_t *x2 = x1 + half, *c2 = c1 + half, *s2 = s1 + half;
+    uint16_t *o2 = o1 + half;
+    int64_t i0 = 0;
+#if LP_BF16X16
+    for (; i0 + 16 <= half; i0 += 16) {
+        const __m512 a = bf16x16_load(x1 + i0), b = bf16x16_load(x2 + i0);
+        const __m512 minus_b = _mm512_castsi512_ps(  /* -b exactly (sign bit flipped) */
+            _mm512_xor_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0x80000000u)));
+        bf16x16_store(o1 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(a, bf16x16_load(c1 + i0))),
+                                             bf16x16_round(_mm512_mul_ps(minus_b, bf16x16_load(s1 + i0)))));
+        bf16x16_store(o2 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(b, bf16x16_load(c2 + i0))),
+                                             bf16x16_round(_mm512_mul_ps(a, bf16x16_load(s2 + i0)))));
+    }
+#endif
+    /* two loops of unit stride (one per half) so that each vectorises */
+    for (int64_t i = i0; i < half; i++)
+        o1[i] = f32_to_bf16(r16(bf16_to_f32(x1[i]) * bf16_to_f32(c1[i]))
+                            + r16(-bf16_to_f32(x2[i]) * bf16_to_f32(s1[i])));
+    for (int64_t i = i0; i < half; i++)
+        o2[i] = f32_to_bf16(r16(bf16_to_f32(x2[i]) * bf16_to_f32(c2[i]))
+                            + r16(bf16_to_f32(x1[i]) * bf16_to_f32(s2[i])));
+}
+
 int loraplex_rotary_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint16_t *x,
                          int64_t x_tok_stride, int64_t x_head_stride, const uint16_t *cos,
                          const uint16_t *sin, int64_t cs_stride, uint16_t *restrict out) {
-    int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++)
+        for (int64_t h = 0; h < heads; h++)
+            rotate_head(x + t * x_tok_stride + h * x_head_stride, cos + t * cs_stride, sin + t * cs_stride,
+                        dim / 2, out + (t * heads + h) * dim);
+    return 0;
+}
+
+/* A layer's attention inputs in one pass, for the decode step (model/attention.py
+ * rotate_and_write_kv): q_out [T, Hq, D] = rotary(q); k_out [T, Hkv, D] = rotary(k); and the
+ * paged caches' slot slots[t] ([num_slots, Hkv, D] contiguous) get k_out[t] and v[t] -- what
+ * rotary() twice and two index_copy_ calls do, with the same bits. q, k, v may be strided views
+ * (column slices of the fused q/k/v GEMM): strides in elements per token and per head. Returns 0,
+ * or -1 (nothing written) when a slot is outside [0, num_slots). */
+int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
+                            const uint16_t *q, int64_t q_ts, int64_t q_hs,
+                            const uint16_t *k, int64_t k_ts, int64_t k_hs,
+                            const uint16_t *v, int64_t v_ts, int64_t v_hs,
+                            const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
+                            uint16_t *restrict q_out, uint16_t *restrict k_out,
+                            uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    const int64_t half = dim / 2, rec = hkv * dim;  /* one slot's record: all kv heads */
     for (int64_t t = 0; t < tokens; t++) {
-        const uint16_t *c1 = cos + t * cs_stride, *s1 = sin + t * cs_stride;
-        const uint16_t *c2 = c1 + half, *s2 = s1 + half;
-        for (int64_t h = 0; h < heads; h++) {
-            const uint16_t *x1 = x + t * x_tok_stride + h * x_head_stride, *x2 = x1 + half;
-            uint16_t *o1 = out + (t * heads + h) * dim, *o2 = o1 + half;
-            int64_t i0 = 0;
-#if LP_BF16X16
-            for (; i0 + 16 <= half; i0 += 16) {
-                const __m512 a = bf16x16_load(x1 + i0), b = bf16x16_load(x2 + i0);
-                const __m512 minus_b = _mm512_castsi512_ps(  /* -b exactly (sign bit flipped) */
-                    _mm512_xor_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0x80000000u)));
-                bf16x16_store(o1 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(a, bf16x16_load(c1 + i0))),
-                                                     bf16x16_round(_mm512_mul_ps(minus_b, bf16x16_load(s1 + i0)))));
-                bf16x16_store(o2 + i0, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(b, bf16x16_load(c2 + i0))),
-                                                     bf16x16_round(_mm512_mul_ps(a, bf16x16_load(s2 + i0)))));
-            }
-#endif
-            /* two loops of unit stride (one per half) so that each vectorises */
-            for (int64_t i = i0; i < half; i++)
-                o1[i] = f32_to_bf16(r16(bf16_to_f32(x1[i]) * bf16_to_f32(c1[i]))
-                                    + r16(-bf16_to_f32(x2[i]) * bf16_to_f32(s1[i])));
-            for (int64_t i = i0; i < half; i++)
-                o2[i] = f32_to_bf16(r16(bf16_to_f32(x2[i]) * bf16_to_f32(c2[i]))
-                                    + r16(bf16_to_f32(x1[i]) * bf16_to_f32(s2[i])));
+        const uint16_t *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+        for (int64_t h = 0; h < hq; h++)
+            rotate_head(q + t * q_ts + h * q_hs, c, s, half, q_out + (t * hq + h) * dim);
+        uint16_t *kc = k_cache + slots[t] * rec, *vc = v_cache + slots[t] * rec;
+        for (int64_t h = 0; h < hkv; h++) {
+            uint16_t *ko = k_out + (t * hkv + h) * dim;
+            rotate_head(k + t * k_ts + h * k_hs, c, s, half, ko);
+            memcpy(kc + h * dim, ko, (size_t)dim * 2);
+            memcpy(vc + h * dim, v + t * v_ts + h * v_hs, (size_t)dim * 2);
         }
     }
     return 0;

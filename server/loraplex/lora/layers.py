@@ -42,6 +42,10 @@ class PoolMember:
     def __init__(self, group: PoolGroup, index: int):
         self.group, self.index = group, index
 
+    def due(self, lora) -> bool:
+        """Does any adapter of this step target this projection (a delta to add)?"""
+        return self.group.targeted(lora, self.index)
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, lora) -> None:
         """y [T, out] += this projection's per-token LoRA delta of x [T, in]."""
         if self.group.targeted(lora, self.index):

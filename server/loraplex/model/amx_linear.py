@@ -57,6 +57,16 @@ class AmxLinear(nn.Module):
         y = gemm_amx_native.gemm(x.reshape(-1, shape[-1]).contiguous(), self.packed, self.bias)
         return y.view(*shape[:-1], self.out_features)
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + forward(x) for x [T, in], residual [T, out]: one pass, rounded exactly as
+        torch rounds the two ops on bfloat16 (gemm_amx.c's RESIDUAL epilogue)."""
+        return gemm_amx_native.gemm(x, self.packed, self.bias, residual=residual)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for this layer's two output halves [gate; up]: x [T, in] ->
+        [T, out / 2] (gemm_amx.c's SWIGLU epilogue; needs out / 2 % 16 == 0)."""
+        return gemm_amx_native.swiglu(x, self.packed, self.bias)
+
     def unpacked_weight(self) -> torch.Tensor:
         """The dense [out, in] weight (exact)."""
         return gemm_amx_native.unpack(self.packed)

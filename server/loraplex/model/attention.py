@@ -35,11 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.model.forward_batch import ForwardBatch
-from loraplex_kernels import attention_native
+from loraplex.model import rope
+from loraplex_kernels import attention_native, layer_ops_native
 
 # Decode tokens through the compiled paged kernel (loraplex_kernels/decode_attention.c) on CPU:
 # None = whenever it is built and takes the operands; False = always the torch formulation.
 NATIVE_DECODE: bool | None = None
+# Rotary of q and k plus both cache writes in one compiled pass (rotary.c) for bfloat16 on CPU:
+# the same bits as apply_rotary + write_kv, four calls a layer fewer. None = whenever it is
+# built and takes the operands (and rope.NATIVE allows the compiled rotary); False = always the
+# separate calls.
+NATIVE_ROTARY_KV: bool | None = None
 # Prefill chunks up to this many tokens join the compiled kernel's rows (see the module docstring).
 NATIVE_PREFILL_MAX_QUERY = 64
 
@@ -187,6 +193,20 @@ class AttentionPlan:
                 mask = mask & (k > q - window)
             self._masks[key] = mask
         return mask
+
+
+def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotary(q), rotary(k)) for q [T, H, D], k / v [T, H_kv, D], cos/sin [T, 1, D]; the caches
+    (see write_kv) get the rotated k and v at slot_mapping [T]."""
+    cos, sin = cos_sin
+    if (NATIVE_ROTARY_KV is not False and rope.NATIVE is not False and k_cache.dtype == q.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and layer_ops_native.supports(q, k, v, cos, sin, k_cache, v_cache)):
+        return layer_ops_native.rotary_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    q, k = rope.apply_rotary(q, k, cos_sin)
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    return q, k
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

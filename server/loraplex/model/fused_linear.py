@@ -97,6 +97,21 @@ def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[tor
     return list(group.forward(x))
 
 
+def group_swiglu(projections: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate(x)) * up(x) [T, intermediate] in the group GEMM's own pass when (gate, up) are
+    one AMX group of two equal halves (AmxLinear.swiglu); None otherwise (the caller runs the
+    GEMM and the two ops). The caller makes sure no LoRA delta is due on either member."""
+    gate, up = projections
+    g, u = gate.base, up.base
+    if not (isinstance(g, PackedSlice) and isinstance(u, PackedSlice) and g.group is u.group
+            and g.index == 0 and u.index == 1):
+        return None
+    group = g.group
+    if type(group.linear) is not AmxLinear or group.widths[0] != group.widths[1] or group.widths[0] % 16:
+        return None
+    return group.linear.swiglu(x)
+
+
 def fuse_packed(members: Sequence[nn.Module]) -> bool:
     """Replace the `.base` of these Projections (all PackedLinear, one input width) by slices of
     one PackedGroup. Returns False (and changes nothing) when they do not qualify."""

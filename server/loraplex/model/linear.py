@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.model.amx_linear import AmxLinear
 from loraplex.model.fused_linear import group_outputs
 
 
@@ -37,6 +38,20 @@ class Projection(nn.Module):
         if lora is not None and self.lora_weights is not None:
             self.lora_weights.apply(y, x, lora)
         return y
+
+    def lora_due(self, lora: Any) -> bool:
+        """Does some adapter of this step add a delta here? (The LoRA manager gives every
+        projection a handle once any adapter targets it; `due` asks about this step's adapters.)"""
+        return lora is not None and self.lora_weights is not None and self.lora_weights.due(lora)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, lora: Any = None) -> torch.Tensor:
+        """residual + forward(x, lora): the residual add rides in the GEMM's own pass when the base
+        is an AmxLinear and no LoRA delta is due here (the delta must be added before the
+        residual: the same rounding order as the two-op form)."""
+        base = self.base
+        if type(base) is AmxLinear and x.dim() == 2 and not self.lora_due(lora):
+            return base.forward_add(x, residual)
+        return residual + self.forward(x, lora)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

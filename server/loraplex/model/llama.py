@@ -19,12 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.model.arch import ArchConfig
-from loraplex.model.attention import AttentionPlan, paged_attention, write_kv
+from loraplex.model.attention import AttentionPlan, paged_attention, rotate_and_write_kv
 from loraplex.model.forward_batch import ForwardBatch
+from loraplex.model.fused_linear import group_swiglu
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.linear import Projection, project_all
 from loraplex.model.norm import RMSNorm
-from loraplex.model.rope import RotaryEmbedding, apply_rotary
+from loraplex.model.rope import RotaryEmbedding
+
+# Fold SwiGLU and the residual adds into the AMX GEMMs' epilogues (gemm_amx.c) where they apply:
+# three torch ops a layer fewer, the same bits (SwiGLU: up to one bfloat16 step where our exp
+# differs). False = always the separate ops (tests and benchmarks compare the two).
+FUSED_EPILOGUES = True
 
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +61,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
-                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                cos_sin: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """residual + attention(x): x is the normed input [T, hidden], residual the stream."""
         t = x.shape[0]
         lora = batch.lora
         q, k, v = project_all(self.qkv, x, lora)
@@ -65,11 +72,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
         k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        q, k = rotate_and_write_kv(q, k, v, cos_sin, k_cache, v_cache, batch.slot_mapping)
         o = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale, self.window)  # [T, H*D]
-        return self.o_proj.forward(o, lora)
+        if FUSED_EPILOGUES:
+            return self.o_proj.forward_add(o, residual, lora)
+        return residual + self.o_proj.forward(o, lora)
 
 
 class MLP(nn.Module):
@@ -81,10 +89,17 @@ class MLP(nn.Module):
         self.down_proj = Projection.linear(i, h, bias=arch.mlp_bias, **fk)
         self.gate_up = (self.gate_proj, self.up_proj)  # read the same input: see Attention.qkv
 
-    def forward(self, x: torch.Tensor, lora: Any) -> torch.Tensor:
-        # SwiGLU: down(silu(gate(x)) * up(x)), [T, hidden] -> [T, intermediate] -> [T, hidden]
-        gate, up = project_all(self.gate_up, x, lora)  # [T, intermediate] each
-        return self.down_proj.forward(F.silu(gate) * up, lora)
+    def forward(self, x: torch.Tensor, lora: Any, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate(x)) * up(x)): [T, hidden] -> [T, intermediate] -> [T, hidden]."""
+        h = None
+        if FUSED_EPILOGUES and not (self.gate_proj.lora_due(lora) or self.up_proj.lora_due(lora)):
+            h = group_swiglu(self.gate_up, x)  # [T, intermediate] in one pass; None unless one AMX group
+        if h is None:
+            gate, up = project_all(self.gate_up, x, lora)  # [T, intermediate] each
+            h = F.silu(gate) * up
+        if FUSED_EPILOGUES:
+            return self.down_proj.forward_add(h, residual, lora)
+        return residual + self.down_proj.forward(h, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -97,8 +112,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn.forward(self.input_layernorm.forward(x), batch, kv, plan, cos_sin)
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x), batch.lora)
+        x = self.self_attn.forward(self.input_layernorm.forward(x), batch, kv, plan, cos_sin, x)
+        return self.mlp.forward(self.post_attention_layernorm.forward(x), batch.lora, x)
 
 
 class LlamaModel(nn.Module):
