@@ -112,8 +112,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = self.self_attn.forward(self.input_layernorm.forward(x), batch, kv, plan, cos_sin, x)
-        return self.mlp.forward(self.post_attention_layernorm.forward(x), batch.lora, x)
+        return self.mlp_block(self.attention_block(x, batch, kv, plan, cos_sin), batch.lora)
+
+    def attention_block(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan,
+                        cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x + attention(norm(x)), [T, hidden]."""
+        return self.self_attn.forward(self.input_layernorm.forward(x), batch, kv, plan, cos_sin, x)
+
+    def mlp_block(self, x: torch.Tensor, lora: Any) -> torch.Tensor:
+        """x + mlp(norm(x)), [T, hidden]."""
+        return self.mlp.forward(self.post_attention_layernorm.forward(x), lora, x)
 
 
 class LlamaModel(nn.Module):
@@ -140,6 +148,9 @@ class LlamaForCausalLM(nn.Module):
                         else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, **fk))
         # A packed copy of the tied table for the vocab GEMM (packed_linear.pack_lm_head), or None.
         self.packed_head: nn.Module | None = None
+        # The decoder layers as one compiled call per step (model/compiled_layers.py), or None;
+        # attached by the engine after packing.
+        self.compiled_layers: Any = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan | None = None) -> torch.Tensor:
@@ -154,8 +165,15 @@ class LlamaForCausalLM(nn.Module):
         # The layers call their submodules' forward directly, not through nn.Module.__call__: its
         # hook bookkeeping costs ~1 us a call, ~400 calls a decode step, for hooks this model never
         # has (a forward hook on a submodule is therefore not run; hook the whole model instead).
-        for layer in self.model.layers:
-            x = layer.forward(x, batch, kv, plan, cos_sin)
+        compiled = self.compiled_layers
+        y = None
+        if compiled is not None and FUSED_EPILOGUES:  # the compiled blocks fuse what FUSED_EPILOGUES does
+            y = compiled.forward(x, batch, kv, plan, cos_sin)  # None: this step runs the Python layers
+        if y is not None:
+            x = y
+        else:
+            for layer in self.model.layers:
+                x = layer.forward(x, batch, kv, plan, cos_sin)
         # Only the rows that get sampled reach the final norm and the (large) vocab projection.
         x = self.model.norm(x.index_select(0, batch.logits_indices))  # [S, hidden]
         return self.output_logits(x).float()  # [S, vocab]

@@ -1,0 +1,103 @@
+/* The decoder layers of a bfloat16 step in one call (model/compiled_layers.py): a run of attention
+ * and MLP blocks, each the same kernels in the same order as the model's Python path, so the
+ * result is bit-identical to it -- only the Python between them is gone (on the 2-core dev box
+ * ~7 calls a layer, each a few microseconds of argument checks, tensor allocation and ctypes:
+ * a visible share of a decode step once the GEMMs stream at the machine's read rate).
+ *
+ *   attention block:  xn = rmsnorm(x) ; qkv = xn @ Wqkv.T (+b) ; q, k = rotary(q, k) with k, v
+ *                     written to the layer's KV cache ; a = decode attention of every row ;
+ *                     x = x + a @ Wo.T (+b)                          (the residual epilogue)
+ *   MLP block:        xn = rmsnorm(x) ; h = silu(xn Wg.T) * (xn Wu.T) (the SwiGLU epilogue) ;
+ *                     x = x + h @ Wd.T (+b)
+ *
+ * x [T, hidden] (the residual stream) is updated in place. Every row must be an attention row of
+ * the compiled kernel (decode tokens and short prefill chunks: model/attention.py native_rows),
+ * row r reading table row r. Weights are AMX K-pair panels (gemm_amx.c). */
+#include <stdint.h>
+
+typedef struct {  /* one decoder layer's fixed operands: pointers into the model's tensors */
+    const uint16_t *in_norm, *post_norm;         /* [hidden] RMSNorm weights */
+    const uint16_t *qkv, *qkv_bias;              /* panels of [q; k; v] (q + 2 kv columns), bias or NULL */
+    const uint16_t *o, *o_bias;                  /* panels [hidden columns] */
+    const uint16_t *gate_up, *gate_up_bias;      /* panels of [gate; up] (2 inter columns) */
+    const uint16_t *down, *down_bias;            /* panels [hidden columns] */
+    uint16_t *k_cache, *v_cache;                 /* [num_slots, hkv, dim] */
+    int64_t window;                              /* sliding window, 0 = none */
+} lp_layer_t;
+
+typedef struct {  /* the model's sizes and one step's operands */
+    int64_t hidden, heads, kv_heads, head_dim, inter, block_size, num_slots;
+    float eps, scale;
+    int64_t tokens;
+    uint16_t *x;                                 /* [T, hidden], updated in place */
+    const uint16_t *cos, *sin;                   /* [T, head_dim] rows (cs_stride apart) */
+    int64_t cs_stride;
+    const int64_t *slots;                        /* [T] flat KV slots of this step's tokens */
+    const int64_t *table, *seq_lens;             /* [T, >= nb] block ids (table_stride), [T] keys per row */
+    int64_t table_stride;
+    uint16_t *xn, *qkv_out, *q_rot, *k_rot, *attn, *h;  /* scratch: [T, hidden], [T, q + 2 kv],
+                                                           [T, q], [T, kv], [T, q], [T, inter] */
+} lp_step_t;
+
+int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
+                          const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
+int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
+                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               int mode, const uint16_t *residual, int64_t r_stride);
+int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
+                            const uint16_t *q, int64_t q_ts, int64_t q_hs,
+                            const uint16_t *k, int64_t k_ts, int64_t k_hs,
+                            const uint16_t *v, int64_t v_ts, int64_t v_hs,
+                            const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
+                            uint16_t *q_out, uint16_t *k_out,
+                            uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots);
+int loraplex_decode_attention(
+    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+    const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
+    const void *k_cache, const void *v_cache, int kv_dtype,
+    int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
+    const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
+    int64_t window, float scale, void *out, int64_t out_row_stride);
+
+enum { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };  /* gemm_amx.c's epilogues */
+#define BF16 1                                 /* decode_attention.c's dtype code */
+
+static int attention_block(const lp_step_t *s, const lp_layer_t *l) {
+    const int64_t t = s->tokens, hid = s->hidden, d = s->head_dim;
+    const int64_t qw = s->heads * d, kvw = s->kv_heads * d, width = qw + 2 * kvw;
+    int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->in_norm, s->eps, s->xn, hid);
+    if (!rc) rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias, s->qkv_out, width,
+                                             PLAIN, 0, 0);
+    if (!rc) rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
+                                          s->qkv_out + qw, width, d, s->qkv_out + qw + kvw, width, d,
+                                          s->cos, s->sin, s->cs_stride, s->q_rot, s->k_rot,
+                                          l->k_cache, l->v_cache, s->num_slots, s->slots);
+    if (!rc) rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, BF16, 0, qw, d,
+                                            l->k_cache, l->v_cache, BF16, s->block_size * kvw, kvw, d,
+                                            s->block_size, s->table, s->table_stride, s->seq_lens,
+                                            l->window, s->scale, s->attn, qw);
+    if (!rc) rc = loraplex_amx_gemm_epilogue(t, hid, qw, s->attn, qw, l->o, l->o_bias, s->x, hid,
+                                             RESIDUAL, s->x, hid);
+    return rc;
+}
+
+static int mlp_block(const lp_step_t *s, const lp_layer_t *l) {
+    const int64_t t = s->tokens, hid = s->hidden, inter = s->inter;
+    int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->post_norm, s->eps, s->xn, hid);
+    if (!rc) rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->h,
+                                             inter, SWIGLU, 0, 0);
+    if (!rc) rc = loraplex_amx_gemm_epilogue(t, hid, inter, s->h, inter, l->down, l->down_bias, s->x, hid,
+                                             RESIDUAL, s->x, hid);
+    return rc;
+}
+
+/* Runs blocks[0 .. n) in order: block b is layer b / 2's attention (b even) or MLP (b odd).
+ * Returns 0, or the first failing kernel's code (the step is then unusable: x half updated). */
+int loraplex_decode_layers(const lp_step_t *step, const lp_layer_t *layers, const int64_t *blocks, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const lp_layer_t *l = layers + blocks[i] / 2;
+        const int rc = blocks[i] % 2 ? mlp_block(step, l) : attention_block(step, l);
+        if (rc) return rc;
+    }
+    return 0;
+}

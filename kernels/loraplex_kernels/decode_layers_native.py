@@ -1,0 +1,42 @@
+"""The decoder layers of a bfloat16 step in one compiled call (decode_layers.c): its operand
+structs and the call. model/compiled_layers.py fills them from the model and runs a step's
+layers through `run`."""
+
+from __future__ import annotations
+
+import ctypes
+
+from . import native
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+class LayerOperands(ctypes.Structure):
+    """decode_layers.c's lp_layer_t: one layer's weights (pointers) and KV cache."""
+
+    _fields_ = [("in_norm", _P), ("post_norm", _P), ("qkv", _P), ("qkv_bias", _P), ("o", _P), ("o_bias", _P),
+                ("gate_up", _P), ("gate_up_bias", _P), ("down", _P), ("down_bias", _P),
+                ("k_cache", _P), ("v_cache", _P), ("window", _I64)]
+
+
+class StepOperands(ctypes.Structure):
+    """decode_layers.c's lp_step_t: the model's sizes and one step's tensors (pointers)."""
+
+    _fields_ = [("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
+                ("block_size", _I64), ("num_slots", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("tokens", _I64), ("x", _P), ("cos", _P), ("sin", _P), ("cs_stride", _I64), ("slots", _P),
+                ("table", _P), ("seq_lens", _P), ("table_stride", _I64),
+                ("xn", _P), ("qkv_out", _P), ("q_rot", _P), ("k_rot", _P), ("attn", _P), ("h", _P)]
+
+
+def run(step: StepOperands, layers: ctypes.Array, blocks: ctypes.Array) -> None:
+    """Runs `blocks` (block b: layer b // 2's attention when b is even, its MLP when odd) in order.
+    The caller vouches for every pointer and size (model/compiled_layers.py builds them)."""
+    fn = native.function("loraplex_decode_layers",
+                         [ctypes.POINTER(StepOperands), ctypes.POINTER(LayerOperands), _P, _I64])
+    rc = fn(ctypes.byref(step), layers, ctypes.addressof(blocks), len(blocks))
+    if rc == -1:  # the rotary/cache pass refuses before writing; attention's scratch is the other -1
+        raise IndexError("a KV slot is outside the cache, or the attention scratch could not be allocated")
+    if rc != 0:
+        raise RuntimeError(f"loraplex_decode_layers failed ({rc})")

@@ -1,0 +1,227 @@
+"""A bfloat16 CPU step's decoder layers in one compiled call (loraplex_kernels/decode_layers.c).
+
+Why: once the projections run our AMX GEMM with SwiGLU and the residual adds in its epilogues,
+and rotary and the KV writes are one pass, a decoder layer is ~7 kernel calls -- and on the
+2-core dev box the Python around them (argument checks, tensor allocations, ctypes) is a visible
+share of a decode step, most of it at small batches. decode_layers.c runs the same kernels in the
+same order for every block of the step, so the logits are bit-identical to the Python path's
+(tests/test_compiled_layers.py); the Python is then one call per step.
+
+Where it applies (the engine attaches it after packing, engine.pack_cpu_weights):
+- the model: bfloat16 on CPU, every projection an AMX panel set (model/amx_linear.py) with q/k/v
+  and gate/up fused (model/fused_linear.py), no per-head q/k norm (Qwen3 keeps the Python path);
+- the step: every row is an attention row of the compiled kernel (decode tokens and short prefill
+  chunks: attention.AttentionPlan.native_rows), and no switch turns one of the compiled pieces off;
+- each block (a layer's attention or MLP half): no LoRA delta is due on its projections this step.
+  A block with one runs in Python (the LoRA kernels are Python-driven), between compiled runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraplex.model import attention, norm, rope
+from loraplex.model.amx_linear import AmxLinear, amx_wanted
+from loraplex.model.fused_linear import PackedSlice
+from loraplex.model.kv_cache import KVCache
+from loraplex_kernels import decode_layers_native as dl
+from loraplex_kernels import native
+
+log = logging.getLogger(__name__)
+
+# None = wherever it applies; False = never (the Python layers; tests compare the two).
+COMPILED: bool | None = None
+
+
+def _panels(projections: tuple) -> nn.Module | None:
+    """The AmxLinear holding these projections' weights as one panel set, in their order (a fused
+    group, or a single projection's own base); None when they are not."""
+    if len(projections) == 1:
+        base = projections[0].base
+        return base if type(base) is AmxLinear else None
+    first = projections[0].base
+    if not isinstance(first, PackedSlice) or len(first.group.widths) != len(projections):
+        return None
+    for i, p in enumerate(projections):
+        if not isinstance(p.base, PackedSlice) or p.base.group is not first.group or p.base.index != i:
+            return None
+    linear = first.group.linear
+    return linear if type(linear) is AmxLinear else None
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why this model's layers cannot run compiled (None: they can)."""
+    if not (native.available() and amx_wanted()):
+        return "the AMX kernels are not built or not enabled on this CPU"
+    arch = model.arch
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu":
+        return f"the model is {model.dtype} on {model.device}, not bfloat16 on CPU"
+    if arch.qk_norm:
+        return "per-head q/k norms (Qwen3) are not compiled"
+    if arch.head_dim % 2:
+        return f"odd head dim {arch.head_dim}"
+    eps = {float(m.eps) for m in model.modules() if isinstance(m, norm.RMSNorm)}
+    if len(eps) != 1:
+        return f"norms with several eps {sorted(eps)}"
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        for what, projections in (("q/k/v", a.qkv), ("o", (a.o_proj,)), ("gate/up", m.gate_up),
+                                  ("down", (m.down_proj,))):
+            if _panels(projections) is None:
+                return f"layer {i} {what} is not one AMX panel set"
+        widths = m.gate_proj.base.group.widths
+        if widths[0] != widths[1] or widths[0] % 16:
+            return f"layer {i} gate/up halves {widths} do not fit the SwiGLU epilogue"
+    return None
+
+
+def attach(model: nn.Module) -> bool:
+    """Give the model its compiled layers (model.compiled_layers) when it qualifies."""
+    why = refusal(model)
+    if why is not None:
+        log.info("decoder layers run in Python: %s", why)
+        model.compiled_layers = None
+        return False
+    model.compiled_layers = CompiledLayers(model)
+    log.info("decoder layers run as one compiled call per step where no LoRA delta is due "
+             "(model/compiled_layers.py)")
+    return True
+
+
+class CompiledLayers:
+    """model.compiled_layers: runs a step's decoder layers, compiled where it may."""
+
+    def __init__(self, model: nn.Module) -> None:
+        arch = model.arch
+        self.layers = list(model.model.layers)
+        self.hidden, self.heads, self.kv_heads = arch.hidden_size, arch.num_heads, arch.num_kv_heads
+        self.head_dim, self.inter = arch.head_dim, arch.intermediate_size
+        self.eps = float(self.layers[0].input_layernorm.eps)
+        self.scale = self.layers[0].self_attn.scale
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        # Scratch per token, in bfloat16 elements: xn, qkv_out, q_rot, k_rot, attn, h.
+        self.scratch_widths = (self.hidden, q + 2 * kv, q, kv, q, self.inter)
+        # The weights' pointers are fixed for the model's life (packed once); the tensors are
+        # held here so the pointers cannot outlive them.
+        self.tensors: list[torch.Tensor] = []
+        self.weights = [self._weights(layer) for layer in self.layers]
+        self.all_blocks = (ctypes.c_int64 * (2 * len(self.layers)))(*range(2 * len(self.layers)))
+        self.table: ctypes.Array | None = None  # per KV cache (its tensors' pointers)
+        self.kv: KVCache | None = None
+
+    def _ptr(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not t.is_contiguous() or t.dtype != torch.bfloat16:
+            raise ValueError("compiled layers need contiguous bfloat16 weights")
+        self.tensors.append(t)
+        return t.data_ptr()
+
+    def _weights(self, layer: nn.Module) -> dict:
+        a, m = layer.self_attn, layer.mlp
+        qkv, o, gu, down = (_panels(p) for p in (a.qkv, (a.o_proj,), m.gate_up, (m.down_proj,)))
+        return dict(in_norm=self._ptr(layer.input_layernorm.weight.detach()),
+                    post_norm=self._ptr(layer.post_attention_layernorm.weight.detach()),
+                    qkv=self._ptr(qkv.packed), qkv_bias=self._ptr(qkv.bias), o=self._ptr(o.packed),
+                    o_bias=self._ptr(o.bias), gate_up=self._ptr(gu.packed), gate_up_bias=self._ptr(gu.bias),
+                    down=self._ptr(down.packed), down_bias=self._ptr(down.bias), window=a.window or 0)
+
+    def _layer_table(self, kv: KVCache) -> ctypes.Array:
+        """The layers' operands with this cache's tensors, built once per cache."""
+        if kv is not self.kv:
+            for k, v in zip(kv.k, kv.v):
+                if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.bfloat16):
+                    raise ValueError("compiled layers need contiguous bfloat16 KV caches")
+            table = (dl.LayerOperands * len(self.layers))()
+            for i, w in enumerate(self.weights):
+                table[i] = dl.LayerOperands(k_cache=kv.k[i].data_ptr(), v_cache=kv.v[i].data_ptr(), **w)
+            self.table, self.kv = table, kv  # the cache is held: its pointers stay valid
+        return self.table
+
+    @staticmethod
+    def switched_on() -> bool:
+        """No switch turns off a compiled piece the Python path would otherwise use."""
+        return (COMPILED is not False and norm.NATIVE is not False and rope.NATIVE is not False
+                and attention.NATIVE_ROTARY_KV is not False and attention.NATIVE_DECODE is not False)
+
+    def _blocks(self, lora: Any) -> list[bool]:
+        """Per block (layer i's attention at 2 i, its MLP at 2 i + 1): may it run compiled?"""
+        if lora is None:
+            return [True] * (2 * len(self.layers))
+        out = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            out.append(not any(p.lora_due(lora) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)))
+            out.append(not any(p.lora_due(lora) for p in (m.gate_proj, m.up_proj, m.down_proj)))
+        return out
+
+    def forward(self, x: torch.Tensor, batch: Any, kv: KVCache, plan: Any,
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """x [T, hidden] after every decoder layer, or None when this step does not qualify (the
+        caller runs the Python layers). x is updated in place by the compiled blocks."""
+        t = x.shape[0]
+        rows, table, seq_lens, long = plan.native_rows(with_prefill=True)
+        if (long or rows is None or not self.switched_on() or x.dtype != torch.bfloat16
+                or not attention.attention_native.supports(x.view(t, 1, -1), kv.k[0])):
+            return None
+        if isinstance(rows, slice):
+            if rows.start != 0 or rows.stop != t:
+                return None
+        elif len(rows) == t:  # every token, decode rows first: put the table in token order
+            order = torch.argsort(rows)  # (a row's attention does not depend on its neighbours)
+            table, seq_lens = table.index_select(0, order), seq_lens.index_select(0, order)
+        else:
+            return None
+        cos, sin = cos_sin
+        slots, seq_lens = batch.slot_mapping.contiguous(), seq_lens.contiguous()
+        if table.dtype != torch.int64 or table.stride(1) != 1 or slots.dtype != torch.int64:
+            return None
+        cos2, sin2 = cos.reshape(t, -1), sin.reshape(t, -1)
+        if not (cos2.is_contiguous() and sin2.is_contiguous()):
+            return None
+        layer_table = self._layer_table(kv)
+        widths = self.scratch_widths
+        scratch = torch.empty(t * sum(widths), dtype=torch.bfloat16)
+        ptrs, offset = [], 0
+        for w in widths:
+            ptrs.append(scratch.data_ptr() + 2 * offset)
+            offset += t * w
+        x = x.clone(memory_format=torch.contiguous_format)  # updated in place: never the caller's tensor
+        k0 = kv.k[0]
+        step = dl.StepOperands(
+            hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+            inter=self.inter, block_size=k0.shape[1], num_slots=k0.numel() // (self.kv_heads * self.head_dim),
+            eps=self.eps, scale=self.scale, tokens=t, x=x.data_ptr(), cos=cos2.data_ptr(), sin=sin2.data_ptr(),
+            cs_stride=cos2.stride(0), slots=slots.data_ptr(), table=table.data_ptr(), seq_lens=seq_lens.data_ptr(),
+            table_stride=table.stride(0), xn=ptrs[0], qkv_out=ptrs[1], q_rot=ptrs[2], k_rot=ptrs[3],
+            attn=ptrs[4], h=ptrs[5])
+        blocks = self._blocks(batch.lora)
+        if all(blocks):
+            dl.run(step, layer_table, self.all_blocks)
+            return x
+        run: list[int] = []  # consecutive compiled blocks, run as one call
+
+        def flush() -> None:
+            if run:
+                dl.run(step, layer_table, (ctypes.c_int64 * len(run))(*run))
+                run.clear()
+
+        for b, compiled in enumerate(blocks):
+            if compiled:
+                run.append(b)
+                continue
+            flush()
+            layer = self.layers[b // 2]
+            if b % 2 == 0:
+                x = layer.attention_block(x, batch, kv, plan, cos_sin)
+            else:
+                x = layer.mlp_block(x, batch.lora)
+            x = x.contiguous()
+            step.x = x.data_ptr()
+        flush()
+        return x

@@ -1,0 +1,128 @@
+"""The compiled decoder layers (model/compiled_layers.py, loraplex_kernels/decode_layers.c) against
+the model's Python layers: the same kernels in the same order, so the logits and every KV cache
+entry must be bit-identical, step after step (prefill chunks, decode, a mix; GQA, q/k/v bias,
+sliding windows); steps or blocks it does not take (a long prefill chunk, LoRA deltas) run in
+Python and still come out the same; models it cannot run (Qwen3's q/k norms) are refused.
+The Python path itself is checked against transformers and float64 elsewhere (test_model_*,
+test_default_model); skipped where the CPU or the kernel build has no AMX-BF16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.model import compiled_layers as cl
+from loraplex.model.kv_cache import KVCache
+from loraplex_kernels import decode_layers_native as dl
+from loraplex_kernels import gemm_amx_native
+
+pytestmark = pytest.mark.skipif(not gemm_amx_native.available(),
+                                reason="no AMX-BF16 on this CPU (or the kernel build lacks it)")
+
+
+@pytest.fixture
+def count_runs(monkeypatch):
+    """How many compiled runs and blocks ran (monkeypatched decode_layers_native.run)."""
+    counts = {"runs": 0, "blocks": 0}
+    real = dl.run
+
+    def run(step, layers, blocks):
+        counts["runs"] += 1
+        counts["blocks"] += len(blocks)
+        return real(step, layers, blocks)
+
+    monkeypatch.setattr(dl, "run", run)
+    return counts
+
+
+def packed_model(model_dir):
+    from loraplex.engine.engine import pack_cpu_weights
+    from loraplex.model.loader import load_model
+
+    loaded = load_model(model_dir, torch.bfloat16, "cpu")
+    pack_cpu_weights(loaded.model)
+    return loaded
+
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 6}), ("llama", {"tie_word_embeddings": True})])
+def test_compiled_layers_bit_identical_to_python(tmp_path, monkeypatch, count_runs, family, overrides):
+    from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    loaded = packed_model(make_tiny_model(tmp_path / family, family=family, **overrides))
+    model, arch = loaded.model, loaded.arch
+    assert model.compiled_layers is not None, cl.refusal(model)
+    caches = {flag: KVCache.allocate(arch.num_layers, 64, 4, arch.num_kv_heads, arch.head_dim, torch.bfloat16)
+              for flag in (None, False)}
+    for flag in (None, False):  # random, not zero, content in every slot
+        g = torch.Generator().manual_seed(3)
+        for t in caches[flag].k + caches[flag].v:
+            t.copy_(torch.randn(t.shape, generator=g))
+    g = torch.Generator().manual_seed(5)
+    seqs = [PagedSeq(torch.randint(0, arch.vocab_size, (120,), generator=g).tolist()) for _ in range(4)]
+    pool = BlockPool(64, 4, seed=1)
+    # (step work, whether the compiled layers take it): chunks of <= 64 tokens and decode rows do;
+    # a 70-token chunk goes to SDPA, so that step runs the Python layers.
+    plan = [([(seqs[0], 9), (seqs[1], 3), (seqs[2], 1)], True),
+            ([(seqs[0], 1), (seqs[1], 1), (seqs[2], 1)], True),
+            ([(seqs[3], 70), (seqs[0], 1)], False),
+            ([(seqs[0], 1), (seqs[1], 1), (seqs[2], 5), (seqs[3], 1)], True),
+            ([(s, 1) for s in seqs], True)]
+    for work, compiled in plan:
+        batch, _ = make_step(pool, work, logits="all")
+        before = dict(count_runs)
+        logits = {}
+        for flag in (None, False):
+            monkeypatch.setattr(cl, "COMPILED", flag)
+            logits[flag] = model.forward(batch, caches[flag])
+        assert count_runs["runs"] - before["runs"] == (1 if compiled else 0)
+        assert count_runs["blocks"] - before["blocks"] == (2 * arch.num_layers if compiled else 0)
+        assert torch.isfinite(logits[None]).all()
+        assert torch.equal(logits[None], logits[False])
+        for a, b in zip(caches[None].k + caches[None].v, caches[False].k + caches[False].v):
+            assert torch.equal(a, b)
+
+
+def test_lora_blocks_run_in_python_between_compiled_runs(tmp_path, monkeypatch, count_runs):
+    """Adapters on q/v, on layer 1's gate/up and on layer 1's v/down, batched with base rows: the
+    blocks with a due delta run in Python, the rest compiled; greedy tokens equal the Python
+    layers' for every request (the random adapters move them: a dropped delta would show)."""
+    from loraplex.model.loader import load_model
+    from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
+    from tests.fixtures.engine_run import engine_greedy
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    kinds = ("qv_r4", "regex_mlp_r5", "layer1_r3")
+    for i, kind in enumerate(kinds):
+        make_peft_adapter(model_dir, tmp_path / "adapters" / kind, kind, seed=i)
+    jobs = {"base": (None, [1, 5, 9, 13, 2]), "qv": ("qv_r4", [3, 4, 8]), "mlp1": ("regex_mlp_r5", [7] * 11),
+            "down1": ("layer1_r3", [9, 1]), "base2": (None, [2, 2, 6])}
+    runs = {}
+    for flag in (None, False):
+        monkeypatch.setattr(cl, "COMPILED", flag)
+        loaded = load_model(model_dir, torch.bfloat16, "cpu")
+        manager, _ = manager_with_slots(loaded, tmp_path / "adapters", kinds)
+        before = dict(count_runs)
+        runs[flag] = engine_greedy(loaded, manager, jobs, max_new_tokens=6)
+        ran = count_runs["runs"] - before["runs"]
+        assert ran > 0 if flag is None else ran == 0
+    assert all(err is None and len(toks) == 6 for toks, err in runs[None].values())
+    assert runs[None] == runs[False]
+    # with every adapter's rows in the step, only layer 0's MLP is free of deltas: runs of one block
+    assert count_runs["blocks"] >= count_runs["runs"]
+
+
+def test_refusals(tmp_path, monkeypatch):
+    from loraplex.model.loader import load_model
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    qwen3 = packed_model(make_tiny_model(tmp_path / "q3", family="qwen3"))
+    assert qwen3.model.compiled_layers is None and "q/k norm" in cl.refusal(qwen3.model)
+    plain = load_model(make_tiny_model(tmp_path / "l"), torch.bfloat16, "cpu")  # not packed
+    assert "AMX panel set" in cl.refusal(plain.model)
+    f32 = load_model(tmp_path / "l", torch.float32, "cpu")
+    assert "bfloat16" in cl.refusal(f32.model)
+    monkeypatch.setenv("LORAPLEX_AMX", "0")
+    assert "AMX" in cl.refusal(plain.model)
