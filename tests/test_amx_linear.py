@@ -246,7 +246,7 @@ def test_fused_epilogues_in_the_engine(monkeypatch, tmp_path):
     no LoRA delta is due on those projections, the separate ops where one is (adapters on q/v,
     on layer 1's gate/up and on layer 1's v/down, batched with base rows); greedy tokens equal
     the unfused engine's for every request, and both epilogues really ran."""
-    from loraplex.model import llama
+    from loraplex.model import compiled_layers, llama
     from loraplex.model.loader import load_model
     from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
     from tests.fixtures.engine_run import engine_greedy
@@ -269,6 +269,7 @@ def test_fused_epilogues_in_the_engine(monkeypatch, tmp_path):
 
     monkeypatch.setattr(amx, "swiglu", swiglu)
     monkeypatch.setattr(amx, "gemm", gemm)
+    monkeypatch.setattr(compiled_layers, "COMPILED", False)  # the Python layers (compiled: test_compiled_layers)
     jobs = {"base": (None, [1, 5, 9, 13, 2]), "qv": ("qv_r4", [3, 4, 8]),
             "mlp1": ("regex_mlp_r5", [7] * 11), "down1": ("layer1_r3", [9, 1]), "base2": (None, [2, 2, 6])}
     runs = {}

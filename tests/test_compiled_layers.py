@@ -84,34 +84,44 @@ def test_compiled_layers_bit_identical_to_python(tmp_path, monkeypatch, count_ru
             assert torch.equal(a, b)
 
 
-def test_lora_blocks_run_in_python_between_compiled_runs(tmp_path, monkeypatch, count_runs):
-    """Adapters on q/v, on layer 1's gate/up and on layer 1's v/down, batched with base rows: the
-    blocks with a due delta run in Python, the rest compiled; greedy tokens equal the Python
-    layers' for every request (the random adapters move them: a dropped delta would show)."""
+@pytest.mark.parametrize("native_lora", [None, False])
+def test_lora_deltas_compiled_or_in_python_blocks(tmp_path, monkeypatch, count_runs, native_lora):
+    """Adapters on q/v, on layer 1's gate/up and on layer 1's v/down, batched with base rows.
+    With the compiled pooled LoRA kernel (native_lora None) every block runs compiled, deltas
+    included: one call per step; with LoRA on torch's formulation (cpu.NATIVE False) the blocks
+    with a due delta run in Python between compiled runs. Either way greedy tokens equal the
+    Python layers' for every request (the random adapters move them: a dropped or misplaced
+    delta would show)."""
     from loraplex.model.loader import load_model
+    from loraplex_kernels import cpu
     from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
     from tests.fixtures.engine_run import engine_greedy
     from tests.fixtures.tiny_models import make_tiny_model
 
+    monkeypatch.setattr(cpu, "NATIVE", native_lora)
     model_dir = make_tiny_model(tmp_path / "model")
     kinds = ("qv_r4", "regex_mlp_r5", "layer1_r3")
     for i, kind in enumerate(kinds):
         make_peft_adapter(model_dir, tmp_path / "adapters" / kind, kind, seed=i)
     jobs = {"base": (None, [1, 5, 9, 13, 2]), "qv": ("qv_r4", [3, 4, 8]), "mlp1": ("regex_mlp_r5", [7] * 11),
             "down1": ("layer1_r3", [9, 1]), "base2": (None, [2, 2, 6])}
-    runs = {}
+    runs, blocks_per_step = {}, None
     for flag in (None, False):
         monkeypatch.setattr(cl, "COMPILED", flag)
         loaded = load_model(model_dir, torch.bfloat16, "cpu")
+        blocks_per_step = 2 * loaded.arch.num_layers
         manager, _ = manager_with_slots(loaded, tmp_path / "adapters", kinds)
         before = dict(count_runs)
         runs[flag] = engine_greedy(loaded, manager, jobs, max_new_tokens=6)
-        ran = count_runs["runs"] - before["runs"]
-        assert ran > 0 if flag is None else ran == 0
+        ran = {k: count_runs[k] - before[k] for k in count_runs}
+        if flag is False:
+            assert ran == {"runs": 0, "blocks": 0}
+        elif native_lora is None:  # whole steps compiled (6 decode steps at least)
+            assert ran["runs"] >= 6 and ran["blocks"] == ran["runs"] * blocks_per_step
+        else:  # the q/v adapter's attention blocks in Python: some blocks never compiled
+            assert ran["runs"] >= 6 and ran["blocks"] < ran["runs"] * blocks_per_step
     assert all(err is None and len(toks) == 6 for toks, err in runs[None].values())
     assert runs[None] == runs[False]
-    # with every adapter's rows in the step, only layer 0's MLP is free of deltas: runs of one block
-    assert count_runs["blocks"] >= count_runs["runs"]
 
 
 def test_refusals(tmp_path, monkeypatch):

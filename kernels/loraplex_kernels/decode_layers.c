@@ -10,10 +10,18 @@
  *   MLP block:        xn = rmsnorm(x) ; h = silu(xn Wg.T) * (xn Wu.T) (the SwiGLU epilogue) ;
  *                     x = x + h @ Wd.T (+b)
  *
+ * With LoRA (a step's `sites`: per layer, the q/k/v, o, gate/up and down deltas that are due),
+ * a site's projection is computed plainly, its delta added in place by the pooled LoRA kernel
+ * (lora_rows.c, the same call the Python path makes), and only then SwiGLU or the residual add
+ * run as separate passes with torch's rounding: the delta goes in before them, as in Python.
+ *
  * x [T, hidden] (the residual stream) is updated in place. Every row must be an attention row of
  * the compiled kernel (decode tokens and short prefill chunks: model/attention.py native_rows),
  * row r reading table row r. Weights are AMX K-pair panels (gemm_amx.c). */
 #include <stdint.h>
+
+#include "bf16.h"
+#include "silu.h"
 
 typedef struct {  /* one decoder layer's fixed operands: pointers into the model's tensors */
     const uint16_t *in_norm, *post_norm;         /* [hidden] RMSNorm weights */
@@ -25,6 +33,13 @@ typedef struct {  /* one decoder layer's fixed operands: pointers into the model
     int64_t window;                              /* sliding window, 0 = none */
 } lp_layer_t;
 
+typedef struct {  /* one LoRA delta due at a layer's projection(s) this step */
+    const void *pool;     /* the pooled kernel's lora_pool_t for the due members (lora_native.PreparedPool), NULL = none */
+    int64_t y_cols[4];    /* each due member's first column in the site's output */
+} lp_lora_site_t;
+
+enum { SITE_QKV = 0, SITE_O = 1, SITE_GATE_UP = 2, SITE_DOWN = 3, SITES = 4 };
+
 typedef struct {  /* the model's sizes and one step's operands */
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, num_slots;
     float eps, scale;
@@ -35,8 +50,11 @@ typedef struct {  /* the model's sizes and one step's operands */
     const int64_t *slots;                        /* [T] flat KV slots of this step's tokens */
     const int64_t *table, *seq_lens;             /* [T, >= nb] block ids (table_stride), [T] keys per row */
     int64_t table_stride;
-    uint16_t *xn, *qkv_out, *q_rot, *k_rot, *attn, *h;  /* scratch: [T, hidden], [T, q + 2 kv],
-                                                           [T, q], [T, kv], [T, q], [T, inter] */
+    uint16_t *xn, *qkv_out, *q_rot, *k_rot, *attn, *h, *gate_up;  /* scratch: [T, hidden], [T, q + 2 kv],
+                                                                    [T, q], [T, kv], [T, q], [T, inter], [T, 2 inter] */
+    const lp_lora_site_t *sites;                 /* [layers][SITES], or NULL: no delta anywhere */
+    const int64_t *lora_order, *lora_idx;        /* LoraMeta.sorted_token_ids [lora_rows], token_slots [T] */
+    int64_t lora_rows;
 } lp_step_t;
 
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
@@ -59,15 +77,67 @@ int loraplex_decode_attention(
     const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
     int64_t window, float scale, void *out, int64_t out_row_stride);
 
+int loraplex_lora_pooled(const void *p, const int64_t *order, int64_t num_rows, const int64_t *idx,
+                         const void *x, int x_dtype, int64_t x_stride,
+                         void *y0, void *y1, void *y2, void *y3,
+                         int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3);
+
 enum { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };  /* gemm_amx.c's epilogues */
 #define BF16 1                                 /* decode_attention.c's dtype code */
 
-static int attention_block(const lp_step_t *s, const lp_layer_t *l) {
+/* The site's delta (if due) added to y (row stride ys; each member's columns at y + y_cols[i]). */
+static int add_delta(const lp_step_t *s, const lp_lora_site_t *site, const uint16_t *x, int64_t xs,
+                     uint16_t *y, int64_t ys) {
+    if (!site || !site->pool) return 0;
+    return loraplex_lora_pooled(site->pool, s->lora_order, s->lora_rows, s->lora_idx, x, BF16, xs,
+                                y + site->y_cols[0], y + site->y_cols[1], y + site->y_cols[2], y + site->y_cols[3],
+                                ys, ys, ys, ys);
+}
+
+#if LP_BF16X16
+/* x = bf16(x + y) over [T, n] (row strides xs, ys): torch's bfloat16 add. */
+static void add_rows(int64_t t, int64_t n, uint16_t *x, int64_t xs, const uint16_t *y, int64_t ys) {
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t i = 0; i < n; i += 16)
+            bf16x16_store(x + r * xs + i, _mm512_add_ps(bf16x16_load(x + r * xs + i), bf16x16_load(y + r * ys + i)));
+}
+
+/* h = bf16(bf16(silu(g)) * u) for g, u the halves of gu [T, 2 n]: torch's F.silu(gate) * up. */
+static void swiglu_rows(int64_t t, int64_t n, const uint16_t *gu, uint16_t *h) {
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t i = 0; i < n; i += 16) {
+            const __m512 g = bf16x16_load(gu + r * 2 * n + i), u = bf16x16_load(gu + r * 2 * n + n + i);
+            bf16x16_store(h + r * n + i, _mm512_mul_ps(bf16x16_round(silu512(g)), u));
+        }
+}
+#define HAVE_ROWS 1
+#else
+#define HAVE_ROWS 0  /* never called: the compiled layers need AMX, which comes with AVX-512 BF16 */
+#endif
+
+/* x += proj(a) (+ its due delta of a): the residual epilogue in place when no delta is due, else
+ * the plain GEMM into xn, the delta, and the add. */
+static int project_residual(const lp_step_t *s, const lp_lora_site_t *site, const uint16_t *a, int64_t k,
+                            const uint16_t *panels, const uint16_t *bias) {
+    const int64_t t = s->tokens, hid = s->hidden;
+    if (!site || !site->pool)
+        return loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->x, hid, RESIDUAL, s->x, hid);
+    if (!HAVE_ROWS) return -3;
+    int rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->xn, hid, PLAIN, 0, 0);
+    if (!rc) rc = add_delta(s, site, a, k, s->xn, hid);
+#if LP_BF16X16
+    if (!rc) add_rows(t, hid, s->x, hid, s->xn, hid);
+#endif
+    return rc;
+}
+
+static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lora_site_t *sites) {
     const int64_t t = s->tokens, hid = s->hidden, d = s->head_dim;
     const int64_t qw = s->heads * d, kvw = s->kv_heads * d, width = qw + 2 * kvw;
     int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->in_norm, s->eps, s->xn, hid);
     if (!rc) rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias, s->qkv_out, width,
                                              PLAIN, 0, 0);
+    if (!rc && sites) rc = add_delta(s, sites + SITE_QKV, s->xn, hid, s->qkv_out, width);
     if (!rc) rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
                                           s->qkv_out + qw, width, d, s->qkv_out + qw + kvw, width, d,
                                           s->cos, s->sin, s->cs_stride, s->q_rot, s->k_rot,
@@ -76,18 +146,29 @@ static int attention_block(const lp_step_t *s, const lp_layer_t *l) {
                                             l->k_cache, l->v_cache, BF16, s->block_size * kvw, kvw, d,
                                             s->block_size, s->table, s->table_stride, s->seq_lens,
                                             l->window, s->scale, s->attn, qw);
-    if (!rc) rc = loraplex_amx_gemm_epilogue(t, hid, qw, s->attn, qw, l->o, l->o_bias, s->x, hid,
-                                             RESIDUAL, s->x, hid);
+    if (!rc) rc = project_residual(s, sites ? sites + SITE_O : 0, s->attn, qw, l->o, l->o_bias);
     return rc;
 }
 
-static int mlp_block(const lp_step_t *s, const lp_layer_t *l) {
+static int mlp_block(const lp_step_t *s, const lp_layer_t *l, const lp_lora_site_t *sites) {
     const int64_t t = s->tokens, hid = s->hidden, inter = s->inter;
+    const lp_lora_site_t *gu = sites ? sites + SITE_GATE_UP : 0;
     int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->post_norm, s->eps, s->xn, hid);
-    if (!rc) rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->h,
-                                             inter, SWIGLU, 0, 0);
-    if (!rc) rc = loraplex_amx_gemm_epilogue(t, hid, inter, s->h, inter, l->down, l->down_bias, s->x, hid,
-                                             RESIDUAL, s->x, hid);
+    if (rc) return rc;
+    if (!gu || !gu->pool) {
+        rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->h, inter,
+                                        SWIGLU, 0, 0);
+    } else if (!HAVE_ROWS) {
+        rc = -3;
+    } else {  /* the delta goes into gate / up before silu(gate) * up */
+        rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->gate_up,
+                                        2 * inter, PLAIN, 0, 0);
+        if (!rc) rc = add_delta(s, gu, s->xn, hid, s->gate_up, 2 * inter);
+#if LP_BF16X16
+        if (!rc) swiglu_rows(t, inter, s->gate_up, s->h);
+#endif
+    }
+    if (!rc) rc = project_residual(s, sites ? sites + SITE_DOWN : 0, s->h, inter, l->down, l->down_bias);
     return rc;
 }
 
@@ -95,8 +176,10 @@ static int mlp_block(const lp_step_t *s, const lp_layer_t *l) {
  * Returns 0, or the first failing kernel's code (the step is then unusable: x half updated). */
 int loraplex_decode_layers(const lp_step_t *step, const lp_layer_t *layers, const int64_t *blocks, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
-        const lp_layer_t *l = layers + blocks[i] / 2;
-        const int rc = blocks[i] % 2 ? mlp_block(step, l) : attention_block(step, l);
+        const int64_t layer = blocks[i] / 2;
+        const lp_lora_site_t *sites = step->sites ? step->sites + layer * SITES : 0;
+        const int rc = blocks[i] % 2 ? mlp_block(step, layers + layer, sites)
+                                     : attention_block(step, layers + layer, sites);
         if (rc) return rc;
     }
     return 0;

@@ -20,6 +20,16 @@ class LayerOperands(ctypes.Structure):
                 ("k_cache", _P), ("v_cache", _P), ("window", _I64)]
 
 
+class LoraSite(ctypes.Structure):
+    """decode_layers.c's lp_lora_site_t: one due LoRA delta (the pooled kernel's struct for the due
+    members, lora_native.PreparedPool, and each member's first column in the site's output)."""
+
+    _fields_ = [("pool", _P), ("y_cols", _I64 * 4)]
+
+
+SITES = 4  # per layer: q/k/v, o, gate/up, down
+
+
 class StepOperands(ctypes.Structure):
     """decode_layers.c's lp_step_t: the model's sizes and one step's tensors (pointers)."""
 
@@ -27,7 +37,8 @@ class StepOperands(ctypes.Structure):
                 ("block_size", _I64), ("num_slots", _I64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("tokens", _I64), ("x", _P), ("cos", _P), ("sin", _P), ("cs_stride", _I64), ("slots", _P),
                 ("table", _P), ("seq_lens", _P), ("table_stride", _I64),
-                ("xn", _P), ("qkv_out", _P), ("q_rot", _P), ("k_rot", _P), ("attn", _P), ("h", _P)]
+                ("xn", _P), ("qkv_out", _P), ("q_rot", _P), ("k_rot", _P), ("attn", _P), ("h", _P), ("gate_up", _P),
+                ("sites", ctypes.POINTER(LoraSite)), ("lora_order", _P), ("lora_idx", _P), ("lora_rows", _I64)]
 
 
 def run(step: StepOperands, layers: ctypes.Array, blocks: ctypes.Array) -> None:
@@ -36,7 +47,9 @@ def run(step: StepOperands, layers: ctypes.Array, blocks: ctypes.Array) -> None:
     fn = native.function("loraplex_decode_layers",
                          [ctypes.POINTER(StepOperands), ctypes.POINTER(LayerOperands), _P, _I64])
     rc = fn(ctypes.byref(step), layers, ctypes.addressof(blocks), len(blocks))
-    if rc == -1:  # the rotary/cache pass refuses before writing; attention's scratch is the other -1
-        raise IndexError("a KV slot is outside the cache, or the attention scratch could not be allocated")
+    if rc == -1:  # the rotary/cache pass refuses before writing; attention's and LoRA's scratch
+        raise IndexError("a KV slot is outside the cache, or a kernel's scratch could not be allocated")
+    if rc == -2:
+        raise ValueError("a LoRA pool table entry of this step points outside the pool")
     if rc != 0:
         raise RuntimeError(f"loraplex_decode_layers failed ({rc})")

@@ -25,6 +25,7 @@
 
 #include "bf16.h"
 #include "parallel.h"
+#include "silu.h"
 
 #if defined(__linux__) && defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -86,7 +87,7 @@ static void configure(int tall, int rows) {
  *   SWIGLU    W = [W_gate; W_up] (two halves of N / 2 columns), y [M, N / 2] =
  *             bf16(bf16(silu(g)) * u) with g, u = bf16(acc + bias) of the two halves: torch's
  *             `F.silu(gate) * up` on bfloat16 tensors (each op rounds once), but silu's exp is ours
- *             (exp512 below, within ~2 float32 ulps of torch's), so a product lying on a bfloat16
+ *             (silu.h, within ~2 float32 ulps of torch's), so a product lying on a bfloat16
  *             rounding boundary can come out one bfloat16 step apart. */
 enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
 
@@ -97,31 +98,6 @@ typedef struct {
     int mode;
     uint16_t *y;
 } amx_call_t;
-
-/* exp(v) for float32 lanes: v = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts so r is exact),
- * exp(r) by a degree-7 polynomial (Cephes' expf coefficients), times 2^n by VSCALEFPS (which
- * gives inf / 0 past the float range). ~1-2 ulps; NaN lanes are not used (silu keeps x's NaN). */
-static inline __m512 exp512(__m512 v) {
-    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* silu(g) = g / (1 + exp(-g)), as torch writes it for float32 lanes */
-static inline __m512 silu512(__m512 g) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-}
 
 static inline __m512 bias16(const amx_call_t *c, int64_t col) {
     return c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();

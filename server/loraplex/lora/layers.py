@@ -28,10 +28,19 @@ class PoolGroup:
         a step whose adapters all skip a module (q/v adapters at gate/up/down) costs nothing there."""
         return not self.table.targets(member).isdisjoint(lora.meta.active_slots)
 
+    def due_members(self, lora) -> tuple[int, ...]:
+        """The members some adapter of this step targets (apply adds their deltas)."""
+        return tuple(m for m in range(len(self.members)) if self.targeted(lora, m))
+
+    def native_call(self, members: tuple[int, ...]):
+        """The compiled pooled kernel bound to this group for `members` (lora_native.PreparedPool)
+        when `apply` would run it; None when it would run another formulation."""
+        return self._op.native_call(members)
+
     def apply(self, ys: list[torch.Tensor], x: torch.Tensor, lora) -> None:
         """ys[m] [T, out_m] += member m's per-token LoRA delta of x [T, in], for the members some
         adapter of the step targets."""
-        members = tuple(m for m in range(len(self.members)) if self.targeted(lora, m))
+        members = self.due_members(lora)
         if members:
             self._op(ys, x, lora.meta, members)
 

@@ -12,8 +12,10 @@ Where it applies (the engine attaches it after packing, engine.pack_cpu_weights)
   and gate/up fused (model/fused_linear.py), no per-head q/k norm (Qwen3 keeps the Python path);
 - the step: every row is an attention row of the compiled kernel (decode tokens and short prefill
   chunks: attention.AttentionPlan.native_rows), and no switch turns one of the compiled pieces off;
-- each block (a layer's attention or MLP half): no LoRA delta is due on its projections this step.
-  A block with one runs in Python (the LoRA kernels are Python-driven), between compiled runs.
+- LoRA: the deltas due this step run inside the compiled blocks through the same pooled kernel
+  the Python path calls (lora_rows.c), before SwiGLU / the residual add as there. A block whose
+  delta would take another route (another backend or formulation, sibling projections whose
+  handles are not one pool group) runs in Python, between compiled runs.
 """
 
 from __future__ import annotations
@@ -93,6 +95,25 @@ def attach(model: nn.Module) -> bool:
     return True
 
 
+def _due_call(projections: tuple, lora: Any, columns: tuple[int, ...]) -> tuple | bool | None:
+    """The LoRA delta due at these sibling projections this step, as the Python path would add it
+    (model/linear.py project_all / Projection.forward): False = none due; (PreparedPool, each due
+    member's first column) = one pooled kernel call; None = not as one compiled pooled call."""
+    handles = [p.lora_weights for p in projections]
+    if all(h is None for h in handles):
+        return False
+    group = getattr(handles[0], "group", None)
+    if group is None or handles != group.members or lora.meta.num_slots != group.table.num_slots:
+        return None
+    members = group.due_members(lora)
+    if not members:
+        return False
+    call = group.native_call(members)
+    if call is None:
+        return None
+    return call, tuple(columns[m] for m in members)
+
+
 class CompiledLayers:
     """model.compiled_layers: runs a step's decoder layers, compiled where it may."""
 
@@ -104,8 +125,10 @@ class CompiledLayers:
         self.eps = float(self.layers[0].input_layernorm.eps)
         self.scale = self.layers[0].self_attn.scale
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # Scratch per token, in bfloat16 elements: xn, qkv_out, q_rot, k_rot, attn, h.
-        self.scratch_widths = (self.hidden, q + 2 * kv, q, kv, q, self.inter)
+        # Scratch per token, in bfloat16 elements: xn, qkv_out, q_rot, k_rot, attn, h, gate_up.
+        self.scratch_widths = (self.hidden, q + 2 * kv, q, kv, q, self.inter, 2 * self.inter)
+        # Each member's first column in its site's output: q/k/v in the fused q/k/v output, gate / up.
+        self.qkv_columns, self.gate_up_columns = (0, q, q + kv), (0, self.inter)
         # The weights' pointers are fixed for the model's life (packed once); the tensors are
         # held here so the pointers cannot outlive them.
         self.tensors: list[torch.Tensor] = []
@@ -149,16 +172,34 @@ class CompiledLayers:
         return (COMPILED is not False and norm.NATIVE is not False and rope.NATIVE is not False
                 and attention.NATIVE_ROTARY_KV is not False and attention.NATIVE_DECODE is not False)
 
-    def _blocks(self, lora: Any) -> list[bool]:
-        """Per block (layer i's attention at 2 i, its MLP at 2 i + 1): may it run compiled?"""
-        if lora is None:
-            return [True] * (2 * len(self.layers))
-        out = []
-        for layer in self.layers:
+    def _lora_sites(self, lora: Any) -> tuple[list[bool], ctypes.Array | None]:
+        """Per block (layer i's attention at 2 i, its MLP at 2 i + 1): may it run compiled? And the
+        step's due LoRA deltas per layer and site (decode_layers.c's sites), None when none is due.
+        A block runs in Python when one of its deltas would not run the compiled pooled kernel
+        there (another backend or formulation, members that are not one pool group)."""
+        num = len(self.layers)
+        if lora is None or not lora.meta.has_lora:
+            return [True] * (2 * num), None
+        sites = (dl.LoraSite * (num * dl.SITES))()
+        blocks, any_due = [], False
+        for i, layer in enumerate(self.layers):
             a, m = layer.self_attn, layer.mlp
-            out.append(not any(p.lora_due(lora) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)))
-            out.append(not any(p.lora_due(lora) for p in (m.gate_proj, m.up_proj, m.down_proj)))
-        return out
+            ok = [True, True]
+            for site, (projections, columns) in enumerate(((a.qkv, self.qkv_columns), ((a.o_proj,), (0,)),
+                                                           (m.gate_up, self.gate_up_columns),
+                                                           ((m.down_proj,), (0,)))):
+                due = _due_call(projections, lora, columns)
+                if due is None:
+                    ok[site // 2] = False
+                elif due:
+                    call, cols = due
+                    entry = sites[i * dl.SITES + site]
+                    entry.pool = ctypes.addressof(call.pool_struct)
+                    for j, c in enumerate(cols):
+                        entry.y_cols[j] = c
+                    any_due = True
+            blocks += ok
+        return blocks, (sites if any_due else None)
 
     def forward(self, x: torch.Tensor, batch: Any, kv: KVCache, plan: Any,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
@@ -199,8 +240,14 @@ class CompiledLayers:
             eps=self.eps, scale=self.scale, tokens=t, x=x.data_ptr(), cos=cos2.data_ptr(), sin=sin2.data_ptr(),
             cs_stride=cos2.stride(0), slots=slots.data_ptr(), table=table.data_ptr(), seq_lens=seq_lens.data_ptr(),
             table_stride=table.stride(0), xn=ptrs[0], qkv_out=ptrs[1], q_rot=ptrs[2], k_rot=ptrs[3],
-            attn=ptrs[4], h=ptrs[5])
-        blocks = self._blocks(batch.lora)
+            attn=ptrs[4], h=ptrs[5], gate_up=ptrs[6])
+        blocks, sites = self._lora_sites(batch.lora)
+        if sites is not None:
+            meta = batch.lora.meta
+            order, idx = meta.sorted_token_ids.contiguous(), meta.token_slots.contiguous()
+            if meta.num_tokens != t or order.dtype != torch.int64 or idx.dtype != torch.int64:
+                return None
+            step.sites, step.lora_order, step.lora_idx, step.lora_rows = sites, order.data_ptr(), idx.data_ptr(), len(order)
         if all(blocks):
             dl.run(step, layer_table, self.all_blocks)
             return x
