@@ -18,7 +18,9 @@
  * x [T, hidden] (the residual stream) is updated in place. Every row must be an attention row of
  * the compiled kernel (decode tokens and short prefill chunks: model/attention.py native_rows),
  * row r reading table row r. Weights are AMX K-pair panels (gemm_amx.c). */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c11 */
 #include <stdint.h>
+#include <time.h>
 
 #include "bf16.h"
 #include "silu.h"
@@ -55,7 +57,26 @@ typedef struct {  /* the model's sizes and one step's operands */
     const lp_lora_site_t *sites;                 /* [layers][SITES], or NULL: no delta anywhere */
     const int64_t *lora_order, *lora_idx;        /* LoraMeta.sorted_token_ids [lora_rows], token_slots [T] */
     int64_t lora_rows;
+    int64_t *phase_ns;                           /* [PHASES] nanoseconds added per phase, or NULL: no timing */
 } lp_step_t;
+
+/* Where a compiled step's time goes (benchmarks/profile_decode.py reads these; the names are in
+ * decode_layers_native.PHASES). Timing costs two clock reads per kernel call, only when asked. */
+enum { PH_NORM, PH_QKV, PH_ROTARY_KV, PH_ATTENTION, PH_O, PH_GATE_UP, PH_DOWN, PH_LORA, PH_ROWS, PHASES };
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* rc = CALL, its time added to phase P when the step is timed */
+#define TIMED(S, P, CALL)                                        \
+    do {                                                         \
+        const int64_t t0_ = (S)->phase_ns ? now_ns() : 0;        \
+        CALL;                                                    \
+        if ((S)->phase_ns) (S)->phase_ns[P] += now_ns() - t0_;   \
+    } while (0)
 
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
@@ -89,9 +110,11 @@ enum { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };  /* gemm_amx.c's epilogues */
 static int add_delta(const lp_step_t *s, const lp_lora_site_t *site, const uint16_t *x, int64_t xs,
                      uint16_t *y, int64_t ys) {
     if (!site || !site->pool) return 0;
-    return loraplex_lora_pooled(site->pool, s->lora_order, s->lora_rows, s->lora_idx, x, BF16, xs,
-                                y + site->y_cols[0], y + site->y_cols[1], y + site->y_cols[2], y + site->y_cols[3],
-                                ys, ys, ys, ys);
+    int rc;
+    TIMED(s, PH_LORA, rc = loraplex_lora_pooled(site->pool, s->lora_order, s->lora_rows, s->lora_idx, x, BF16, xs,
+                                                y + site->y_cols[0], y + site->y_cols[1], y + site->y_cols[2],
+                                                y + site->y_cols[3], ys, ys, ys, ys));
+    return rc;
 }
 
 #if LP_BF16X16
@@ -118,15 +141,18 @@ static void swiglu_rows(int64_t t, int64_t n, const uint16_t *gu, uint16_t *h) {
 /* x += proj(a) (+ its due delta of a): the residual epilogue in place when no delta is due, else
  * the plain GEMM into xn, the delta, and the add. */
 static int project_residual(const lp_step_t *s, const lp_lora_site_t *site, const uint16_t *a, int64_t k,
-                            const uint16_t *panels, const uint16_t *bias) {
+                            const uint16_t *panels, const uint16_t *bias, int phase) {
     const int64_t t = s->tokens, hid = s->hidden;
-    if (!site || !site->pool)
-        return loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->x, hid, RESIDUAL, s->x, hid);
+    int rc;
+    if (!site || !site->pool) {
+        TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->x, hid, RESIDUAL, s->x, hid));
+        return rc;
+    }
     if (!HAVE_ROWS) return -3;
-    int rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->xn, hid, PLAIN, 0, 0);
+    TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->xn, hid, PLAIN, 0, 0));
     if (!rc) rc = add_delta(s, site, a, k, s->xn, hid);
 #if LP_BF16X16
-    if (!rc) add_rows(t, hid, s->x, hid, s->xn, hid);
+    if (!rc) TIMED(s, PH_ROWS, add_rows(t, hid, s->x, hid, s->xn, hid));
 #endif
     return rc;
 }
@@ -134,41 +160,45 @@ static int project_residual(const lp_step_t *s, const lp_lora_site_t *site, cons
 static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lora_site_t *sites) {
     const int64_t t = s->tokens, hid = s->hidden, d = s->head_dim;
     const int64_t qw = s->heads * d, kvw = s->kv_heads * d, width = qw + 2 * kvw;
-    int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->in_norm, s->eps, s->xn, hid);
-    if (!rc) rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias, s->qkv_out, width,
-                                             PLAIN, 0, 0);
+    int rc;
+    TIMED(s, PH_NORM, rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->in_norm, s->eps, s->xn, hid));
+    if (!rc) TIMED(s, PH_QKV, rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias,
+                                                              s->qkv_out, width, PLAIN, 0, 0));
     if (!rc && sites) rc = add_delta(s, sites + SITE_QKV, s->xn, hid, s->qkv_out, width);
-    if (!rc) rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
-                                          s->qkv_out + qw, width, d, s->qkv_out + qw + kvw, width, d,
-                                          s->cos, s->sin, s->cs_stride, s->q_rot, s->k_rot,
-                                          l->k_cache, l->v_cache, s->num_slots, s->slots);
-    if (!rc) rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, BF16, 0, qw, d,
-                                            l->k_cache, l->v_cache, BF16, s->block_size * kvw, kvw, d,
-                                            s->block_size, s->table, s->table_stride, s->seq_lens,
-                                            l->window, s->scale, s->attn, qw);
-    if (!rc) rc = project_residual(s, sites ? sites + SITE_O : 0, s->attn, qw, l->o, l->o_bias);
+    if (!rc) TIMED(s, PH_ROTARY_KV, rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
+                                                                 s->qkv_out + qw, width, d, s->qkv_out + qw + kvw,
+                                                                 width, d, s->cos, s->sin, s->cs_stride, s->q_rot,
+                                                                 s->k_rot, l->k_cache, l->v_cache, s->num_slots,
+                                                                 s->slots));
+    if (!rc) TIMED(s, PH_ATTENTION, rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, BF16, 0,
+                                                                   qw, d, l->k_cache, l->v_cache, BF16,
+                                                                   s->block_size * kvw, kvw, d, s->block_size,
+                                                                   s->table, s->table_stride, s->seq_lens,
+                                                                   l->window, s->scale, s->attn, qw));
+    if (!rc) rc = project_residual(s, sites ? sites + SITE_O : 0, s->attn, qw, l->o, l->o_bias, PH_O);
     return rc;
 }
 
 static int mlp_block(const lp_step_t *s, const lp_layer_t *l, const lp_lora_site_t *sites) {
     const int64_t t = s->tokens, hid = s->hidden, inter = s->inter;
     const lp_lora_site_t *gu = sites ? sites + SITE_GATE_UP : 0;
-    int rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->post_norm, s->eps, s->xn, hid);
+    int rc;
+    TIMED(s, PH_NORM, rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->post_norm, s->eps, s->xn, hid));
     if (rc) return rc;
     if (!gu || !gu->pool) {
-        rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->h, inter,
-                                        SWIGLU, 0, 0);
+        TIMED(s, PH_GATE_UP, rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up,
+                                                             l->gate_up_bias, s->h, inter, SWIGLU, 0, 0));
     } else if (!HAVE_ROWS) {
         rc = -3;
     } else {  /* the delta goes into gate / up before silu(gate) * up */
-        rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up, l->gate_up_bias, s->gate_up,
-                                        2 * inter, PLAIN, 0, 0);
+        TIMED(s, PH_GATE_UP, rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up,
+                                                             l->gate_up_bias, s->gate_up, 2 * inter, PLAIN, 0, 0));
         if (!rc) rc = add_delta(s, gu, s->xn, hid, s->gate_up, 2 * inter);
 #if LP_BF16X16
-        if (!rc) swiglu_rows(t, inter, s->gate_up, s->h);
+        if (!rc) TIMED(s, PH_ROWS, swiglu_rows(t, inter, s->gate_up, s->h));
 #endif
     }
-    if (!rc) rc = project_residual(s, sites ? sites + SITE_DOWN : 0, s->h, inter, l->down, l->down_bias);
+    if (!rc) rc = project_residual(s, sites ? sites + SITE_DOWN : 0, s->h, inter, l->down, l->down_bias, PH_DOWN);
     return rc;
 }
 

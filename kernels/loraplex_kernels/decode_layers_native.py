@@ -38,7 +38,13 @@ class StepOperands(ctypes.Structure):
                 ("tokens", _I64), ("x", _P), ("cos", _P), ("sin", _P), ("cs_stride", _I64), ("slots", _P),
                 ("table", _P), ("seq_lens", _P), ("table_stride", _I64),
                 ("xn", _P), ("qkv_out", _P), ("q_rot", _P), ("k_rot", _P), ("attn", _P), ("h", _P), ("gate_up", _P),
-                ("sites", ctypes.POINTER(LoraSite)), ("lora_order", _P), ("lora_idx", _P), ("lora_rows", _I64)]
+                ("sites", ctypes.POINTER(LoraSite)), ("lora_order", _P), ("lora_idx", _P), ("lora_rows", _I64),
+                ("phase_ns", _P)]
+
+
+# decode_layers.c's timed phases, in its order (StepOperands.phase_ns: int64 [len(PHASES)] ns).
+PHASES = ("norms", "q/k/v GEMM", "rotary + KV write", "attention", "o GEMM + residual", "gate/up GEMM + SwiGLU",
+          "down GEMM + residual", "LoRA deltas", "adds / SwiGLU after LoRA")
 
 
 def run(step: StepOperands, layers: ctypes.Array, blocks: ctypes.Array) -> None:

@@ -135,6 +135,9 @@ class CompiledLayers:
         self.weights = [self._weights(layer) for layer in self.layers]
         self.all_blocks = (ctypes.c_int64 * (2 * len(self.layers)))(*range(2 * len(self.layers)))
         self.table: ctypes.Array | None = None  # per KV cache (its tensors' pointers)
+        # int64 [len(decode_layers_native.PHASES)]: set it (benchmarks/profile_decode.py) and the
+        # compiled blocks add each phase's nanoseconds to it; None = no timing.
+        self.phase_ns: torch.Tensor | None = None
         self.kv: KVCache | None = None
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
@@ -225,6 +228,10 @@ class CompiledLayers:
         cos2, sin2 = cos.reshape(t, -1), sin.reshape(t, -1)
         if not (cos2.is_contiguous() and sin2.is_contiguous()):
             return None
+        phase_ns = self.phase_ns
+        if phase_ns is not None and (phase_ns.dtype != torch.int64 or phase_ns.shape != (len(dl.PHASES),)
+                                     or not phase_ns.is_contiguous()):
+            raise ValueError(f"phase_ns must be a contiguous int64 [{len(dl.PHASES)}] tensor")
         layer_table = self._layer_table(kv)
         widths = self.scratch_widths
         scratch = torch.empty(t * sum(widths), dtype=torch.bfloat16)
@@ -240,7 +247,8 @@ class CompiledLayers:
             eps=self.eps, scale=self.scale, tokens=t, x=x.data_ptr(), cos=cos2.data_ptr(), sin=sin2.data_ptr(),
             cs_stride=cos2.stride(0), slots=slots.data_ptr(), table=table.data_ptr(), seq_lens=seq_lens.data_ptr(),
             table_stride=table.stride(0), xn=ptrs[0], qkv_out=ptrs[1], q_rot=ptrs[2], k_rot=ptrs[3],
-            attn=ptrs[4], h=ptrs[5], gate_up=ptrs[6])
+            attn=ptrs[4], h=ptrs[5], gate_up=ptrs[6],
+            phase_ns=None if phase_ns is None else phase_ns.data_ptr())
         blocks, sites = self._lora_sites(batch.lora)
         if sites is not None:
             meta = batch.lora.meta
