@@ -6,10 +6,14 @@ of the step in `torch.profiler.record_function` labels -- instance attributes an
 functions patched here, nothing in the serving code -- so that the profiler's totals split the
 step into disjoint parts:
 
+  compiled layers   the decoder layers as one compiled call (model/compiled_layers.py; the
+                    default where it applies: bfloat16 on AMX CPUs); its inside is timed by the
+                    C code itself, phase by phase (second table). --layers python turns it off
+                    and the layers' parts below are labelled instead:
   projections       the base GEMMs of q/k/v/o/gate/up/down (each Projection's `.base`)
   LoRA              the batched LoRA deltas (lora/layers.py PoolMember.apply / PoolGroup.apply)
-  attention         write_kv + paged_attention + the per-step AttentionPlan
-  norms + rope      RMSNorm, the rotary table lookup and apply_rotary
+  attention         paged_attention + the per-step AttentionPlan
+  norms + rope      RMSNorm, the rotary table lookup, rotary + the KV cache write (one pass)
   vocab projection  the final norm's rows x the [vocab, hidden] matrix (output_logits)
   embedding         the token lookup
   forward, other    the rest of the model forward: residual adds, SwiGLU's silu * up, views
@@ -47,10 +51,10 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "profile_decode_cpu.md"
-PARTS = ("projections", "LoRA", "attention", "norms + rope", "vocab projection", "embedding",
+PARTS = ("compiled layers", "projections", "LoRA", "attention", "norms + rope", "vocab projection", "embedding",
          "forward, other", "batch prep", "sampler", "scheduler", "step, other")
 # Leaf labels inside the forward; "forward, other" = forward minus these.
-FORWARD_LEAVES = ("projections", "LoRA", "attention", "norms + rope", "vocab projection", "embedding")
+FORWARD_LEAVES = ("compiled layers", "projections", "LoRA", "attention", "norms + rope", "vocab projection", "embedding")
 
 
 def labelled(label: str, fn):
@@ -84,10 +88,11 @@ def instrument_model(model) -> None:
             m.forward = labelled("norms + rope", m.forward)
     for cls in (lora_layers.PoolMember, lora_layers.PoolGroup):
         cls.apply = labelled("LoRA", cls.apply)
-    for name in ("paged_attention", "write_kv"):
-        setattr(llama, name, labelled("attention", getattr(llama, name)))
+    llama.paged_attention = labelled("attention", llama.paged_attention)
     llama.AttentionPlan.build = classmethod(labelled("attention", llama.AttentionPlan.build.__func__))
-    llama.apply_rotary = labelled("norms + rope", llama.apply_rotary)
+    llama.rotate_and_write_kv = labelled("norms + rope", llama.rotate_and_write_kv)
+    if model.compiled_layers is not None:  # its blocks run Python parts only where it falls back
+        model.compiled_layers.forward = labelled("compiled layers", model.compiled_layers.forward)
     rotary = model.model.rotary_emb
     rotary.lookup = labelled("norms + rope", rotary.lookup)
     model.output_logits = labelled("vocab projection", model.output_logits)
@@ -162,11 +167,19 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--layers", choices=["compiled", "python"], default="compiled",
+                   help="python: the layers' Python path (model/compiled_layers.py COMPILED = False)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()
     from decode_driver import make_decode_engine
+
+    from loraplex.model import compiled_layers
+    from loraplex_kernels.decode_layers_native import PHASES
+
+    if a.layers == "python":
+        compiled_layers.COMPILED = False
     from machine import cpu_info
 
     from loraplex.config import LoraConfig
@@ -195,12 +208,18 @@ def main(argv=None) -> int:
         for dec in cases.values():
             instrument(dec.engine)
         acc: dict[str, dict] = {name: {} for name in cases}
+        phases = {name: torch.zeros(len(PHASES), dtype=torch.int64) for name in cases}
+        layers = loaded.model.compiled_layers
         for _ in range(a.steps):  # alternate the cases step by step, one profiler run per step
             for name, dec in cases.items():
+                if layers is not None:
+                    layers.phase_ns = phases[name]  # the compiled blocks time their phases into it
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     with record_function("step"):
                         dec.step()
                 add_totals(acc[name], label_totals(prof))
+        if layers is not None:
+            layers.phase_ns = None
         results = {name: (breakdown(acc[name], a.steps), top_ops(acc[name], a.steps)) for name in cases}
     load1 = os.getloadavg()
     # What the LoRA part must cost at least: every adapter of the step read once (A and B up to its
@@ -239,7 +258,13 @@ def main(argv=None) -> int:
             cells.append(f"{b[part]:.1f} | {100 * b[part] / b['step']:.0f} %")
         label = "**whole step**" if part == "step" else part
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lora_ms = results[names[1]][0]["LoRA"]
+    if any(int(phases[n].sum()) for n in names):
+        lines += ["", "Inside the compiled layers (timed by decode_layers.c around each kernel call, ms per step):", "",
+                  "| phase | " + " | ".join(f"{n} ms/step" for n in names) + " |", "|---|" + "---:|" * len(names)]
+        for i, phase in enumerate(PHASES):
+            lines.append(f"| {phase} | " + " | ".join(f"{int(phases[n][i]) / 1e6 / a.steps:.2f}" for n in names) + " |")
+        lines.append("| **sum** | " + " | ".join(f"{int(phases[n].sum()) / 1e6 / a.steps:.2f}" for n in names) + " |")
+    lora_ms = results[names[1]][0]["LoRA"] + (int(phases[names[1]][PHASES.index("LoRA deltas")]) / 1e6 / a.steps)
     lines += ["", f"LoRA's own floor in this step: {active} adapters x {adapter_bytes / 1e6:.2f} MB read once = "
               f"{lora_bytes / 1e6:.0f} MB at {bandwidth / 1e9:.1f} GB/s, {lora_flops / 1e6:.0f} MFLOP at "
               f"{peak / 1e9:.1f} GFLOP/s (the faster of {a.dtype} and float32 F.linear, best of a 512^3 and a {a.batch}x576x1536 shape, "

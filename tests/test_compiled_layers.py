@@ -134,5 +134,8 @@ def test_refusals(tmp_path, monkeypatch):
     assert "AMX panel set" in cl.refusal(plain.model)
     f32 = load_model(tmp_path / "l", torch.float32, "cpu")
     assert "bfloat16" in cl.refusal(f32.model)
+    monkeypatch.setenv("LORAPLEX_COMPILED_LAYERS", "0")
+    off = packed_model(tmp_path / "l")
+    assert off.model.compiled_layers is None and cl.refusal(off.model) is None  # switched off, not refused
     monkeypatch.setenv("LORAPLEX_AMX", "0")
     assert "AMX" in cl.refusal(plain.model)

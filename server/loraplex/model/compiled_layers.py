@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from typing import Any
 
 import torch
@@ -83,8 +84,9 @@ def refusal(model: nn.Module) -> str | None:
 
 
 def attach(model: nn.Module) -> bool:
-    """Give the model its compiled layers (model.compiled_layers) when it qualifies."""
-    why = refusal(model)
+    """Give the model its compiled layers (model.compiled_layers) when it qualifies and
+    LORAPLEX_COMPILED_LAYERS is not 0."""
+    why = "LORAPLEX_COMPILED_LAYERS=0" if os.environ.get("LORAPLEX_COMPILED_LAYERS", "1") == "0" else refusal(model)
     if why is not None:
         log.info("decoder layers run in Python: %s", why)
         model.compiled_layers = None
