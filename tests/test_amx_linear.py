@@ -283,3 +283,13 @@ def test_fused_epilogues_in_the_engine(monkeypatch, tmp_path):
         assert (ran["swiglu"] > 0 and ran["residual"] > 0) if fused else ran == {"swiglu": 0, "residual": 0}
     assert all(err is None and len(toks) == 6 for toks, err in runs[True].values())
     assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("rows", [1, 17, 40])
+def test_float_epilogue_is_the_bf16_result_widened(rows):
+    """gemm_float == gemm(...).float(), bit for bit (the vocab projection's logits)."""
+    g = torch.Generator().manual_seed(rows + 77)
+    panels, b = amx.pack(random_bf16(g, 112, 96)), random_bf16(g, 112)
+    x = random_bf16(g, rows, 128)[:, :96]
+    got = amx.gemm_float(x, panels, b)
+    assert got.dtype == torch.float32 and torch.equal(got, amx.gemm(x, panels, b).float())

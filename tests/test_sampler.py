@@ -197,3 +197,30 @@ def test_first_argmax_is_argmax_with_ties_and_nan(dtype):
         assert got[row] == (x[row] == x[row].max()).nonzero()[0, 0]
     y = torch.randn(7, 1000, generator=g, dtype=torch.float64).to(dtype)
     assert torch.equal(first_argmax(y), torch.argmax(y, dim=-1))
+
+
+def test_compiled_argmax_matches_torch_on_edge_rows():
+    """loraplex_kernels/argmax.c (first_argmax's CPU float32 path) against torch.argmax: ties,
+    several NaN (the first wins, before or after the maximum), -0.0 against 0.0, +-inf, strided
+    rows, one column, no rows."""
+    from loraplex_kernels import argmax_native, native
+
+    if not native.available():
+        pytest.skip("compiled kernels unavailable")
+    g = torch.Generator().manual_seed(9)
+    wide = torch.randint(-3, 3, (40, 3001), generator=g).float()
+    x = wide[:, :2999]  # strided rows
+    x[0, 5], x[0, 2000] = float("nan"), float("nan")
+    x[1, 2500] = float("nan")  # after the row's maximum
+    x[2] = 0.0
+    x[2, 0], x[2, 7] = -0.0, 0.0  # equal: index 0
+    x[3, 100] = float("inf")
+    x[4] = float("-inf")
+    x[5, 1] = -float("inf")
+    assert argmax_native.supports(x)
+    assert torch.equal(argmax_native.argmax(x), torch.argmax(x, dim=-1))
+    assert torch.equal(first_argmax(x), torch.argmax(x, dim=-1))
+    one = torch.randn(6, 1, generator=g)
+    assert torch.equal(argmax_native.argmax(one), torch.zeros(6, dtype=torch.int64))
+    assert argmax_native.argmax(torch.empty(0, 10)).shape == (0,)
+    assert not argmax_native.supports(torch.empty(3, 0)) and not argmax_native.supports(x.double())

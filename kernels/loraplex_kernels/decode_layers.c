@@ -81,7 +81,7 @@ static inline int64_t now_ns(void) {
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
                                int mode, const uint16_t *residual, int64_t r_stride);
 int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
                             const uint16_t *q, int64_t q_ts, int64_t q_hs,

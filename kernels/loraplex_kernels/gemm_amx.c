@@ -88,15 +88,17 @@ static void configure(int tall, int rows) {
  *             bf16(bf16(silu(g)) * u) with g, u = bf16(acc + bias) of the two halves: torch's
  *             `F.silu(gate) * up` on bfloat16 tensors (each op rounds once), but silu's exp is ours
  *             (silu.h, within ~2 float32 ulps of torch's), so a product lying on a bfloat16
- *             rounding boundary can come out one bfloat16 step apart. */
-enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
+ *             rounding boundary can come out one bfloat16 step apart.
+ *   FLOAT     y (float32) = bf16(acc + bias) widened: torch's `linear(x).float()`, bit for bit,
+ *             without the bfloat16 tensor and the copy (the vocab projection's logits). */
+enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3 };
 
 typedef struct {
     const uint16_t *x, *panels, *bias, *residual;
     int64_t m, k, x_stride, y_stride, r_stride;
     int64_t half;  /* SWIGLU: panels in the gate half (item i's up panel is i + half) */
     int mode;
-    uint16_t *y;
+    uint16_t *y;                             /* float * for FLOAT */
 } amx_call_t;
 
 static inline __m512 bias16(const amx_call_t *c, int64_t col) {
@@ -118,6 +120,12 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
         return;
     }
     const __m512 bv = bias16(c, col);
+    if (c->mode == EPI_FLOAT) {  /* y is float32: same row stride in elements */
+        float *yf = (float *)c->y + m0 * c->y_stride + col;
+        for (int r = 0; r < rows; r++)
+            _mm512_storeu_ps(yf + r * c->y_stride, bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bv)));
+        return;
+    }
     for (int r = 0; r < rows; r++) {
         __m512 v = _mm512_add_ps(_mm512_load_ps(a + r * 16), bv);
         if (c->mode == EPI_RESIDUAL)
@@ -269,14 +277,15 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
 
 /* y = epilogue(x[m, k] @ W.T + bias) (see the modes above), W [n, k] as K-pair panels (see the
  * top). x rows contiguous (row stride x_stride elements), bias [n] or NULL, y row stride
- * y_stride: [m, n] for PLAIN and RESIDUAL, [m, n / 2] for SWIGLU (n / 2 a multiple of 16);
+ * y_stride: [m, n] for PLAIN and RESIDUAL ([m, n] float32 for FLOAT), [m, n / 2] for SWIGLU (n / 2 a
+ * multiple of 16);
  * residual [m, n] (row stride r_stride) for RESIDUAL, else NULL. Returns 0; -1 when AMX was not
  * enabled (loraplex_amx_enable), -2 for a shape or mode the layout does not cover. */
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
                                int mode, const uint16_t *residual, int64_t r_stride) {
     if (!amx_enabled) return -1;
-    if (m < 0 || n % 16 || k % 32 || k <= 0 || mode < EPI_PLAIN || mode > EPI_SWIGLU) return -2;
+    if (m < 0 || n % 16 || k % 32 || k <= 0 || mode < EPI_PLAIN || mode > EPI_FLOAT) return -2;
     if ((mode == EPI_SWIGLU && n % 32) || (mode == EPI_RESIDUAL) != (residual != NULL)) return -2;
     if (m == 0 || n == 0) return 0;
     const int64_t items = mode == EPI_SWIGLU ? n / 32 : n / 16;
@@ -304,7 +313,7 @@ int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_
 }
 
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                               const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride,
+                               const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
                                int mode, const uint16_t *residual, int64_t r_stride) {
     (void)m; (void)n; (void)k; (void)x; (void)x_stride; (void)panels; (void)bias; (void)y; (void)y_stride;
     (void)mode; (void)residual; (void)r_stride;

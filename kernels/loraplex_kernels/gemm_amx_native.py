@@ -55,7 +55,7 @@ def unpack(panels: torch.Tensor) -> torch.Tensor:
 
 
 # gemm_amx.c's epilogues (what a call writes from its float32 sums)
-PLAIN, RESIDUAL, SWIGLU = 0, 1, 2
+PLAIN, RESIDUAL, SWIGLU, FLOAT = 0, 1, 2, 3
 
 
 def _check(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -100,6 +100,13 @@ def gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None
                          f"got {residual.dtype} {tuple(residual.shape)}")
     y = torch.empty(m, n, dtype=torch.bfloat16)
     return _run(x, panels, bias, y, PLAIN if residual is None else RESIDUAL, residual)
+
+
+def gemm_float(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """gemm(x, panels, bias).float() [M, N] float32, bit for bit, written in the GEMM's own pass."""
+    m, n, _ = _check(x, panels, bias)
+    y = torch.empty(m, n, dtype=torch.float32)
+    return _run(x, panels, bias, y, FLOAT, None)
 
 
 def swiglu(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,6 +62,11 @@ class AmxLinear(nn.Module):
         torch rounds the two ops on bfloat16 (gemm_amx.c's RESIDUAL epilogue)."""
         return gemm_amx_native.gemm(x, self.packed, self.bias, residual=residual)
 
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x).float() for x [T, in], without the bfloat16 result and its copy (gemm_amx.c's
+        FLOAT epilogue): the vocab projection's logits."""
+        return gemm_amx_native.gemm_float(x, self.packed, self.bias)
+
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for this layer's two output halves [gate; up]: x [T, in] ->
         [T, out / 2] (gemm_amx.c's SWIGLU epilogue; needs out / 2 % 16 == 0)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.model.amx_linear import AmxLinear
 from loraplex.model.arch import ArchConfig
 from loraplex.model.attention import AttentionPlan, paged_attention, rotate_and_write_kv
 from loraplex.model.forward_batch import ForwardBatch
@@ -176,12 +177,19 @@ class LlamaForCausalLM(nn.Module):
                 x = layer.forward(x, batch, kv, plan, cos_sin)
         # Only the rows that get sampled reach the final norm and the (large) vocab projection.
         x = self.model.norm(x.index_select(0, batch.logits_indices))  # [S, hidden]
-        return self.output_logits(x).float()  # [S, vocab]
+        return self.output_logits(x, as_float=True)  # [S, vocab]
 
-    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """lm_head: [S, hidden] -> [S, vocab]. Untied: the lm_head module (nn.Linear or a
-        bitsandbytes Linear4bit). Tied: the embedding table; a 4-bit table (quantized_embedding.py,
-        --quantize-embeddings) multiplies from its own packed storage, with no float copy."""
+    def output_logits(self, x: torch.Tensor, as_float: bool = False) -> torch.Tensor:
+        """lm_head: [S, hidden] -> [S, vocab] (as_float: then .float(), in the GEMM's own pass where
+        the head is an AMX panel set). Untied: the lm_head module (nn.Linear or a bitsandbytes
+        Linear4bit; packed, packed_head). Tied: the embedding table (packed: a copy as packed_head);
+        a 4-bit table (quantized_embedding.py, --quantize-embeddings) multiplies from its own packed
+        storage, with no float copy."""
+        if as_float:
+            head = self.lm_head if self.lm_head is not None else self.packed_head
+            if type(head) is AmxLinear and x.dim() == 2:
+                return head.forward_float(x)
+            return self.output_logits(x).float()
         if self.lm_head is not None:
             return self.lm_head(x)
         if self.packed_head is not None:
