@@ -10,15 +10,27 @@
    torch's by one bfloat16 step where h sits on a rounding boundary). */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
-int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
-                          const uint16_t *w, float eps, uint16_t *out, int64_t out_stride) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * x_stride;
-        uint16_t *o = out + r * out_stride;
+typedef struct {
+    int64_t dim, x_stride, out_stride;
+    const uint16_t *x, *w;
+    float eps;
+    uint16_t *out;
+} norm_call_t;
+
+static int norm_rows(const void *call, int64_t lo, int64_t hi) {
+    const norm_call_t *c = call;
+    const int64_t dim = c->dim;
+    const uint16_t *w = c->w;
+    const float eps = c->eps;
+    for (int64_t r = lo; r < hi; r++) {
+        const uint16_t *xr = c->x + r * c->x_stride;
+        uint16_t *o = c->out + r * c->out_stride;
         float acc[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= dim; i += 16)
@@ -46,4 +58,17 @@ int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t 
         }
     }
     return 0;
+}
+
+/* Rows at which a call is split over the calling thread's OpenMP team (parallel.h): below it the
+ * hand-off costs more than the rows (a decode step's [B, 576] at B >= 16 gains). Each row is
+ * computed by one thread alone: the result does not depend on the split. */
+#define PARALLEL_MIN_ROWS 16
+
+int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
+                          const uint16_t *w, float eps, uint16_t *out, int64_t out_stride) {
+    const norm_call_t call = {dim, x_stride, out_stride, x, w, eps, out};
+    const int nt = lp_max_threads();
+    if (nt <= 1 || rows < PARALLEL_MIN_ROWS) return norm_rows(&call, 0, rows);
+    return lp_run_shares(nt, NULL, rows, norm_rows, &call);
 }

@@ -9,10 +9,12 @@
    denormal intermediate flushes to zero. x may be a strided view (q/k are column slices of one
    q/k/v GEMM). */
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
 static inline float r16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
@@ -52,12 +54,41 @@ int loraplex_rotary_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint1
     return 0;
 }
 
+typedef struct {
+    int64_t hq, hkv, dim, q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, cs_stride, rec;
+    const uint16_t *q, *k, *v, *cos, *sin;
+    uint16_t *q_out, *k_out, *k_cache, *v_cache;
+    const int64_t *slots;
+} rotary_kv_call_t;
+
+static int rotary_kv_tokens(const void *call, int64_t lo, int64_t hi) {
+    const rotary_kv_call_t *c = call;
+    const int64_t half = c->dim / 2, dim = c->dim;
+    for (int64_t t = lo; t < hi; t++) {
+        const uint16_t *cs = c->cos + t * c->cs_stride, *sn = c->sin + t * c->cs_stride;
+        for (int64_t h = 0; h < c->hq; h++)
+            rotate_head(c->q + t * c->q_ts + h * c->q_hs, cs, sn, half, c->q_out + (t * c->hq + h) * dim);
+        uint16_t *kc = c->k_cache + c->slots[t] * c->rec, *vc = c->v_cache + c->slots[t] * c->rec;
+        for (int64_t h = 0; h < c->hkv; h++) {
+            uint16_t *ko = c->k_out + (t * c->hkv + h) * dim;
+            rotate_head(c->k + t * c->k_ts + h * c->k_hs, cs, sn, half, ko);
+            memcpy(kc + h * dim, ko, (size_t)dim * 2);
+            memcpy(vc + h * dim, c->v + t * c->v_ts + h * c->v_hs, (size_t)dim * 2);
+        }
+    }
+    return 0;
+}
+
+/* Tokens at which a call is split over the calling thread's OpenMP team (parallel.h). */
+#define PARALLEL_MIN_TOKENS 16
+
 /* A layer's attention inputs in one pass, for the decode step (model/attention.py
  * rotate_and_write_kv): q_out [T, Hq, D] = rotary(q); k_out [T, Hkv, D] = rotary(k); and the
  * paged caches' slot slots[t] ([num_slots, Hkv, D] contiguous) get k_out[t] and v[t] -- what
  * rotary() twice and two index_copy_ calls do, with the same bits. q, k, v may be strided views
- * (column slices of the fused q/k/v GEMM): strides in elements per token and per head. Returns 0,
- * or -1 (nothing written) when a slot is outside [0, num_slots). */
+ * (column slices of the fused q/k/v GEMM): strides in elements per token and per head. Tokens are
+ * split over threads (a token's slot is its own: no two tokens write one slot). Returns 0, or -1
+ * (nothing written) when a slot is outside [0, num_slots). */
 int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
                             const uint16_t *q, int64_t q_ts, int64_t q_hs,
                             const uint16_t *k, int64_t k_ts, int64_t k_hs,
@@ -67,18 +98,9 @@ int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim
                             uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots) {
     for (int64_t t = 0; t < tokens; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
-    const int64_t half = dim / 2, rec = hkv * dim;  /* one slot's record: all kv heads */
-    for (int64_t t = 0; t < tokens; t++) {
-        const uint16_t *c = cos + t * cs_stride, *s = sin + t * cs_stride;
-        for (int64_t h = 0; h < hq; h++)
-            rotate_head(q + t * q_ts + h * q_hs, c, s, half, q_out + (t * hq + h) * dim);
-        uint16_t *kc = k_cache + slots[t] * rec, *vc = v_cache + slots[t] * rec;
-        for (int64_t h = 0; h < hkv; h++) {
-            uint16_t *ko = k_out + (t * hkv + h) * dim;
-            rotate_head(k + t * k_ts + h * k_hs, c, s, half, ko);
-            memcpy(kc + h * dim, ko, (size_t)dim * 2);
-            memcpy(vc + h * dim, v + t * v_ts + h * v_hs, (size_t)dim * 2);
-        }
-    }
-    return 0;
+    const rotary_kv_call_t call = {hq, hkv, dim, q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, cs_stride, hkv * dim,
+                                   q, k, v, cos, sin, q_out, k_out, k_cache, v_cache, slots};
+    const int nt = lp_max_threads();
+    if (nt <= 1 || tokens < PARALLEL_MIN_TOKENS) return rotary_kv_tokens(&call, 0, tokens);
+    return lp_run_shares(nt, NULL, tokens, rotary_kv_tokens, &call);
 }
