@@ -139,3 +139,37 @@ def test_refusals(tmp_path, monkeypatch):
     assert off.model.compiled_layers is None and cl.refusal(off.model) is None  # switched off, not refused
     monkeypatch.setenv("LORAPLEX_AMX", "0")
     assert "AMX" in cl.refusal(plain.model)
+
+
+def test_lora_plan_follows_the_pool_tables(tmp_path):
+    """The per-step LoRA plan (which deltas are due where) is kept while the step's adapters and
+    the pool tables stay the same, and rebuilt when a table entry changes (an adapter entering or
+    leaving a slot) or the step's adapters do."""
+    from loraplex.lora.layers import PoolGroup
+    from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    kinds = ("qv_r4", "layer1_r3")
+    for i, kind in enumerate(kinds):
+        make_peft_adapter(model_dir, tmp_path / "adapters" / kind, kind, seed=i)
+    loaded = packed_model(model_dir)
+    manager, slots = manager_with_slots(loaded, tmp_path / "adapters", kinds)
+    layers = loaded.model.compiled_layers
+
+    def plan(*adapters):
+        lora = manager.build_lora_batch(torch.tensor([slots[k] for k in adapters] + [-1]), None)
+        return layers._lora_sites(lora)
+
+    def due(sites) -> set[tuple[int, int]]:  # (layer, site) pairs with a delta
+        return {(i // dl.SITES, i % dl.SITES) for i in range(len(sites)) if sites[i].pool}
+
+    first = plan("qv_r4")
+    assert plan("qv_r4") is first  # kept
+    assert all(first[0]) and due(first[1]) == {(0, 0), (1, 0)}  # q/v in both layers: the q/k/v sites
+    both = plan("qv_r4", "layer1_r3")
+    assert due(both[1]) == {(0, 0), (1, 0), (1, 3)}  # + layer 1's v (q/k/v site) and down
+    group = loaded.model.model.layers[1].mlp.down_proj.lora_weights.group
+    assert isinstance(group, PoolGroup)
+    group.table.clear(slots["layer1_r3"])  # the adapter leaves layer 1's down: rebuilt
+    assert due(plan("qv_r4", "layer1_r3")[1]) == {(0, 0), (1, 0)}

@@ -42,6 +42,11 @@ class PoolTable:
         scales:  [M, slots] float32
     """
 
+    # Bumped by every table made and every entry written, in any table: a caller that derives
+    # something from the tables' contents (model/compiled_layers.py's per-step LoRA plan) keeps it
+    # while this stays the same.
+    generation = 0
+
     def __init__(self, num_members: int, num_slots: int, d_in: int, d_outs: tuple[int, ...], device=None):
         if num_members < 1 or len(d_outs) != num_members:
             raise ValueError(f"{num_members} members need as many output sizes, got {tuple(d_outs)}")
@@ -59,6 +64,7 @@ class PoolTable:
         self._views = ([t.numpy() for t in (self.a_offs, self.bt_offs, self.ranks, self.scales)]
                        if device.type == "cpu" else None)
         self._targets: list[set[int]] = [set() for _ in range(self.num_members)]
+        PoolTable.generation += 1
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +91,7 @@ class PoolTable:
             self._targets[member].add(slot)
         else:
             self._targets[member].discard(slot)
+        PoolTable.generation += 1
 
     def clear(self, slot: int) -> None:
         """Forget the slot's adapter for every member (its pool bytes may be reused at once: no

@@ -32,8 +32,9 @@ from loraplex.model import attention, norm, rope
 from loraplex.model.amx_linear import AmxLinear, amx_wanted
 from loraplex.model.fused_linear import PackedSlice
 from loraplex.model.kv_cache import KVCache
+from loraplex_kernels import backend, cpu, native
 from loraplex_kernels import decode_layers_native as dl
-from loraplex_kernels import native
+from loraplex_kernels.pool_table import PoolTable
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class CompiledLayers:
         self.weights = [self._weights(layer) for layer in self.layers]
         self.all_blocks = (ctypes.c_int64 * (2 * len(self.layers)))(*range(2 * len(self.layers)))
         self.table: ctypes.Array | None = None  # per KV cache (its tensors' pointers)
+        self._plan_key: tuple | None = None  # the last step's LoRA plan (_lora_sites) and its key
+        self._plan: tuple = ()
         # int64 [len(decode_layers_native.PHASES)]: set it (benchmarks/profile_decode.py) and the
         # compiled blocks add each phase's nanoseconds to it; None = no timing.
         self.phase_ns: torch.Tensor | None = None
@@ -185,6 +188,17 @@ class CompiledLayers:
         num = len(self.layers)
         if lora is None or not lora.meta.has_lora:
             return [True] * (2 * num), None
+        # What decides the plan: the step's adapters, the pool tables' contents, which LoRA route
+        # the kernels take. Decode steps of one batch repeat it: ~120 Python checks saved a step.
+        key = (lora.meta.active_slots, lora.meta.num_slots, PoolTable.generation, cpu.NATIVE, backend.get_backend())
+        if self._plan_key == key:
+            return self._plan
+        self._plan = self._build_lora_sites(lora)
+        self._plan_key = key
+        return self._plan
+
+    def _build_lora_sites(self, lora: Any) -> tuple[list[bool], ctypes.Array | None]:
+        num = len(self.layers)
         sites = (dl.LoraSite * (num * dl.SITES))()
         blocks, any_due = [], False
         for i, layer in enumerate(self.layers):
