@@ -39,19 +39,30 @@ static inline float exp_nonpos(float x) {
     return p * scale;
 }
 
-/* Ask for the next sequence's K and V blocks while this one computes: its blocks lie anywhere in
- * the cache and are cold (the layer's weights went through the caches since they were written),
- * so reading them on demand leaves the core waiting on one miss after another. */
+/* Positions ahead at which a row's K (scores) and V (weighted sum) records are asked for while
+ * it walks its context: the blocks are cold (the layer's weights went through the caches since
+ * they were written) and scattered, so reading them on demand leaves the core waiting on one
+ * miss after another (perf: most of a long row's time on the V loads). */
+#define PF_DIST 16
+/* Of the next row's context, the first PF_HEAD positions are asked for before the row starts
+ * (the in-loop prefetch takes over from there; asking for all of a long context at once only
+ * floods the queues). */
+#define PF_HEAD 32
+
+/* Ask for position j's record (every kv head: pos_bytes from its slot) of one cache. */
+static inline void prefetch_record(const char *cache, const int64_t *table, int64_t j, int64_t block_size,
+                                   int64_t blk_bytes, int64_t pos_bytes) {
+    const char *rec = cache + table[j / block_size] * blk_bytes + (j % block_size) * pos_bytes;
+    for (int64_t c = 0; c < pos_bytes; c += 64) __builtin_prefetch(rec + c, 0, 1);
+}
+
+/* The next row's first PF_HEAD positions from lo (K and V), before it starts. */
 static void prefetch_blocks(const char *k, const char *v, const int64_t *table, int64_t n, int64_t lo,
                             int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
-    for (int64_t blk = lo / block_size; blk * block_size < n; blk++) {
-        int64_t first = blk * block_size > lo ? blk * block_size : lo;
-        int64_t last = (blk + 1) * block_size < n ? (blk + 1) * block_size : n;
-        int64_t off = table[blk] * blk_bytes + (first % block_size) * pos_bytes;
-        for (int64_t c = 0; c < (last - first) * pos_bytes; c += 64) {
-            __builtin_prefetch(k + off + c, 0, 1);
-            __builtin_prefetch(v + off + c, 0, 1);
-        }
+    const int64_t end = n - lo > PF_HEAD ? lo + PF_HEAD : n;
+    for (int64_t j = lo; j < end; j++) {
+        prefetch_record(k, table, j, block_size, blk_bytes, pos_bytes);
+        prefetch_record(v, table, j, block_size, blk_bytes, pos_bytes);
     }
 }
 
@@ -92,6 +103,9 @@ static void decode_attention_##SUFFIX(                                          
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
             const T *rec = k_cache + table[blk] * blk_stride + off * pos_stride;                   \
             if (++off == block_size) { off = 0; blk++; }                                           \
+            if (j + PF_DIST < n)                                                                   \
+                prefetch_record((const char *)k_cache, table, j + PF_DIST, block_size,             \
+                                blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
             for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
                 const T *kr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(kr[d]);                              \
@@ -120,6 +134,9 @@ static void decode_attention_##SUFFIX(                                          
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
             const T *rec = v_cache + table[blk] * blk_stride + off * pos_stride;                   \
             if (++off == block_size) { off = 0; blk++; }                                           \
+            if (j + PF_DIST < n)                                                                   \
+                prefetch_record((const char *)v_cache, table, j + PF_DIST, block_size,             \
+                                blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
             for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
                 const T *vr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(vr[d]);                              \
