@@ -46,14 +46,6 @@ class BoundLora:
             call = self._native[members] = lora_native.prepare(self.A, Bts, self.scales, members) if ok else None
         return call
 
-    def native_call(self, members: tuple[int, ...]) -> lora_native.PreparedPool | None:
-        """The compiled kernel's bound call for these members when __call__ would take it (CPU
-        backend, native kernels on, the pool fits); None otherwise. For callers that run the
-        kernel from C (model/compiled_layers.py) and check the activations themselves."""
-        if backend.get_backend() != "cpu" or cpu.NATIVE is False:
-            return None
-        return self._prepared(members)
-
     def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, meta: LoraMeta, members: tuple[int, ...]) -> None:
         """ys[m] [T, out_m] += member m's LoRA delta of x [T, in], for m in members."""
         if not meta.has_lora or not members:

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "layer_kernels.h"
 #include "parallel.h"
 
 #define AS_FLOAT(v) (v)

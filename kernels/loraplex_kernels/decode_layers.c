@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "bf16.h"
+#include "layer_kernels.h"
 #include "silu.h"
 
 typedef struct {  /* one decoder layer's fixed operands: pointers into the model's tensors */
@@ -77,31 +78,6 @@ static inline int64_t now_ns(void) {
         CALL;                                                    \
         if ((S)->phase_ns) (S)->phase_ns[P] += now_ns() - t0_;   \
     } while (0)
-
-int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
-                          const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
-int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                               const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
-                               int mode, const uint16_t *residual, int64_t r_stride);
-int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
-                            const uint16_t *q, int64_t q_ts, int64_t q_hs,
-                            const uint16_t *k, int64_t k_ts, int64_t k_hs,
-                            const uint16_t *v, int64_t v_ts, int64_t v_hs,
-                            const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
-                            uint16_t *q_out, uint16_t *k_out,
-                            uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots);
-int loraplex_decode_attention(
-    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
-    const void *k_cache, const void *v_cache, int kv_dtype,
-    int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
-    const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
-    int64_t window, float scale, void *out, int64_t out_row_stride);
-
-int loraplex_lora_pooled(const void *p, const int64_t *order, int64_t num_rows, const int64_t *idx,
-                         const void *x, int x_dtype, int64_t x_stride,
-                         void *y0, void *y1, void *y2, void *y3,
-                         int64_t ys0, int64_t ys1, int64_t ys2, int64_t ys3);
 
 enum { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };  /* gemm_amx.c's epilogues */
 #define BF16 1                                 /* decode_attention.c's dtype code */

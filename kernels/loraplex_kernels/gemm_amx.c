@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "layer_kernels.h"
 #include "parallel.h"
 #include "silu.h"
 

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "bf16.h"
+#include "layer_kernels.h"
 #include "parallel.h"
 
 typedef struct {

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "layer_kernels.h"
 #include "parallel.h"
 
 static inline float r16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
