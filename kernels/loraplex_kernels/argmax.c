@@ -2,8 +2,9 @@
  * (the first NaN): exactly torch.argmax's answer, for the sampler's greedy pick
  * (engine/sampler.py first_argmax). torch's max-with-indices reduction over [32, 49152] logits
  * takes ~0.5-1 ms on the 2-core dev box, a few percent of a decode step; here two passes over
- * each row (the maximum, vectorised; then the first index holding it, from cache), rows split
- * over the calling thread's OpenMP team. */
+ * each row (the maximum, 64 lanes at a time; then the first index holding it, 16 at a time, from
+ * cache), rows split over the calling thread's OpenMP team. AVX-512 builds only: a portable loop
+ * (tried) is slower than torch.max, which then stays the sampler's path. */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -61,30 +62,13 @@ static int argmax_rows(const void *call, int64_t lo, int64_t hi) {
     }
     return 0;
 }
-#else
-static int argmax_rows(const void *call, int64_t lo, int64_t hi) {
-    const argmax_call_t *c = call;
-    for (int64_t r = lo; r < hi; r++) {
-        const float *x = c->x + r * c->stride;
-        float m = x[0];
-        int nan = 0;
-        for (int64_t i = 0; i < c->cols; i++) {
-            m = x[i] > m ? x[i] : m;
-            nan |= x[i] != x[i];
-        }
-        int64_t at = 0;
-        if (nan) {
-            while (x[at] == x[at]) at++;
-        } else {
-            while (x[at] != m) at++;  /* -0.0 == 0.0, as torch compares */
-        }
-        c->out[r] = at;
-    }
-    return 0;
-}
-#endif
 
-/* out[r] = argmax of x[r, 0 .. cols) (row stride `stride` elements), for r < rows; cols >= 1. */
+/* 1 when this build has the kernel (AVX-512): elsewhere torch.max's reduction is as fast as a
+ * portable loop, and the sampler keeps it (argmax_native.supports). */
+int loraplex_argmax_available(void) { return 1; }
+
+/* out[r] = argmax of x[r, 0 .. cols) (row stride `stride` elements), for r < rows; cols >= 1.
+ * Returns 0, -2 for a bad shape. */
 int loraplex_argmax_f32(int64_t rows, int64_t cols, const float *x, int64_t stride, int64_t *out) {
     if (cols < 1 || rows < 0) return -2;
     const argmax_call_t call = {x, cols, stride, out};
@@ -93,3 +77,14 @@ int loraplex_argmax_f32(int64_t rows, int64_t cols, const float *x, int64_t stri
     if (nt <= 1) return argmax_rows(&call, 0, rows);
     return lp_run_shares(nt, NULL, rows, argmax_rows, &call);
 }
+
+#else  /* no AVX-512 in this build */
+
+int loraplex_argmax_available(void) { return 0; }
+
+int loraplex_argmax_f32(int64_t rows, int64_t cols, const float *x, int64_t stride, int64_t *out) {
+    (void)rows; (void)cols; (void)x; (void)stride; (void)out;
+    return -3;
+}
+
+#endif

@@ -4,6 +4,7 @@ torch.argmax answers, for the sampler's greedy pick on CPU."""
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -13,10 +14,16 @@ _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 
 
+@functools.cache
+def available() -> bool:
+    """The library is built with the kernel (AVX-512; elsewhere torch.max is as fast)."""
+    return native.available() and native.function("loraplex_argmax_available", [])() == 1
+
+
 def supports(x: torch.Tensor) -> bool:
-    """A 2-D float32 CPU tensor with contiguous rows and at least one column; library built."""
+    """A 2-D float32 CPU tensor with contiguous rows and at least one column; kernel built."""
     return (x.dim() == 2 and x.dtype == torch.float32 and x.is_cpu and x.shape[1] > 0 and x.stride(1) == 1
-            and native.available())
+            and available())
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
