@@ -93,8 +93,8 @@ def attach(model: nn.Module) -> bool:
         model.compiled_layers = None
         return False
     model.compiled_layers = CompiledLayers(model)
-    log.info("decoder layers run as one compiled call per step where no LoRA delta is due "
-             "(model/compiled_layers.py)")
+    log.info("decoder layers run as one compiled call per step, LoRA deltas included "
+             "(model/compiled_layers.py; LORAPLEX_COMPILED_LAYERS=0 turns it off)")
     return True
 
 
