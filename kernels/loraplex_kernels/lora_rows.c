@@ -53,7 +53,13 @@ static void add_row(void *base, int dtype, int64_t row, int64_t stride, const fl
         for (int64_t i = 0; i < n; i++) dst[i] += d[i];
     } else {
         uint16_t *dst = (uint16_t *)base + row * stride;
-        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(bf16_to_f32(dst[i]) + d[i]);
+        int64_t i = 0;
+#if LP_BF16X16  /* 16 at a time through VCVTNEPS2BF16 (bf16.h): the portable rounding costs ~6
+                 * cycles an element, ~3 us a row of a q/k/v group (960 outputs) */
+        for (; i + 16 <= n; i += 16)
+            bf16x16_store(dst + i, _mm512_add_ps(bf16x16_load(dst + i), _mm512_loadu_ps(d + i)));
+#endif
+        for (; i < n; i++) dst[i] = f32_to_bf16(bf16_to_f32(dst[i]) + d[i]);
     }
 }
 
