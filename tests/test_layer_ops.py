@@ -144,3 +144,30 @@ def test_rotary_and_cache_write_refuses_a_bad_slot():
     with pytest.raises(IndexError, match="slot"):
         layer_ops_native.rotary_kv(q, k, v, cos, sin, kc, vc, torch.tensor([3, 8]))
     assert not kc.any() and not vc.any()
+
+
+@pytest.mark.parametrize(("tokens", "heads", "dim"), [(1, 4, 16), (7, 16, 128), (33, 8, 64)])
+def test_rmsnorm_per_head_matches_torch_and_float64(tokens, heads, dim):
+    """Qwen3's per-head q/k norms ([T, H, D] views of the fused q/k/v output, token stride wider
+    than H * D) through rmsnorm.c: as close to torch and float64 as the 2-D rows (one bfloat16
+    step at most), the same bits as rms_norm on the heads laid out as rows, and the module takes
+    that path for bfloat16 3-D input."""
+    g = torch.Generator().manual_seed(tokens * 7 + dim)
+    wide = (torch.randn(tokens, heads * dim + 32, generator=g) * 3).to(torch.bfloat16)
+    x = wide[:, 16:16 + heads * dim].view(tokens, heads, dim)
+    norm = RMSNorm(dim, 1e-6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    norm_mod.NATIVE = False
+    want = norm(x)
+    got = layer_ops_native.rms_norm_heads(x, norm.weight, 1e-6)
+    assert got.shape == want.shape and got.is_contiguous()
+    diff = (got.double() - want.double()).abs()
+    assert (diff <= _bf16_step(want)).all() and (diff == 0).double().mean() > 0.99
+    x64 = x.double()
+    ref = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+    rows = layer_ops_native.rms_norm(x.reshape(-1, dim), norm.weight, 1e-6)
+    assert torch.equal(got.view(-1, dim), rows)
+    norm_mod.NATIVE = None
+    assert torch.equal(norm(x), got)

@@ -4,7 +4,8 @@
  * ~7 calls a layer, each a few microseconds of argument checks, tensor allocation and ctypes:
  * a visible share of a decode step once the GEMMs stream at the machine's read rate).
  *
- *   attention block:  xn = rmsnorm(x) ; qkv = xn @ Wqkv.T (+b) ; q, k = rotary(q, k) with k, v
+ *   attention block:  xn = rmsnorm(x) ; qkv = xn @ Wqkv.T (+b) ; (Qwen3: each head of q and k
+ *                     RMSNorm-ed) ; q, k = rotary(q, k) with k, v
  *                     written to the layer's KV cache ; a = decode attention of every row ;
  *                     x = x + a @ Wo.T (+b)                          (the residual epilogue)
  *   MLP block:        xn = rmsnorm(x) ; h = silu(xn Wg.T) * (xn Wu.T) (the SwiGLU epilogue) ;
@@ -34,6 +35,7 @@ typedef struct {  /* one decoder layer's fixed operands: pointers into the model
     const uint16_t *down, *down_bias;            /* panels [hidden columns] */
     uint16_t *k_cache, *v_cache;                 /* [num_slots, hkv, dim] */
     int64_t window;                              /* sliding window, 0 = none */
+    const uint16_t *q_norm, *k_norm;             /* [dim] per-head RMSNorm weights (Qwen3), or NULL */
 } lp_layer_t;
 
 typedef struct {  /* one LoRA delta due at a layer's projection(s) this step */
@@ -141,6 +143,12 @@ static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lor
     if (!rc) TIMED(s, PH_QKV, rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias,
                                                               s->qkv_out, width, PLAIN, 0, 0));
     if (!rc && sites) rc = add_delta(s, sites + SITE_QKV, s->xn, hid, s->qkv_out, width);
+    if (!rc && l->q_norm)  /* Qwen3: each head of q and k normalised before rotary, in place */
+        TIMED(s, PH_NORM, rc = loraplex_rmsnorm_heads_bf16(t, s->heads, d, s->qkv_out, width, d, l->q_norm,
+                                                           s->eps, s->qkv_out, width, d));
+    if (!rc && l->k_norm)
+        TIMED(s, PH_NORM, rc = loraplex_rmsnorm_heads_bf16(t, s->kv_heads, d, s->qkv_out + qw, width, d,
+                                                           l->k_norm, s->eps, s->qkv_out + qw, width, d));
     if (!rc) TIMED(s, PH_ROTARY_KV, rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
                                                                  s->qkv_out + qw, width, d, s->qkv_out + qw + kvw,
                                                                  width, d, s->cos, s->sin, s->cs_stride, s->q_rot,

@@ -17,7 +17,7 @@ class LayerOperands(ctypes.Structure):
 
     _fields_ = [("in_norm", _P), ("post_norm", _P), ("qkv", _P), ("qkv_bias", _P), ("o", _P), ("o_bias", _P),
                 ("gate_up", _P), ("gate_up_bias", _P), ("down", _P), ("down_bias", _P),
-                ("k_cache", _P), ("v_cache", _P), ("window", _I64)]
+                ("k_cache", _P), ("v_cache", _P), ("window", _I64), ("q_norm", _P), ("k_norm", _P)]
 
 
 class LoraSite(ctypes.Structure):

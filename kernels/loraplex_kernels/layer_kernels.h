@@ -7,6 +7,9 @@
 
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
+int loraplex_rmsnorm_heads_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint16_t *x,
+                                int64_t x_stride, int64_t x_head_stride, const uint16_t *w, float eps,
+                                uint16_t *out, int64_t out_stride, int64_t out_head_stride);
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                                const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
                                int mode, const uint16_t *residual, int64_t r_stride);

@@ -42,6 +42,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H, dim] (token and head strides any, dim contiguous), weight [dim] -> [T, H, dim]
+    contiguous: every head of every token normalised on its own (Qwen3's q/k norms), the same
+    per-row arithmetic as rms_norm."""
+    tokens, heads, dim = x.shape
+    w = weight.contiguous()
+    if w.shape != (dim,):
+        raise ValueError(f"weight {tuple(w.shape)} for heads of {dim}")
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype)
+    native.function("loraplex_rmsnorm_heads_bf16",
+                    [_I64, _I64, _I64, _P, _I64, _I64, _P, ctypes.c_float, _P, _I64, _I64])(
+        tokens, heads, dim, x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), eps, out.data_ptr(),
+        heads * dim, dim)
+    return out
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] (head dim contiguous), cos/sin [T, 1, D] or [T, D] -> rotated [T, H, D]."""
     tokens, heads, dim = x.shape

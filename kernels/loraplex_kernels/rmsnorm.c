@@ -18,10 +18,11 @@
 #include "parallel.h"
 
 typedef struct {
-    int64_t dim, x_stride, out_stride;
+    int64_t dim, heads;                     /* row r: token r / heads, head r % heads */
+    int64_t x_stride, x_head_stride, out_stride, out_head_stride;
     const uint16_t *x, *w;
     float eps;
-    uint16_t *out;
+    uint16_t *out;                          /* may be x (in place: a row is read before written) */
 } norm_call_t;
 
 static int norm_rows(const void *call, int64_t lo, int64_t hi) {
@@ -30,8 +31,9 @@ static int norm_rows(const void *call, int64_t lo, int64_t hi) {
     const uint16_t *w = c->w;
     const float eps = c->eps;
     for (int64_t r = lo; r < hi; r++) {
-        const uint16_t *xr = c->x + r * c->x_stride;
-        uint16_t *o = c->out + r * c->out_stride;
+        const int64_t t = r / c->heads, h = r % c->heads;
+        const uint16_t *xr = c->x + t * c->x_stride + h * c->x_head_stride;
+        uint16_t *o = c->out + t * c->out_stride + h * c->out_head_stride;
         float acc[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= dim; i += 16)
@@ -66,10 +68,24 @@ static int norm_rows(const void *call, int64_t lo, int64_t hi) {
  * computed by one thread alone: the result does not depend on the split. */
 #define PARALLEL_MIN_ROWS 16
 
+static int run_norm(const norm_call_t *call, int64_t rows) {
+    const int nt = lp_max_threads();
+    if (nt <= 1 || rows < PARALLEL_MIN_ROWS) return norm_rows(call, 0, rows);
+    return lp_run_shares(nt, NULL, rows, norm_rows, call);
+}
+
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride) {
-    const norm_call_t call = {dim, x_stride, out_stride, x, w, eps, out};
-    const int nt = lp_max_threads();
-    if (nt <= 1 || rows < PARALLEL_MIN_ROWS) return norm_rows(&call, 0, rows);
-    return lp_run_shares(nt, NULL, rows, norm_rows, &call);
+    const norm_call_t call = {dim, 1, x_stride, 0, out_stride, 0, x, w, eps, out};
+    return run_norm(&call, rows);
+}
+
+/* Each head of each token normalised on its own (Qwen3's q/k norms): x [tokens, heads, dim] with
+ * token and head strides, out likewise (out may be x). */
+int loraplex_rmsnorm_heads_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint16_t *x,
+                                int64_t x_stride, int64_t x_head_stride, const uint16_t *w, float eps,
+                                uint16_t *out, int64_t out_stride, int64_t out_head_stride) {
+    if (heads < 1) return heads == 0 ? 0 : -2;
+    const norm_call_t call = {dim, heads, x_stride, x_head_stride, out_stride, out_head_stride, x, w, eps, out};
+    return run_norm(&call, tokens * heads);
 }

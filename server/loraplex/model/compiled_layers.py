@@ -9,7 +9,7 @@ same order for every block of the step, so the logits are bit-identical to the P
 
 Where it applies (the engine attaches it after packing, engine.pack_cpu_weights):
 - the model: bfloat16 on CPU, every projection an AMX panel set (model/amx_linear.py) with q/k/v
-  and gate/up fused (model/fused_linear.py), no per-head q/k norm (Qwen3 keeps the Python path);
+  and gate/up fused (model/fused_linear.py) (Qwen3's per-head q/k norms included);
 - the step: every row is an attention row of the compiled kernel (decode tokens and short prefill
   chunks: attention.AttentionPlan.native_rows), and no switch turns one of the compiled pieces off;
 - LoRA: the deltas due this step run inside the compiled blocks through the same pooled kernel
@@ -65,8 +65,6 @@ def refusal(model: nn.Module) -> str | None:
     arch = model.arch
     if model.dtype != torch.bfloat16 or model.device.type != "cpu":
         return f"the model is {model.dtype} on {model.device}, not bfloat16 on CPU"
-    if arch.qk_norm:
-        return "per-head q/k norms (Qwen3) are not compiled"
     if arch.head_dim % 2:
         return f"odd head dim {arch.head_dim}"
     eps = {float(m.eps) for m in model.modules() if isinstance(m, norm.RMSNorm)}
@@ -160,7 +158,9 @@ class CompiledLayers:
                     post_norm=self._ptr(layer.post_attention_layernorm.weight.detach()),
                     qkv=self._ptr(qkv.packed), qkv_bias=self._ptr(qkv.bias), o=self._ptr(o.packed),
                     o_bias=self._ptr(o.bias), gate_up=self._ptr(gu.packed), gate_up_bias=self._ptr(gu.bias),
-                    down=self._ptr(down.packed), down_bias=self._ptr(down.bias), window=a.window or 0)
+                    down=self._ptr(down.packed), down_bias=self._ptr(down.bias), window=a.window or 0,
+                    q_norm=None if a.q_norm is None else self._ptr(a.q_norm.weight.detach()),
+                    k_norm=None if a.k_norm is None else self._ptr(a.k_norm.weight.detach()))
 
     def _layer_table(self, kv: KVCache) -> ctypes.Array:
         """The layers' operands with this cache's tensors, built once per cache."""

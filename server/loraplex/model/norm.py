@@ -23,8 +23,11 @@ class RMSNorm(nn.Module):
         # [..., dim]. Normalise in float32 (bf16 squares lose too much), cast back BEFORE the
         # weight multiply: that is the order HF uses (and the compiled kernel's).
         w = self.weight  # one nn.Module attribute lookup, not three
-        if NATIVE is not False and x.dim() == 2 and layer_ops_native.supports(x, w):
-            return layer_ops_native.rms_norm(x, w, self.eps)
+        if NATIVE is not False and layer_ops_native.supports(x, w):
+            if x.dim() == 2:
+                return layer_ops_native.rms_norm(x, w, self.eps)
+            if x.dim() == 3:  # [T, heads, head_dim]: Qwen3's per-head q/k norms
+                return layer_ops_native.rms_norm_heads(x, w, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
