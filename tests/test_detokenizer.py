@@ -106,3 +106,31 @@ def test_check_finish_priorities():
     assert f(5, 3, 10) is FinishReason.LENGTH
     assert f(5, 1, 100) is FinishReason.LENGTH  # reached max_model_len
     assert f(0, 1, 10, params=SamplingParams(max_new_tokens=3, ignore_eos=True)) is None
+
+
+def test_backend_decode_is_transformers_decode(tok):
+    """The detokenizer decodes through the tokenizer's own Rust decode where transformers' decode
+    is exactly that call: the same text on random id windows (added/special tokens included, with
+    and without skip_special_tokens); a tokenizer overriding decode keeps transformers' path."""
+    import random
+
+    from loraplex.engine.detokenizer import backend_decode
+
+    fast = backend_decode(tok)
+    assert fast is not None and IncrementalDetokenizer(tok, [1])._backend_decode is not None
+    rng = random.Random(3)
+    size = len(tok)
+    for _ in range(2000):
+        ids = [rng.randrange(size) for _ in range(rng.randrange(1, 10))]
+        for skip in (True, False):
+            assert fast(ids, skip_special_tokens=skip) == tok.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    class Custom(type(tok)):
+        def decode(self, *args, **kwargs):
+            return "custom"
+
+    custom = Custom.__new__(Custom)
+    custom.__dict__.update(tok.__dict__)
+    assert backend_decode(custom) is None
+    assert backend_decode(object()) is None

@@ -22,10 +22,29 @@ from loraplex.engine.request import FinishReason, SamplingParams
 _PREFIX_CONTEXT_TOKENS = 5
 
 
+def backend_decode(tokenizer: Any) -> Any:
+    """The tokenizer's own Rust `decode(ids, skip_special_tokens=...)` when transformers' `decode`
+    (with clean_up_tokenization_spaces=False) is exactly that call: a TokenizersBackend whose
+    decode / _decode no subclass overrides. None otherwise (the caller keeps tokenizer.decode).
+    Two decodes a generated token through transformers' wrapper (argument conversion, kwargs) cost
+    ~20 us against ~5 for the Rust calls alone: ~0.5 ms of a 32-sequence decode step."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep its decode
+        return None
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, TokenizersBackend) or cls._decode is not TokenizersBackend._decode
+            or cls.decode is not PreTrainedTokenizerBase.decode):
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: Seq[int], stop: Seq[str] = (),
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self._backend_decode = backend_decode(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(stop)
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
@@ -37,6 +56,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: Seq[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(list(ids), skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
