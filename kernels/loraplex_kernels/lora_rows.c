@@ -139,6 +139,45 @@ static void expand_##SUFFIX(float *acc, const float *h, int nb, int r, const WT 
 DEFINE_SHRINK_EXPAND(f32, float, AS_FLOAT)
 DEFINE_SHRINK_EXPAND(bf16, uint16_t, bf16_to_f32)
 
+#if LP_BF16X16
+/* shrink_bf16 for bfloat16 activations read in place (x rows xr[j]; n a multiple of 32): VDPBF16PS
+ * multiplies 32 bfloat16 pairs exactly and sums them in float32, so neither x nor A is widened
+ * (the widening loop spends more on conversions than on FMAs). Four ranks at a time, as there. */
+static void shrink_bf16_dp(float *h, const uint16_t *const *xr, int nb, int64_t n, const uint16_t *a,
+                           int64_t a_rank_stride, int r) {
+    for (int j = 0; j < nb; j++) {
+        const uint16_t *x = xr[j];
+        int k = 0;
+        for (; k + 4 <= r; k += 4) {
+            const uint16_t *a0 = a + k * a_rank_stride, *a1 = a0 + a_rank_stride;
+            const uint16_t *a2 = a1 + a_rank_stride, *a3 = a2 + a_rank_stride;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            for (int64_t i = 0; i < n; i += 32) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+                s0 = _mm512_dpbf16_ps(s0, xv, (__m512bh)_mm512_loadu_si512(a0 + i));
+                s1 = _mm512_dpbf16_ps(s1, xv, (__m512bh)_mm512_loadu_si512(a1 + i));
+                s2 = _mm512_dpbf16_ps(s2, xv, (__m512bh)_mm512_loadu_si512(a2 + i));
+                s3 = _mm512_dpbf16_ps(s3, xv, (__m512bh)_mm512_loadu_si512(a3 + i));
+            }
+            h[j * r + k] = _mm512_reduce_add_ps(s0);
+            h[j * r + k + 1] = _mm512_reduce_add_ps(s1);
+            h[j * r + k + 2] = _mm512_reduce_add_ps(s2);
+            h[j * r + k + 3] = _mm512_reduce_add_ps(s3);
+        }
+        for (; k < r; k++) {
+            const uint16_t *ak = a + k * a_rank_stride;
+            __m512 s0 = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n; i += 32)
+                s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(x + i), (__m512bh)_mm512_loadu_si512(ak + i));
+            h[j * r + k] = _mm512_reduce_add_ps(s0);
+        }
+    }
+}
+#define HAVE_DP_SHRINK 1
+#else
+#define HAVE_DP_SHRINK 0
+#endif
+
 #define MAX_MEMBERS 4
 
 /* One projection group's slot weights: fixed while the server runs, so native.py builds this once
@@ -314,13 +353,25 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
         if (nxt < num_rows && idx[order[nxt]] >= 0)
             prefetch_slot(c, idx[order[nxt]], num_members, d_in, w_size);
         if (any) {
-            for (int j = 0; j < nb; j++) load_row(xs + j * d_in, c->x, c->x_dtype, order[i + j], c->x_stride, d_in);
+            /* bfloat16 x and weights: the dot products straight from x's rows (shrink_bf16_dp) */
+            const int dp = HAVE_DP_SHRINK && w_dtype == 1 && c->x_dtype == 1 && d_in % 32 == 0;
+            const uint16_t *xr[BLOCK];
+            for (int j = 0; j < nb; j++) {
+                if (dp)
+                    xr[j] = (const uint16_t *)c->x + order[i + j] * c->x_stride;
+                else
+                    load_row(xs + j * d_in, c->x, c->x_dtype, order[i + j], c->x_stride, d_in);
+            }
             int km = 0, mm = 0;
             const int fused = fused_layout(c, v, num_members, &km, &mm);
             const int rr = fused ? v[0].rank * num_members : 0;
             if (fused) {  /* every member's ranks: one contiguous [rr, in] block, one pass over x */
                 if (w_dtype == 0)
                     shrink_f32(hall, xs, nb, d_in, (const float *)v[0].a, d_in, rr);
+#if HAVE_DP_SHRINK
+                else if (dp)
+                    shrink_bf16_dp(hall, xr, nb, d_in, (const uint16_t *)v[0].a, d_in, rr);
+#endif
                 else
                     shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)v[0].a, d_in, rr);
             }
@@ -335,6 +386,10 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
                 } else {
                     if (w_dtype == 0)
                         shrink_f32(h, xs, nb, d_in, (const float *)v[mi].a, v[mi].a_stride, r);
+#if HAVE_DP_SHRINK
+                    else if (dp)
+                        shrink_bf16_dp(h, xr, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r);
+#endif
                     else
                         shrink_bf16(h, xs, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r);
                     for (int q = 0; q < nb * r; q++) h[q] *= sc;
