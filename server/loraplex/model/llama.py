@@ -181,10 +181,10 @@ class LlamaForCausalLM(nn.Module):
 
     def output_logits(self, x: torch.Tensor, as_float: bool = False) -> torch.Tensor:
         """lm_head: [S, hidden] -> [S, vocab] (as_float: then .float(), in the GEMM's own pass where
-        the head is an AMX panel set). Untied: the lm_head module (nn.Linear or a bitsandbytes
-        Linear4bit; packed, packed_head). Tied: the embedding table (packed: a copy as packed_head);
-        a 4-bit table (quantized_embedding.py, --quantize-embeddings) multiplies from its own packed
-        storage, with no float copy."""
+        the head is an AMX panel set). Untied: the lm_head module (nn.Linear, packed in place at
+        start-up, or a bitsandbytes Linear4bit). Tied: the embedding table, or its packed copy
+        (packed_head); a 4-bit table (quantized_embedding.py, --quantize-embeddings) multiplies from
+        its own packed storage, with no float copy."""
         if as_float:
             head = self.lm_head if self.lm_head is not None else self.packed_head
             if type(head) is AmxLinear and x.dim() == 2:
