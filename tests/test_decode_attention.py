@@ -207,3 +207,23 @@ def test_same_bits_on_any_thread_count(dtype):
         torch.set_num_threads(before)
     for n in (2, 3):
         assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[n])), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("query_lens", "seq_lens"), [([1], [700]), ([1, 1], [900, 40]), ([1, 5], [600, 20])])
+def test_fewer_rows_than_threads_split_by_head_same_bits(dtype, query_lens, seq_lens):
+    """With fewer rows than threads the kernel splits (row, KV head) pairs over the threads (one
+    long sequence's heads side by side): against float64 (in _run) and bit for bit the output of
+    one thread, which computes every head of a row together."""
+    if not native.available():
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    before = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs[n] = [_run("native", dtype, query_lens, seq_lens, 9, 3, window=w, seed=5) for w in (None, 64)]
+    finally:
+        torch.set_num_threads(before)
+    for n in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[n])), n

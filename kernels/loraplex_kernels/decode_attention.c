@@ -72,7 +72,7 @@ static void prefetch_blocks(const char *k, const char *v, const int64_t *table, 
  * inner loop is branch-free and vectorises. */
 #define DEFINE_DECODE_ATTENTION(SUFFIX, T, LOAD, STORE, DFIX)                                      \
 static void decode_attention_##SUFFIX(                                                             \
-    int64_t num_seqs, int64_t num_kv_heads, int64_t rep, int64_t d_arg,                            \
+    int64_t num_seqs, int64_t num_kv_heads, int64_t g_lo, int64_t g_hi, int64_t rep, int64_t d_arg, \
     const T *q, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,                 \
     const T *k_cache, const T *v_cache, int64_t blk_stride, int64_t pos_stride,                     \
     int64_t kv_head_stride, int64_t block_size, const int64_t *block_table, int64_t table_stride,   \
@@ -96,8 +96,8 @@ static void decode_attention_##SUFFIX(                                          
         /* Every head at once, position by position: a position's keys (values) for all kv    \
          * heads are one contiguous record, read once and in order through the blocks, instead \
          * of one strided pass per kv head (same sums in the same order). */                    \
-        const int64_t H = num_kv_heads * rep;                                                      \
-        for (int64_t h = 0; h < H; h++) {                                                          \
+        const int64_t h_lo = g_lo * rep, h_hi = g_hi * rep;  /* this call's query heads */        \
+        for (int64_t h = h_lo; h < h_hi; h++) {                                                    \
             const T *qs = q + qrow * q_row_stride + h * q_head_stride;                             \
             for (int64_t d = 0; d < D; d++) qf[h * D + d] = LOAD(qs[d]) * scale;                   \
         }                                                                                          \
@@ -107,7 +107,7 @@ static void decode_attention_##SUFFIX(                                          
             if (j + PF_DIST < n)                                                                   \
                 prefetch_record((const char *)k_cache, table, j + PF_DIST, block_size,             \
                                 blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
-            for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
+            for (int64_t g = g_lo; g < g_hi; g++) {                                                \
                 const T *kr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(kr[d]);                              \
                 for (int64_t r = 0; r < rep; r++) {                                                \
@@ -118,7 +118,7 @@ static void decode_attention_##SUFFIX(                                          
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (int64_t h = 0; h < H; h++) {                                                          \
+        for (int64_t h = h_lo; h < h_hi; h++) {                                                    \
             float *sr = s + h * len;                                                               \
             float m = sr[0];                                                                       \
             for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;                           \
@@ -131,14 +131,14 @@ static void decode_attention_##SUFFIX(                                          
             float inv = 1.0f / sum;                                                                \
             for (int64_t j = 0; j < len; j++) sr[j] *= inv;                                        \
         }                                                                                          \
-        memset(acc, 0, (size_t)(H * D) * sizeof(float));                                          \
+        memset(acc + h_lo * D, 0, (size_t)((h_hi - h_lo) * D) * sizeof(float));                   \
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
             const T *rec = v_cache + table[blk] * blk_stride + off * pos_stride;                   \
             if (++off == block_size) { off = 0; blk++; }                                           \
             if (j + PF_DIST < n)                                                                   \
                 prefetch_record((const char *)v_cache, table, j + PF_DIST, block_size,             \
                                 blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
-            for (int64_t g = 0; g < num_kv_heads; g++) {                                           \
+            for (int64_t g = g_lo; g < g_hi; g++) {                                                \
                 const T *vr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(vr[d]);                              \
                 for (int64_t r = 0; r < rep; r++) {                                                \
@@ -148,7 +148,7 @@ static void decode_attention_##SUFFIX(                                          
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
-        for (int64_t h = 0; h < H; h++) {                                                          \
+        for (int64_t h = h_lo; h < h_hi; h++) {                                                    \
             T *o = out + b * out_row_stride + h * D;                                               \
             for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[h * D + d]);                          \
         }                                                                                          \
@@ -164,7 +164,7 @@ DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64)
 DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128)
 DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128)
 
-#define DISPATCH(FN) FN(num_seqs, num_kv_heads, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
+#define DISPATCH(FN) FN(num_seqs, num_kv_heads, g_lo, g_hi, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
                         k_cache, v_cache, blk_stride, pos_stride, kv_head_stride, block_size,            \
                         block_table, table_stride, seq_lens, window, scale, out, out_row_stride,         \
                         s, qf, acc, row)
@@ -187,9 +187,9 @@ typedef struct {
     int64_t out_row_stride;
 } attention_call_t;
 
-/* Rows [lo, hi) of a call, on the calling thread, with its own scratch. */
-static int attention_rows(const void *call, int64_t lo, int64_t hi) {
-    const attention_call_t *c = call;
+/* Rows [lo, hi) of a call, KV heads [g_lo, g_hi) of each (their query heads), on the calling
+ * thread, with its own scratch. A head's sums do not depend on which other heads run with it. */
+static int attention_range(const attention_call_t *c, int64_t lo, int64_t hi, int64_t g_lo, int64_t g_hi) {
     const int64_t num_kv_heads = c->num_kv_heads, rep = c->num_heads / num_kv_heads, D = c->head_dim;
     const int64_t num_seqs = hi - lo, el = c->q_dtype == 0 ? 4 : 2;
     const int64_t q_row_stride = c->q_row_stride, q_head_stride = c->q_head_stride;
@@ -228,6 +228,27 @@ static int attention_rows(const void *call, int64_t lo, int64_t hi) {
     return 0;
 }
 
+/* A share of rows (every KV head of each). */
+static int attention_rows(const void *call, int64_t lo, int64_t hi) {
+    const attention_call_t *c = call;
+    return attention_range(c, lo, hi, 0, c->num_kv_heads);
+}
+
+/* A share of (row, KV head) items, item i = row i / H_kv, head i % H_kv: for fewer rows than
+ * threads (one long sequence), its heads go to different threads. */
+static int attention_heads(const void *call, int64_t lo, int64_t hi) {
+    const attention_call_t *c = call;
+    const int64_t hk = c->num_kv_heads;
+    while (lo < hi) {
+        const int64_t row = lo / hk, g_lo = lo % hk, g_hi = hi - row * hk < hk ? hi - row * hk : hk;
+        const int rc = attention_range(c, row, row + 1, g_lo, g_hi);
+        if (rc) return rc;
+        lo = (row + 1) * hk;
+    }
+    return 0;
+}
+
+
 /* Below this many attended keys in a call, one thread does it all (a parallel region costs a few
  * microseconds of hand-off). */
 #define PARALLEL_MIN_KEYS 512
@@ -250,19 +271,23 @@ int loraplex_decode_attention(
                                    q_head_stride, k_cache, v_cache, blk_stride, pos_stride, kv_head_stride,
                                    block_size, block_table, table_stride, seq_lens, window, scale, out,
                                    out_row_stride};
-    int nt = lp_max_threads();
-    if (nt > num_seqs) nt = (int)num_seqs;
+    const int threads = lp_max_threads();
+    /* Fewer rows than threads: split by (row, KV head) instead, so one long sequence's heads run
+     * side by side (bit-identical: each head is computed alone either way). */
+    const int by_head = num_seqs < threads && num_kv_heads > 1;
+    const int64_t per = by_head ? num_kv_heads : 1, items = num_seqs * per;
+    int nt = threads > items ? (int)items : threads;
     if (nt <= 1) return attention_rows(&call, 0, num_seqs);
-    int64_t *cum = malloc((size_t)num_seqs * sizeof(int64_t));  /* keys attended, running total */
+    int64_t *cum = malloc((size_t)items * sizeof(int64_t));  /* keys attended, running total */
     if (!cum) return -1;
     int64_t total = 0;
-    for (int64_t b = 0; b < num_seqs; b++) {
-        int64_t n = seq_lens[b], len = (window > 0 && n > window) ? window : n;
+    for (int64_t i = 0; i < items; i++) {
+        int64_t n = seq_lens[i / per], len = (window > 0 && n > window) ? window : n;
         total += len + 1;
-        cum[b] = total;
+        cum[i] = total;
     }
-    int rc = total < PARALLEL_MIN_KEYS ? attention_rows(&call, 0, num_seqs)
-                                       : lp_run_shares(nt, cum, num_seqs, attention_rows, &call);
+    int rc = total < PARALLEL_MIN_KEYS * per ? attention_rows(&call, 0, num_seqs)
+                                             : lp_run_shares(nt, cum, items, by_head ? attention_heads : attention_rows, &call);
     free(cum);
     return rc;
 }
