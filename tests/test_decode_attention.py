@@ -190,23 +190,28 @@ def test_float32_prefill_stays_on_sdpa():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_same_bits_on_any_thread_count(dtype):
-    """The compiled kernel splits rows over threads (each row on one thread): 1, 2 and 3 threads
-    give identical outputs, with decode rows, short prefill chunks and a window."""
+def _assert_same_bits_on_1_2_3_threads(dtype, query_lens, seq_lens, seed):
+    """_run (float64-checked) at 1, 2 and 3 threads, with and without a window: identical outputs."""
     if not native.available():
         pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
     before = torch.get_num_threads()
-    query_lens, seq_lens = [1] * 20 + [30, 1, 12], [int(n) for n in torch.arange(40, 240, 10)] + [30, 300, 50]
     try:
         outs = {}
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs[n] = [_run("native", dtype, query_lens, seq_lens, 9, 3, window=w, seed=11) for w in (None, 64)]
+            outs[n] = [_run("native", dtype, query_lens, seq_lens, 9, 3, window=w, seed=seed) for w in (None, 64)]
     finally:
         torch.set_num_threads(before)
     for n in (2, 3):
         assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[n])), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_same_bits_on_any_thread_count(dtype):
+    """The compiled kernel splits rows over threads (each row on one thread): 1, 2 and 3 threads
+    give identical outputs, with decode rows, short prefill chunks and a window."""
+    query_lens, seq_lens = [1] * 20 + [30, 1, 12], [int(n) for n in torch.arange(40, 240, 10)] + [30, 300, 50]
+    _assert_same_bits_on_1_2_3_threads(dtype, query_lens, seq_lens, seed=11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -215,15 +220,4 @@ def test_fewer_rows_than_threads_split_by_head_same_bits(dtype, query_lens, seq_
     """With fewer rows than threads the kernel splits (row, KV head) pairs over the threads (one
     long sequence's heads side by side): against float64 (in _run) and bit for bit the output of
     one thread, which computes every head of a row together."""
-    if not native.available():
-        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
-    before = torch.get_num_threads()
-    try:
-        outs = {}
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs[n] = [_run("native", dtype, query_lens, seq_lens, 9, 3, window=w, seed=5) for w in (None, 64)]
-    finally:
-        torch.set_num_threads(before)
-    for n in (2, 3):
-        assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[n])), n
+    _assert_same_bits_on_1_2_3_threads(dtype, query_lens, seq_lens, seed=5)

@@ -32,25 +32,37 @@ def _bf16_step(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - 8)
 
 
+def _random_norm(dim: int, eps: float, g: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(dim, eps, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    return norm
+
+
+def _assert_like_torch_norm(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            eps: float) -> None:
+    """got (our RMSNorm) vs want (torch's formulation): at most one bfloat16 step apart, nearly
+    all equal, and as close to float64 as torch on average."""
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    diff = (got.double() - want.double()).abs()
+    assert (diff <= _bf16_step(want)).all()  # at most one bfloat16 step apart
+    assert (diff == 0).double().mean() > 0.99
+    x64 = x.double()
+    ref = weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+
+
 @pytest.mark.parametrize("rows", [1, 5, 32, 513])
 @pytest.mark.parametrize("dim", [64, 576, 577, 1000])
 def test_rmsnorm_matches_torch_and_float64(rows, dim):
     g = torch.Generator().manual_seed(rows * 1000 + dim)
     wide = (torch.randn(rows, dim + 7, generator=g) * 3).to(torch.bfloat16)
     x = wide[:, 3:3 + dim]  # strided rows
-    norm = RMSNorm(dim, 1e-5, dtype=torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(dim, generator=g))
+    norm = _random_norm(dim, 1e-5, g)
     norm_mod.NATIVE = False
     want = norm(x)
     got = layer_ops_native.rms_norm(x, norm.weight, 1e-5)
-    assert got.shape == want.shape and got.dtype == torch.bfloat16
-    diff = (got.double() - want.double()).abs()
-    assert (diff <= _bf16_step(want)).all()  # at most one bfloat16 step apart
-    assert (diff == 0).double().mean() > 0.99
-    x64 = x.double()
-    ref = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
-    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+    _assert_like_torch_norm(got, want, x, norm.weight.detach(), 1e-5)
     norm_mod.NATIVE = None
     assert torch.equal(norm(x), got)  # the module takes the compiled path
 
@@ -155,18 +167,12 @@ def test_rmsnorm_per_head_matches_torch_and_float64(tokens, heads, dim):
     g = torch.Generator().manual_seed(tokens * 7 + dim)
     wide = (torch.randn(tokens, heads * dim + 32, generator=g) * 3).to(torch.bfloat16)
     x = wide[:, 16:16 + heads * dim].view(tokens, heads, dim)
-    norm = RMSNorm(dim, 1e-6, dtype=torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(dim, generator=g))
+    norm = _random_norm(dim, 1e-6, g)
     norm_mod.NATIVE = False
     want = norm(x)
     got = layer_ops_native.rms_norm_heads(x, norm.weight, 1e-6)
-    assert got.shape == want.shape and got.is_contiguous()
-    diff = (got.double() - want.double()).abs()
-    assert (diff <= _bf16_step(want)).all() and (diff == 0).double().mean() > 0.99
-    x64 = x.double()
-    ref = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-    assert (got.double() - ref).abs().mean() <= 1.05 * (want.double() - ref).abs().mean() + 1e-12
+    assert got.is_contiguous()
+    _assert_like_torch_norm(got, want, x, norm.weight.detach(), 1e-6)
     rows = layer_ops_native.rms_norm(x.reshape(-1, dim), norm.weight, 1e-6)
     assert torch.equal(got.view(-1, dim), rows)
     norm_mod.NATIVE = None
