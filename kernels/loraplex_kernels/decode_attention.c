@@ -57,6 +57,21 @@ static inline void prefetch_record(const char *cache, const int64_t *table, int6
     for (int64_t c = 0; c < pos_bytes; c += 64) __builtin_prefetch(rec + c, 0, 1);
 }
 
+/* Position j's record of `cache` on a row's walk through its blocks (blk / off: j's block in the
+ * row's table and its offset there, moved on to j + 1), asking for the record PF_DIST positions
+ * ahead (n: the row's context). */
+static inline const char *walk_record(const char *cache, const int64_t *table, int64_t j, int64_t n,
+                                      int64_t *blk, int64_t *off, int64_t block_size, int64_t blk_bytes,
+                                      int64_t pos_bytes) {
+    const char *rec = cache + table[*blk] * blk_bytes + *off * pos_bytes;
+    if (++*off == block_size) {
+        *off = 0;
+        ++*blk;
+    }
+    if (j + PF_DIST < n) prefetch_record(cache, table, j + PF_DIST, block_size, blk_bytes, pos_bytes);
+    return rec;
+}
+
 /* The next row's first PF_HEAD positions from lo (K and V), before it starts. */
 static void prefetch_blocks(const char *k, const char *v, const int64_t *table, int64_t n, int64_t lo,
                             int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
@@ -80,6 +95,7 @@ static void decode_attention_##SUFFIX(                                          
     float *s, float *qf, float *acc, float *row)                                                   \
 {                                                                                                  \
     const int64_t D = DFIX ? DFIX : d_arg;  /* a constant in the common head sizes' instances */  \
+    const int64_t blk_bytes = blk_stride * (int64_t)sizeof(T), pos_bytes = pos_stride * (int64_t)sizeof(T); \
     for (int64_t b = 0; b < num_seqs; b++) {                                                       \
         const int64_t n = seq_lens[b];                                                             \
         const int64_t lo = (window > 0 && n - window > 0) ? n - window : 0;                        \
@@ -91,7 +107,7 @@ static void decode_attention_##SUFFIX(                                          
             const int64_t lo2 = (window > 0 && n2 - window > 0) ? n2 - window : 0;                 \
             prefetch_blocks((const char *)k_cache, (const char *)v_cache,                          \
                             block_table + (b + 1) * table_stride, n2, lo2, block_size,             \
-                            blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T));     \
+                            blk_bytes, pos_bytes);                                                 \
         }                                                                                          \
         /* Every head at once, position by position: a position's keys (values) for all kv    \
          * heads are one contiguous record, read once and in order through the blocks, instead \
@@ -102,11 +118,8 @@ static void decode_attention_##SUFFIX(                                          
             for (int64_t d = 0; d < D; d++) qf[h * D + d] = LOAD(qs[d]) * scale;                   \
         }                                                                                          \
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
-            const T *rec = k_cache + table[blk] * blk_stride + off * pos_stride;                   \
-            if (++off == block_size) { off = 0; blk++; }                                           \
-            if (j + PF_DIST < n)                                                                   \
-                prefetch_record((const char *)k_cache, table, j + PF_DIST, block_size,             \
-                                blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
+            const T *rec = (const T *)walk_record((const char *)k_cache, table, j, n, &blk, &off,      \
+                                                  block_size, blk_bytes, pos_bytes);               \
             for (int64_t g = g_lo; g < g_hi; g++) {                                                \
                 const T *kr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(kr[d]);                              \
@@ -133,11 +146,8 @@ static void decode_attention_##SUFFIX(                                          
         }                                                                                          \
         memset(acc + h_lo * D, 0, (size_t)((h_hi - h_lo) * D) * sizeof(float));                   \
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
-            const T *rec = v_cache + table[blk] * blk_stride + off * pos_stride;                   \
-            if (++off == block_size) { off = 0; blk++; }                                           \
-            if (j + PF_DIST < n)                                                                   \
-                prefetch_record((const char *)v_cache, table, j + PF_DIST, block_size,             \
-                                blk_stride * (int64_t)sizeof(T), pos_stride * (int64_t)sizeof(T)); \
+            const T *rec = (const T *)walk_record((const char *)v_cache, table, j, n, &blk, &off,      \
+                                                  block_size, blk_bytes, pos_bytes);               \
             for (int64_t g = g_lo; g < g_hi; g++) {                                                \
                 const T *vr = rec + g * kv_head_stride;                                            \
                 for (int64_t d = 0; d < D; d++) row[d] = LOAD(vr[d]);                              \
@@ -247,7 +257,6 @@ static int attention_heads(const void *call, int64_t lo, int64_t hi) {
     }
     return 0;
 }
-
 
 /* Below this many attended keys in a call, one thread does it all (a parallel region costs a few
  * microseconds of hand-off). */

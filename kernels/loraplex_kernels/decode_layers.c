@@ -81,15 +81,13 @@ static inline int64_t now_ns(void) {
         if ((S)->phase_ns) (S)->phase_ns[P] += now_ns() - t0_;   \
     } while (0)
 
-enum { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };  /* gemm_amx.c's epilogues */
-#define BF16 1                                 /* decode_attention.c's dtype code */
 
 /* The site's delta (if due) added to y (row stride ys; each member's columns at y + y_cols[i]). */
 static int add_delta(const lp_step_t *s, const lp_lora_site_t *site, const uint16_t *x, int64_t xs,
                      uint16_t *y, int64_t ys) {
     if (!site || !site->pool) return 0;
     int rc;
-    TIMED(s, PH_LORA, rc = loraplex_lora_pooled(site->pool, s->lora_order, s->lora_rows, s->lora_idx, x, BF16, xs,
+    TIMED(s, PH_LORA, rc = loraplex_lora_pooled(site->pool, s->lora_order, s->lora_rows, s->lora_idx, x, LP_BF16, xs,
                                                 y + site->y_cols[0], y + site->y_cols[1], y + site->y_cols[2],
                                                 y + site->y_cols[3], ys, ys, ys, ys));
     return rc;
@@ -108,7 +106,7 @@ static void swiglu_rows(int64_t t, int64_t n, const uint16_t *gu, uint16_t *h) {
     for (int64_t r = 0; r < t; r++)
         for (int64_t i = 0; i < n; i += 16) {
             const __m512 g = bf16x16_load(gu + r * 2 * n + i), u = bf16x16_load(gu + r * 2 * n + n + i);
-            bf16x16_store(h + r * n + i, _mm512_mul_ps(bf16x16_round(silu512(g)), u));
+            bf16x16_store(h + r * n + i, swiglu16(g, u));
         }
 }
 #define HAVE_ROWS 1
@@ -123,11 +121,11 @@ static int project_residual(const lp_step_t *s, const lp_lora_site_t *site, cons
     const int64_t t = s->tokens, hid = s->hidden;
     int rc;
     if (!site || !site->pool) {
-        TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->x, hid, RESIDUAL, s->x, hid));
+        TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->x, hid, EPI_RESIDUAL, s->x, hid));
         return rc;
     }
     if (!HAVE_ROWS) return -3;
-    TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->xn, hid, PLAIN, 0, 0));
+    TIMED(s, phase, rc = loraplex_amx_gemm_epilogue(t, hid, k, a, k, panels, bias, s->xn, hid, EPI_PLAIN, 0, 0));
     if (!rc) rc = add_delta(s, site, a, k, s->xn, hid);
 #if LP_BF16X16
     if (!rc) TIMED(s, PH_ROWS, add_rows(t, hid, s->x, hid, s->xn, hid));
@@ -141,7 +139,7 @@ static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lor
     int rc;
     TIMED(s, PH_NORM, rc = loraplex_rmsnorm_bf16(t, hid, s->x, hid, l->in_norm, s->eps, s->xn, hid));
     if (!rc) TIMED(s, PH_QKV, rc = loraplex_amx_gemm_epilogue(t, width, hid, s->xn, hid, l->qkv, l->qkv_bias,
-                                                              s->qkv_out, width, PLAIN, 0, 0));
+                                                              s->qkv_out, width, EPI_PLAIN, 0, 0));
     if (!rc && sites) rc = add_delta(s, sites + SITE_QKV, s->xn, hid, s->qkv_out, width);
     if (!rc && l->q_norm)  /* Qwen3: each head of q and k normalised before rotary, in place */
         TIMED(s, PH_NORM, rc = loraplex_rmsnorm_heads_bf16(t, s->heads, d, s->qkv_out, width, d, l->q_norm,
@@ -154,8 +152,8 @@ static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lor
                                                                  width, d, s->cos, s->sin, s->cs_stride, s->q_rot,
                                                                  s->k_rot, l->k_cache, l->v_cache, s->num_slots,
                                                                  s->slots));
-    if (!rc) TIMED(s, PH_ATTENTION, rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, BF16, 0,
-                                                                   qw, d, l->k_cache, l->v_cache, BF16,
+    if (!rc) TIMED(s, PH_ATTENTION, rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, LP_BF16, 0,
+                                                                   qw, d, l->k_cache, l->v_cache, LP_BF16,
                                                                    s->block_size * kvw, kvw, d, s->block_size,
                                                                    s->table, s->table_stride, s->seq_lens,
                                                                    l->window, s->scale, s->attn, qw));
@@ -171,12 +169,12 @@ static int mlp_block(const lp_step_t *s, const lp_layer_t *l, const lp_lora_site
     if (rc) return rc;
     if (!gu || !gu->pool) {
         TIMED(s, PH_GATE_UP, rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up,
-                                                             l->gate_up_bias, s->h, inter, SWIGLU, 0, 0));
+                                                             l->gate_up_bias, s->h, inter, EPI_SWIGLU, 0, 0));
     } else if (!HAVE_ROWS) {
         rc = -3;
     } else {  /* the delta goes into gate / up before silu(gate) * up */
         TIMED(s, PH_GATE_UP, rc = loraplex_amx_gemm_epilogue(t, 2 * inter, hid, s->xn, hid, l->gate_up,
-                                                             l->gate_up_bias, s->gate_up, 2 * inter, PLAIN, 0, 0));
+                                                             l->gate_up_bias, s->gate_up, 2 * inter, EPI_PLAIN, 0, 0));
         if (!rc) rc = add_delta(s, gu, s->xn, hid, s->gate_up, 2 * inter);
 #if LP_BF16X16
         if (!rc) TIMED(s, PH_ROWS, swiglu_rows(t, inter, s->gate_up, s->h));

@@ -92,7 +92,6 @@ static void configure(int tall, int rows) {
  *             rounding boundary can come out one bfloat16 step apart.
  *   FLOAT     y (float32) = bf16(acc + bias) widened: torch's `linear(x).float()`, bit for bit,
  *             without the bfloat16 tensor and the copy (the vocab projection's logits). */
-enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3 };
 
 typedef struct {
     const uint16_t *x, *panels, *bias, *residual;
@@ -116,7 +115,7 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
         for (int r = 0; r < rows; r++) {
             const __m512 g = bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bg));
             const __m512 up = bf16x16_round(_mm512_add_ps(_mm512_load_ps(u + r * 16), bu));
-            bf16x16_store(y + r * c->y_stride, _mm512_mul_ps(bf16x16_round(silu512(g)), up));
+            bf16x16_store(y + r * c->y_stride, swiglu16(g, up));
         }
         return;
     }
@@ -297,21 +296,9 @@ int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *
     return lp_run_shares(nt, NULL, items, amx_share, &call);  /* every item is the same work */
 }
 
-/* y[m, n] (row stride y_stride) = bf16(x[m, k] @ W.T + bias): the PLAIN epilogue. */
-int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                      const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    return loraplex_amx_gemm_epilogue(m, n, k, x, x_stride, panels, bias, y, y_stride, EPI_PLAIN, NULL, 0);
-}
-
 #else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */
 
 int loraplex_amx_enable(void) { return -3; }
-
-int loraplex_amx_gemm(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
-                      const uint16_t *panels, const uint16_t *bias, uint16_t *y, int64_t y_stride) {
-    (void)m; (void)n; (void)k; (void)x; (void)x_stride; (void)panels; (void)bias; (void)y; (void)y_stride;
-    return -3;
-}
 
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                                const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,

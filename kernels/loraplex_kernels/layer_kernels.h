@@ -5,6 +5,11 @@
 
 #include <stdint.h>
 
+/* loraplex_amx_gemm_epilogue's modes (what it writes from its sums: see gemm_amx.c) */
+enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3 };
+/* element types of the attention and LoRA kernels' operands (native.DTYPE_CODES) */
+enum { LP_F32 = 0, LP_BF16 = 1 };
+
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
 int loraplex_rmsnorm_heads_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint16_t *x,

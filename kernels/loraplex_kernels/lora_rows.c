@@ -362,6 +362,7 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
                 else
                     load_row(xs + j * d_in, c->x, c->x_dtype, order[i + j], c->x_stride, d_in);
             }
+            (void)xr;  /* read only by shrink_bf16_dp (AVX-512 BF16 builds) */
             int km = 0, mm = 0;
             const int fused = fused_layout(c, v, num_members, &km, &mm);
             const int rr = fused ? v[0].rank * num_members : 0;

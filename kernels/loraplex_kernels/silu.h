@@ -3,6 +3,8 @@
 #ifndef LORAPLEX_SILU_H
 #define LORAPLEX_SILU_H
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -29,6 +31,15 @@ static inline __m512 silu512(__m512 g) {
     const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
     return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
+
+#if LP_BF16X16
+/* SwiGLU of bfloat16 gate and up values (as float32 lanes): bf16(silu(g)) * u, to be stored as
+ * bfloat16 -- torch's F.silu(gate) * up, each op rounding once. The one recipe both the GEMM's
+ * SWIGLU epilogue and the compiled layers' post-LoRA pass use, so the two agree bit for bit. */
+static inline __m512 swiglu16(__m512 g, __m512 u) {
+    return _mm512_mul_ps(bf16x16_round(silu512(g)), u);
+}
+#endif
 #endif
 
 #endif

@@ -85,7 +85,6 @@ def pack_cpu_weights(model: Any) -> None:
         log.info("packed %d bfloat16 projections for %s, %d q/k/v or gate/up groups fused into one "
                  "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n,
                  "our AMX kernel (LORAPLEX_AMX=0: oneDNN)" if amx_wanted() else "oneDNN", groups)
-    if n or groups:
         compiled_layers.attach(model)  # the decoder layers as one compiled call where they qualify
     if extra:
         log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",

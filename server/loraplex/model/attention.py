@@ -201,7 +201,7 @@ def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(rotary(q), rotary(k)) for q [T, H, D], k / v [T, H_kv, D], cos/sin [T, 1, D]; the caches
     (see write_kv) get the rotated k and v at slot_mapping [T]."""
     cos, sin = cos_sin
-    if (NATIVE_ROTARY_KV is not False and rope.NATIVE is not False and k_cache.dtype == q.dtype and k_cache.is_contiguous()
+    if (NATIVE_ROTARY_KV is not False and rope.NATIVE is not False and k_cache.is_contiguous()
             and v_cache.is_contiguous() and layer_ops_native.supports(q, k, v, cos, sin, k_cache, v_cache)):
         return layer_ops_native.rotary_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     q, k = rope.apply_rotary(q, k, cos_sin)

@@ -30,7 +30,7 @@ from torch import nn
 
 from loraplex.model import attention, norm, rope
 from loraplex.model.amx_linear import AmxLinear, amx_wanted
-from loraplex.model.fused_linear import PackedSlice
+from loraplex.model.fused_linear import packed_group
 from loraplex.model.kv_cache import KVCache
 from loraplex_kernels import backend, cpu, native
 from loraplex_kernels import decode_layers_native as dl
@@ -48,14 +48,8 @@ def _panels(projections: tuple) -> nn.Module | None:
     if len(projections) == 1:
         base = projections[0].base
         return base if type(base) is AmxLinear else None
-    first = projections[0].base
-    if not isinstance(first, PackedSlice) or len(first.group.widths) != len(projections):
-        return None
-    for i, p in enumerate(projections):
-        if not isinstance(p.base, PackedSlice) or p.base.group is not first.group or p.base.index != i:
-            return None
-    linear = first.group.linear
-    return linear if type(linear) is AmxLinear else None
+    group = packed_group(projections)
+    return group.linear if group is not None and type(group.linear) is AmxLinear else None
 
 
 def refusal(model: nn.Module) -> str | None:
@@ -223,11 +217,12 @@ class CompiledLayers:
     def forward(self, x: torch.Tensor, batch: Any, kv: KVCache, plan: Any,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
         """x [T, hidden] after every decoder layer, or None when this step does not qualify (the
-        caller runs the Python layers). x is updated in place by the compiled blocks."""
+        caller runs the Python layers). x (the forward's own embedding output: nobody else holds
+        it) is updated in place by the compiled blocks."""
         t = x.shape[0]
         rows, table, seq_lens, long = plan.native_rows(with_prefill=True)
         if (long or rows is None or not self.switched_on() or x.dtype != torch.bfloat16
-                or not attention.attention_native.supports(x.view(t, 1, -1), kv.k[0])):
+                or kv.k[0].dtype != torch.bfloat16):
             return None
         if isinstance(rows, slice):
             if rows.start != 0 or rows.stop != t:
@@ -255,7 +250,7 @@ class CompiledLayers:
         for w in widths:
             ptrs.append(scratch.data_ptr() + 2 * offset)
             offset += t * w
-        x = x.clone(memory_format=torch.contiguous_format)  # updated in place: never the caller's tensor
+        x = x.contiguous()  # the forward's own embedding output, updated in place
         k0 = kv.k[0]
         step = dl.StepOperands(
             hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,

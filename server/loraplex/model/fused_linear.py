@@ -81,9 +81,8 @@ class PackedSlice(nn.Module):
         return f"member {self.index} of a packed group, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
-    """The members' base outputs from one GEMM when `projections` are exactly one PackedGroup's
-    members in order; None otherwise (the caller runs each base)."""
+def packed_group(projections: Sequence[nn.Module]) -> PackedGroup | None:
+    """The PackedGroup whose members are exactly `projections`, in order; None otherwise."""
     first = projections[0].base
     if not isinstance(first, PackedSlice):
         return None
@@ -94,20 +93,23 @@ def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[tor
         base = p.base
         if not isinstance(base, PackedSlice) or base.group is not group or base.index != i:
             return None
-    return list(group.forward(x))
+    return group
+
+
+def group_outputs(projections: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The members' base outputs from one GEMM when `projections` are exactly one PackedGroup's
+    members in order; None otherwise (the caller runs each base)."""
+    group = packed_group(projections)
+    return None if group is None else list(group.forward(x))
 
 
 def group_swiglu(projections: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor | None:
     """silu(gate(x)) * up(x) [T, intermediate] in the group GEMM's own pass when (gate, up) are
     one AMX group of two equal halves (AmxLinear.swiglu); None otherwise (the caller runs the
     GEMM and the two ops). The caller makes sure no LoRA delta is due on either member."""
-    gate, up = projections
-    g, u = gate.base, up.base
-    if not (isinstance(g, PackedSlice) and isinstance(u, PackedSlice) and g.group is u.group
-            and g.index == 0 and u.index == 1):
-        return None
-    group = g.group
-    if type(group.linear) is not AmxLinear or group.widths[0] != group.widths[1] or group.widths[0] % 16:
+    group = packed_group(projections)
+    if (group is None or type(group.linear) is not AmxLinear or len(group.widths) != 2
+            or group.widths[0] != group.widths[1] or group.widths[0] % 16):
         return None
     return group.linear.swiglu(x)
 
