@@ -35,7 +35,7 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define PREFETCH_AHEAD 2048  /* bytes ahead in a panel: two B tiles */
+#define PREFETCH_AHEAD 2048  /* bytes ahead in a step's weight stream: one B tile per panel of a pair */
 /* Rows per pass over a thread's panels (a multiple of 32): prefill's x rows ([ROW_CHUNK, K]
  * bfloat16, <= 768 KB at K = 1536) stay in L2 across the panel groups instead of streaming
  * from L3 once per group; decode steps (<= 256 rows) make one pass. */
@@ -105,14 +105,14 @@ static inline __m512 bias16(const amx_call_t *c, int64_t col) {
     return c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();
 }
 
-/* Item `item`'s 16 output columns for rows [m0, m0 + rows) from its sums: a [rows, 16] (its
- * panel, or its gate panel) and u (SWIGLU: its up panel), row-major float32. */
-static void emit(const amx_call_t *c, int64_t item, const float *a, const float *u, int64_t m0, int rows) {
+/* Rows [r0, r1) of item `item`'s 16 output columns (block rows m0 + r) from its sums: a [rows, 16]
+ * (its panel, or its gate panel) and u (SWIGLU: its up panel), row-major float32. */
+static void emit(const amx_call_t *c, int64_t item, const float *a, const float *u, int64_t m0, int r0, int r1) {
     const int64_t col = item * 16;
     uint16_t *y = c->y + m0 * c->y_stride + col;
     if (c->mode == EPI_SWIGLU) {
         const __m512 bg = bias16(c, col), bu = bias16(c, col + c->half * 16);
-        for (int r = 0; r < rows; r++) {
+        for (int r = r0; r < r1; r++) {
             const __m512 g = bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bg));
             const __m512 up = bf16x16_round(_mm512_add_ps(_mm512_load_ps(u + r * 16), bu));
             bf16x16_store(y + r * c->y_stride, swiglu16(g, up));
@@ -122,11 +122,11 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
     const __m512 bv = bias16(c, col);
     if (c->mode == EPI_FLOAT) {  /* y is float32: same row stride in elements */
         float *yf = (float *)c->y + m0 * c->y_stride + col;
-        for (int r = 0; r < rows; r++)
+        for (int r = r0; r < r1; r++)
             _mm512_storeu_ps(yf + r * c->y_stride, bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bv)));
         return;
     }
-    for (int r = 0; r < rows; r++) {
+    for (int r = r0; r < r1; r++) {
         __m512 v = _mm512_add_ps(_mm512_load_ps(a + r * 16), bv);
         if (c->mode == EPI_RESIDUAL)
             v = _mm512_add_ps(bf16x16_round(v), bf16x16_load(c->residual + (m0 + r) * c->r_stride + col));
@@ -134,16 +134,50 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
     }
 }
 
-static void prefetch_panel(const uint16_t *b) {
-    _mm_prefetch((const char *)b + PREFETCH_AHEAD, _MM_HINT_T0);
-    _mm_prefetch((const char *)b + PREFETCH_AHEAD + 512, _MM_HINT_T0);
-}
-
 #define ACC_STRIDE (32 * 16)  /* floats per weight panel's sums in a step's buffer: 32 rows x 16 */
 
+/* A step's sums waiting for their epilogue. Why: the epilogue is AVX-512 work on the core while
+ * the next step's tile loads wait on memory, so it runs in slices inside the next step's K loop
+ * (a few rows per 32-deep slice) instead of between the steps, where the weight stream would
+ * stall behind it (0.7 ms of a 32-sequence decode step's GEMMs on the 2-core AMX box). */
+typedef struct {
+    int n, per_item, rows, done;  /* items, panels per item, block rows, rows emitted */
+    int64_t item, m0;             /* first item (the others follow it), first row */
+    const float *acc;             /* the items' sums: panel j at acc + j * ACC_STRIDE */
+} pending_t;
+
+/* Emits the pending rows up to `upto` (all of them when upto >= rows). */
+static void drain(const amx_call_t *c, pending_t *p, int upto) {
+    if (upto > p->rows) upto = p->rows;
+    if (p->done >= upto) return;
+    for (int i = 0; i < p->n; i++) {
+        const float *a = p->acc + i * p->per_item * ACC_STRIDE;
+        emit(c, p->item + i, a, p->per_item == 2 ? a + ACC_STRIDE : NULL, p->m0, p->done, upto);
+    }
+    p->done = upto;
+}
+
+/* Software prefetch of the 1 KB weight slice PREFETCH_AHEAD bytes past `off` in panel w; past
+ * the panel's end it is the same place in the panels the next step reads (w + next elements).
+ * Every line is asked for, into L1, so the memory system keeps streaming while the tile unit
+ * and the epilogue work: the hardware streamer alone stalls at each 4 KB page of the panels.
+ * The last step's addresses run past the weights: harmless, a prefetch never faults. */
+static inline void prefetch_slice(const uint16_t *w, int64_t off, int64_t panel, int64_t next) {
+    const int64_t o = off + PREFETCH_AHEAD / 2;
+    const char *p = (const char *)(o < panel ? w + o : w + next + (o - panel));
+    /* asm, not _mm_prefetch: GCC 12 drops the builtin from these loops under some inlining */
+    for (int l = 0; l < 1024; l += 64) __asm__ volatile("prefetcht0 %0" : : "m"(p[l]));
+}
+
 /* Sums of <= 16 rows (xr, row stride xs bytes) against nw (1, 2 or 4) weight panels w[], each
- * one float32 tile; stored to acc + j * ACC_STRIDE, row-major [rows, 16]. */
-static void wide_step(const uint16_t *xr, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc) {
+ * one float32 tile; stored to acc + j * ACC_STRIDE, row-major [rows, 16]. `next`: elements from
+ * a panel to the one the next step reads in its place (prefetch). `p`: the previous step's
+ * epilogue, drained over the K loop. */
+static inline __attribute__((always_inline)) void wide_step(
+        const uint16_t *xr, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc, int64_t next,
+        const int pf, const amx_call_t *c, pending_t *p) {
+    const int64_t panel = k * 16;
+    const int per_slice = (int)((p->rows - p->done + k / 32 - 1) / (k / 32));  /* rows drained a slice */
     _tile_zero(0);
     if (nw > 1) _tile_zero(1);
     if (nw > 2) {
@@ -153,23 +187,25 @@ static void wide_step(const uint16_t *xr, int64_t xs, const uint16_t *const *w, 
     for (int64_t k0 = 0; k0 < k; k0 += 32) {
         const int64_t off = k0 * 16;  /* this 32-deep slice of each panel */
         _tile_loadd(4, xr + k0, xs);
-        prefetch_panel(w[0] + off);
+        if (pf) prefetch_slice(w[0], off, panel, next);
         _tile_loadd(5, w[0] + off, 64);
         _tile_dpbf16ps(0, 4, 5);
         if (nw > 1) {
-            prefetch_panel(w[1] + off);
+            if (pf) prefetch_slice(w[1], off, panel, next);
             _tile_loadd(6, w[1] + off, 64);
             _tile_dpbf16ps(1, 4, 6);
         }
         if (nw > 2) {
-            prefetch_panel(w[2] + off);
+            if (pf) prefetch_slice(w[2], off, panel, next);
             _tile_loadd(5, w[2] + off, 64);
             _tile_dpbf16ps(2, 4, 5);
-            prefetch_panel(w[3] + off);
+            if (pf) prefetch_slice(w[3], off, panel, next);
             _tile_loadd(6, w[3] + off, 64);
             _tile_dpbf16ps(3, 4, 6);
         }
+        drain(c, p, p->done + per_slice);
     }
+    drain(c, p, p->rows);
     _tile_stored(0, acc, 64);
     if (nw > 1) _tile_stored(1, acc + ACC_STRIDE, 64);
     if (nw > 2) {
@@ -180,9 +216,12 @@ static void wide_step(const uint16_t *xr, int64_t xs, const uint16_t *const *w, 
 
 /* Sums of 17-32 rows (xr; xr2 = its 17th row) against nw (1 or 2) weight panels: tiles 0 / 2
  * hold panel 0's rows 0-15 / 16-31, tiles 1 / 3 panel 1's; each weight slice loaded once for
- * all the rows. Stored like wide_step's. */
-static void tall_step(const uint16_t *xr, const uint16_t *xr2, int64_t xs, const uint16_t *const *w, int nw,
-                      int64_t k, float *acc) {
+ * all the rows. Stored, prefetched and drained like wide_step's. */
+static inline __attribute__((always_inline)) void tall_step(
+        const uint16_t *xr, const uint16_t *xr2, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc,
+        int64_t next, const int pf, const amx_call_t *c, pending_t *p) {
+    const int64_t panel = k * 16;
+    const int per_slice = (int)((p->rows - p->done + k / 32 - 1) / (k / 32));
     _tile_zero(0);
     _tile_zero(2);
     if (nw > 1) {
@@ -193,17 +232,19 @@ static void tall_step(const uint16_t *xr, const uint16_t *xr2, int64_t xs, const
         const int64_t off = k0 * 16;
         _tile_loadd(4, xr + k0, xs);
         _tile_loadd(5, xr2 + k0, xs);
-        prefetch_panel(w[0] + off);
+        if (pf) prefetch_slice(w[0], off, panel, next);
         _tile_loadd(6, w[0] + off, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
         if (nw > 1) {
-            prefetch_panel(w[1] + off);
+            if (pf) prefetch_slice(w[1], off, panel, next);
             _tile_loadd(7, w[1] + off, 64);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
         }
+        drain(c, p, p->done + per_slice);
     }
+    drain(c, p, p->rows);
     _tile_stored(0, acc, 64);
     _tile_stored(2, acc + 16 * 16, 64);
     if (nw > 1) {
@@ -222,7 +263,10 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     const int64_t xs = c->x_stride * 2;      /* bytes */
     const int per_item = c->mode == EPI_SWIGLU ? 2 : 1;  /* weight panels per item */
     const int full = 4 / per_item;                       /* items per group of 4 panels */
-    float acc[4 * ACC_STRIDE] __attribute__((aligned(64)));
+    /* Two sum buffers: a step stores into one while the previous step's epilogue reads the other. */
+    float acc[2][4 * ACC_STRIDE] __attribute__((aligned(64)));
+    int cur = 0;
+    pending_t pend = {0};
     /* The thread's tile configuration as the caller left it, put back at the end: oneDNN and
      * ATen run AMX kernels on these same (torch intra-op) threads and may keep theirs loaded
      * between calls. Palette 0 (nothing loaded) restores as a release. */
@@ -248,28 +292,32 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
                     configured = tall * 64 + rows;
                 }
                 const uint16_t *xr = c->x + m0 * c->x_stride;
+                /* Software prefetch only where a group's weights serve one row block: with more
+                 * (> 32 rows) the tiles are busy longer per weight byte and the hardware streamer
+                 * keeps up; asking for every line then costs more than it saves (64 rows: 1.1x
+                 * slower with it, 32 rows: 1.1x faster). */
+                const int prefetch = c->m <= 32;
                 if (tall) {  /* two weight panels at a time: one SWIGLU item or two plain ones */
                     for (int j = 0; j < nw; j += 2) {
                         const int pair = nw - j >= 2 ? 2 : 1;
-                        tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc);
-                        const int64_t item = it + j / per_item;
-                        if (per_item == 2) {
-                            emit(c, item, acc, acc + ACC_STRIDE, m0, rows);
-                        } else {
-                            emit(c, item, acc, NULL, m0, rows);
-                            if (pair == 2) emit(c, item + 1, acc + ACC_STRIDE, NULL, m0, rows);
-                        }
+                        /* the next pair: the following item (SWIGLU), or the panels after these */
+                        const int64_t next = (per_item == 2 ? 1 : pair) * panel;
+                        if (prefetch) tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, 1, c, &pend);
+                        else tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, 0, c, &pend);
+                        pend = (pending_t){pair / per_item, per_item, rows, 0, it + j / per_item, m0, acc[cur]};
+                        cur ^= 1;
                     }
                     continue;
                 }
-                wide_step(xr, xs, w, nw, k, acc);
-                for (int i = 0; i < group; i++)
-                    emit(c, it + i, acc + i * per_item * ACC_STRIDE,
-                         per_item == 2 ? acc + (2 * i + 1) * ACC_STRIDE : NULL, m0, rows);
+                if (prefetch) wide_step(xr, xs, w, nw, k, acc[cur], group * panel, 1, c, &pend);
+                else wide_step(xr, xs, w, nw, k, acc[cur], group * panel, 0, c, &pend);
+                pend = (pending_t){group, per_item, rows, 0, it, m0, acc[cur]};
+                cur ^= 1;
             }
             it += group;
         }
     }
+    drain(c, &pend, pend.rows);
     if (saved.palette) _tile_loadconfig(&saved);
     else _tile_release();
     return 0;
