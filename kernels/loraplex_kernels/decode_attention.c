@@ -22,6 +22,7 @@
 #include "bf16.h"
 #include "layer_kernels.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 #define AS_FLOAT(v) (v)
 #define STORE_F32(v) (v)
@@ -54,7 +55,7 @@ static inline float exp_nonpos(float x) {
 static inline void prefetch_record(const char *cache, const int64_t *table, int64_t j, int64_t block_size,
                                    int64_t blk_bytes, int64_t pos_bytes) {
     const char *rec = cache + table[j / block_size] * blk_bytes + (j % block_size) * pos_bytes;
-    for (int64_t c = 0; c < pos_bytes; c += 64) __builtin_prefetch(rec + c, 0, 1);
+    for (int64_t c = 0; c < pos_bytes; c += 64) lp_prefetch_l2(rec + c);
 }
 
 /* Position j's record of `cache` on a row's walk through its blocks (blk / off: j's block in the

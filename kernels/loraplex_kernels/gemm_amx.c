@@ -26,6 +26,7 @@
 #include "bf16.h"
 #include "layer_kernels.h"
 #include "parallel.h"
+#include "prefetch.h"
 #include "silu.h"
 
 #if defined(__linux__) && defined(__x86_64__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -165,8 +166,7 @@ static void drain(const amx_call_t *c, pending_t *p, int upto) {
 static inline void prefetch_slice(const uint16_t *w, int64_t off, int64_t panel, int64_t next) {
     const int64_t o = off + PREFETCH_AHEAD / 2;
     const char *p = (const char *)(o < panel ? w + o : w + next + (o - panel));
-    /* asm, not _mm_prefetch: GCC 12 drops the builtin from these loops under some inlining */
-    for (int l = 0; l < 1024; l += 64) __asm__ volatile("prefetcht0 %0" : : "m"(p[l]));
+    for (int l = 0; l < 1024; l += 64) lp_prefetch_l1(p + l);
 }
 
 /* Sums of <= 16 rows (xr, row stride xs bytes) against nw (1, 2 or 4) weight panels w[], each

@@ -36,6 +36,7 @@
 
 #include "bf16.h"
 #include "parallel.h"
+#include "prefetch.h"
 #include "gemm_panels.h"
 #include "widen.h"
 
@@ -75,7 +76,7 @@ static inline void gemv4(float out[4], const float *xf, const uint16_t *const w[
     for (; i + 2 * LANES <= k; i += 2 * LANES) {
         v8f x0 = load8(xf + i), x1 = load8(xf + i + LANES);
         for (int j = 0; j < 4; j++) {
-            __builtin_prefetch(w[j] + i + PREFETCH_AHEAD, 0, 0);
+            lp_prefetch_once(w[j] + i + PREFETCH_AHEAD);
             acc[j][0] += x0 * widen8(w[j] + i);
             acc[j][1] += x1 * widen8(w[j] + i + LANES);
         }

@@ -34,6 +34,7 @@
 
 #include "bf16.h"
 #include "parallel.h"
+#include "prefetch.h"
 
 #define BLOCK 4
 #define TILE 64
@@ -70,7 +71,7 @@ static void add_row(void *base, int dtype, int64_t row, int64_t stride, const fl
  * dev box: ~2x for a cold q/k/v call). */
 static void prefetch_range(const void *p, int64_t bytes) {
     const char *c = (const char *)p;
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
+    for (int64_t off = 0; off < bytes; off += 64) lp_prefetch_l2(c + off);
 }
 
 /* Weights are float32 (WT = float, W(v) = v) or bfloat16 (WT = uint16_t, W(v) = bf16_to_f32(v)):
