@@ -84,6 +84,16 @@ static void prefetch_blocks(const char *k, const char *v, const int64_t *table, 
 }
 
 #if LP_BF16X16
+/* CALL(NR) with NR = min(left, 4) as a constant, so that each head count gets its own
+ * register-resident instance of an always_inline pass. */
+#define BY_HEAD_COUNT(left, CALL)                          \
+    switch ((left) < 4 ? (int)(left) : 4) {                \
+    case 1: CALL(1); break;                                \
+    case 2: CALL(2); break;                                \
+    case 3: CALL(3); break;                                \
+    default: CALL(4); break;                               \
+    }
+
 /* acc[h] += p[h][j] * V_j over the row's positions, for bfloat16 heads of 64 and NR query heads of
  * KV head g at once (NR <= 4: 16 float32 accumulators in registers). Why: summing into acc in
  * memory position by position (the generic loop) costs a load and a store per 16 sums and was
@@ -125,12 +135,9 @@ static int v_pass_bf16_64(const char *v_cache, const int64_t *table, int64_t lo,
             const int64_t h = g * rep + r0;
             const float *p0 = s + h * len;
             float *acc0 = acc + h * 64;
-            switch (rep - r0 < 4 ? (int)(rep - r0) : 4) {
-            case 1: v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, 1); break;
-            case 2: v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, 2); break;
-            case 3: v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, 3); break;
-            default: v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, 4); break;
-            }
+#define V_HEADS(NR) v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, NR)
+            BY_HEAD_COUNT(rep - r0, V_HEADS);
+#undef V_HEADS
         }
     }
     return 0;
@@ -192,12 +199,9 @@ static int k_pass_bf16_64(const char *k_cache, const int64_t *table, int64_t lo,
             const int64_t h = g * rep + r0;
             const float *q0 = qf + h * 64;
             float *s0 = s + h * len;
-            switch (rep - r0 < 4 ? (int)(rep - r0) : 4) {
-            case 1: k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, 1); break;
-            case 2: k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, 2); break;
-            case 3: k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, 3); break;
-            default: k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, 4); break;
-            }
+#define K_HEADS(NR) k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, NR)
+            BY_HEAD_COUNT(rep - r0, K_HEADS);
+#undef K_HEADS
         }
     }
     return 0;
