@@ -60,8 +60,9 @@ static inline void prefetch_record(const char *cache, const int64_t *table, int6
 
 /* Position j's record of `cache` on a row's walk through its blocks (blk / off: j's block in the
  * row's table and its offset there, moved on to j + 1), asking for the record PF_DIST positions
- * ahead (n: the row's context). */
-static inline const char *walk_record(const char *cache, const int64_t *table, int64_t j, int64_t n,
+ * ahead while that is before pf_end (the row's context; 0 on a walk that follows another over
+ * the same records, which are in cache by then). */
+static inline const char *walk_record(const char *cache, const int64_t *table, int64_t j, int64_t pf_end,
                                       int64_t *blk, int64_t *off, int64_t block_size, int64_t blk_bytes,
                                       int64_t pos_bytes) {
     const char *rec = cache + table[*blk] * blk_bytes + *off * pos_bytes;
@@ -69,7 +70,7 @@ static inline const char *walk_record(const char *cache, const int64_t *table, i
         *off = 0;
         ++*blk;
     }
-    if (j + PF_DIST < n) prefetch_record(cache, table, j + PF_DIST, block_size, blk_bytes, pos_bytes);
+    if (j + PF_DIST < pf_end) prefetch_record(cache, table, j + PF_DIST, block_size, blk_bytes, pos_bytes);
     return rec;
 }
 
@@ -101,13 +102,14 @@ static void prefetch_blocks(const char *k, const char *v, const int64_t *table, 
  * are the same fused multiply-adds in the same order (position by position). */
 static inline __attribute__((always_inline)) void v_heads_bf16_64(
         const char *v_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size, int64_t blk_bytes,
-        int64_t pos_bytes, const uint16_t *head0, const float *p0, int64_t len, float *acc0, const int NR) {
+        int64_t pos_bytes, int64_t pf_end, const uint16_t *head0, const float *p0, int64_t len, float *acc0,
+        const int NR) {
     __m512 a[4][4];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
     const int64_t head_off = (const char *)head0 - v_cache;  /* the KV head's place in a record */
     for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {
-        const char *rec = walk_record(v_cache, table, j, n, &blk, &off, block_size, blk_bytes, pos_bytes);
+        const char *rec = walk_record(v_cache, table, j, pf_end, &blk, &off, block_size, blk_bytes, pos_bytes);
         const uint16_t *vr = (const uint16_t *)(rec + head_off);
         const __m512 v0 = bf16x16_load(vr), v1 = bf16x16_load(vr + 16), v2 = bf16x16_load(vr + 32),
                      v3 = bf16x16_load(vr + 48);
@@ -124,8 +126,8 @@ static inline __attribute__((always_inline)) void v_heads_bf16_64(
 }
 
 /* The V pass of the bfloat16 head-64 instance: KV head by KV head, up to 4 of its query heads
- * per walk (the row's V records stay in L1/L2 between the walks). Returns 0, or -1 where this
- * path does not apply (the generic loop runs). */
+ * per walk (the row's V records stay in L1/L2 between the walks; only the first walk prefetches).
+ * Returns 0: done (NO_PASS stands for it where it does not apply). */
 static int v_pass_bf16_64(const char *v_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
                           int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
                           int64_t kv_head_stride, const float *s, int64_t len, float *acc) {
@@ -135,14 +137,16 @@ static int v_pass_bf16_64(const char *v_cache, const int64_t *table, int64_t lo,
             const int64_t h = g * rep + r0;
             const float *p0 = s + h * len;
             float *acc0 = acc + h * 64;
-#define V_HEADS(NR) v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head0, p0, len, acc0, NR)
+            const int64_t pf_end = g == g_lo && r0 == 0 ? n : 0;
+#define V_HEADS(NR) v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head0, p0, len, \
+                                    acc0, NR)
             BY_HEAD_COUNT(rep - r0, V_HEADS);
 #undef V_HEADS
         }
     }
     return 0;
 }
-#define V_PASS_BF16_64 v_pass_bf16_64
+
 /* out[j] = the sum of v[j]'s 16 lanes, j < 16: a transposing reduction (4 levels of shuffles and
  * adds) instead of 16 horizontal sums. */
 static inline __m512 sum_lanes16(const __m512 v[16]) {
@@ -165,7 +169,7 @@ static inline __m512 sum_lanes16(const __m512 v[16]) {
  * the 16 positions' vectors then reduced together (sum_lanes16). */
 static inline __attribute__((always_inline)) void k_heads_bf16_64(
         const char *k_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size, int64_t blk_bytes,
-        int64_t pos_bytes, int64_t head_off, const float *q0, float *s0, int64_t len, const int NR) {
+        int64_t pos_bytes, int64_t pf_end, int64_t head_off, const float *q0, float *s0, int64_t len, const int NR) {
     __m512 q[4][4], part[4][16];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < 4; i++) q[r][i] = _mm512_loadu_ps(q0 + r * 64 + 16 * i);
@@ -176,7 +180,8 @@ static inline __attribute__((always_inline)) void k_heads_bf16_64(
                 for (int r = 0; r < NR; r++) part[r][jj] = _mm512_setzero_ps();
                 continue;
             }
-            const char *rec = walk_record(k_cache, table, j0 + jj, n, &blk, &off, block_size, blk_bytes, pos_bytes);
+            const char *rec = walk_record(k_cache, table, j0 + jj, pf_end, &blk, &off, block_size, blk_bytes,
+                                          pos_bytes);
             const uint16_t *kr = (const uint16_t *)(rec + head_off);
             const __m512 k0 = bf16x16_load(kr), k1 = bf16x16_load(kr + 16), k2 = bf16x16_load(kr + 32),
                          k3 = bf16x16_load(kr + 48);
@@ -189,7 +194,8 @@ static inline __attribute__((always_inline)) void k_heads_bf16_64(
     }
 }
 
-/* The K pass of the bfloat16 head-64 instance, KV head by KV head (up to 4 query heads a walk). */
+/* The K pass of the bfloat16 head-64 instance, KV head by KV head (up to 4 query heads a walk,
+ * only the first walk prefetching). Returns 0: done. */
 static int k_pass_bf16_64(const char *k_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
                           int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
                           int64_t kv_head_stride, const float *qf, float *s, int64_t len) {
@@ -199,36 +205,23 @@ static int k_pass_bf16_64(const char *k_cache, const int64_t *table, int64_t lo,
             const int64_t h = g * rep + r0;
             const float *q0 = qf + h * 64;
             float *s0 = s + h * len;
-#define K_HEADS(NR) k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, head_off, q0, s0, len, NR)
+            const int64_t pf_end = g == g_lo && r0 == 0 ? n : 0;
+#define K_HEADS(NR) k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head_off, q0, s0, \
+                                    len, NR)
             BY_HEAD_COUNT(rep - r0, K_HEADS);
 #undef K_HEADS
         }
     }
     return 0;
 }
-#define K_PASS_BF16_64 k_pass_bf16_64
-#else
-#define K_PASS_BF16_64 k_pass_none
-#define V_PASS_BF16_64 v_pass_none
 #endif
 
-/* No specialised K pass for this instance: the generic loop runs. */
-static inline int k_pass_none(const char *k_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
-                              int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
-                              int64_t kv_head_stride, const float *qf, float *s, int64_t len) {
-    (void)k_cache; (void)table; (void)lo; (void)n; (void)block_size; (void)blk_bytes; (void)pos_bytes;
-    (void)g_lo; (void)g_hi; (void)rep; (void)kv_head_stride; (void)qf; (void)s; (void)len;
-    return -1;
-}
-
-/* No specialised V pass for this instance: the generic loop runs. */
-static inline int v_pass_none(const char *v_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
-                              int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
-                              int64_t kv_head_stride, const float *s, int64_t len, float *acc) {
-    (void)v_cache; (void)table; (void)lo; (void)n; (void)block_size; (void)blk_bytes; (void)pos_bytes;
-    (void)g_lo; (void)g_hi; (void)rep; (void)kv_head_stride; (void)s; (void)len; (void)acc;
-    return -1;
-}
+/* An instance without a specialised K or V pass: "not done", the generic loop runs. */
+#define NO_PASS(...) (-1)
+#if !LP_BF16X16
+#define k_pass_bf16_64 NO_PASS
+#define v_pass_bf16_64 NO_PASS
+#endif
 
 /* The whole kernel for one element type T (float / bfloat16 for q, the cache and out alike);
  * LOAD widens one element to float, STORE narrows a float. Separate instances so that every
@@ -320,12 +313,12 @@ static void decode_attention_##SUFFIX(                                          
 
 /* Head sizes 64 and 128 get instances with D known at compile time: the per-row loops are then
  * fully unrolled (with D a variable, loop set-up and remainder handling cost more than the work). */
-DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0, k_pass_none, v_pass_none)
-DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0, k_pass_none, v_pass_none)
-DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64, k_pass_none, v_pass_none)
-DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64, K_PASS_BF16_64, V_PASS_BF16_64)
-DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128, k_pass_none, v_pass_none)
-DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128, k_pass_none, v_pass_none)
+DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0, NO_PASS, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0, NO_PASS, NO_PASS)
+DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64, NO_PASS, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64, k_pass_bf16_64, v_pass_bf16_64)
+DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128, NO_PASS, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128, NO_PASS, NO_PASS)
 
 #define DISPATCH(FN) FN(num_seqs, num_kv_heads, g_lo, g_hi, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
                         k_cache, v_cache, blk_stride, pos_stride, kv_head_stride, block_size,            \

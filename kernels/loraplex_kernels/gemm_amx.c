@@ -143,6 +143,7 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
  * stall behind it (0.7 ms of a 32-sequence decode step's GEMMs on the 2-core AMX box). */
 typedef struct {
     int n, per_item, rows, done;  /* items, panels per item, block rows, rows emitted */
+    int per_slice;                /* rows to emit per 32-deep slice of the next step's K loop */
     int64_t item, m0;             /* first item (the others follow it), first row */
     const float *acc;             /* the items' sums: panel j at acc + j * ACC_STRIDE */
 } pending_t;
@@ -160,9 +161,10 @@ static void drain(const amx_call_t *c, pending_t *p, int upto) {
 
 /* Software prefetch of the 1 KB weight slice PREFETCH_AHEAD bytes past `off` in panel w; past
  * the panel's end it is the same place in the panels the next step reads (w + next elements).
- * Every line is asked for, into L1, so the memory system keeps streaming while the tile unit
- * and the epilogue work: the hardware streamer alone stalls at each 4 KB page of the panels.
- * The last step's addresses run past the weights: harmless, a prefetch never faults. */
+ * Every line is asked for, into L1, so that the memory system keeps streaming while the tile
+ * unit and the epilogue work (with the hardware prefetchers alone, a step's GEMMs ran ~1.07x
+ * slower at one row and at 32). The last step's addresses run past the weights: harmless, a
+ * prefetch never faults. */
 static inline void prefetch_slice(const uint16_t *w, int64_t off, int64_t panel, int64_t next) {
     const int64_t o = off + PREFETCH_AHEAD / 2;
     const char *p = (const char *)(o < panel ? w + o : w + next + (o - panel));
@@ -173,11 +175,9 @@ static inline void prefetch_slice(const uint16_t *w, int64_t off, int64_t panel,
  * one float32 tile; stored to acc + j * ACC_STRIDE, row-major [rows, 16]. `next`: elements from
  * a panel to the one the next step reads in its place (prefetch). `p`: the previous step's
  * epilogue, drained over the K loop. */
-static inline __attribute__((always_inline)) void wide_step(
-        const uint16_t *xr, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc, int64_t next,
-        const int pf, const amx_call_t *c, pending_t *p) {
+static void wide_step(const uint16_t *xr, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc,
+                      int64_t next, int pf, const amx_call_t *c, pending_t *p) {
     const int64_t panel = k * 16;
-    const int per_slice = (int)((p->rows - p->done + k / 32 - 1) / (k / 32));  /* rows drained a slice */
     _tile_zero(0);
     if (nw > 1) _tile_zero(1);
     if (nw > 2) {
@@ -203,7 +203,7 @@ static inline __attribute__((always_inline)) void wide_step(
             _tile_loadd(6, w[3] + off, 64);
             _tile_dpbf16ps(3, 4, 6);
         }
-        drain(c, p, p->done + per_slice);
+        drain(c, p, p->done + p->per_slice);
     }
     drain(c, p, p->rows);
     _tile_stored(0, acc, 64);
@@ -217,11 +217,9 @@ static inline __attribute__((always_inline)) void wide_step(
 /* Sums of 17-32 rows (xr; xr2 = its 17th row) against nw (1 or 2) weight panels: tiles 0 / 2
  * hold panel 0's rows 0-15 / 16-31, tiles 1 / 3 panel 1's; each weight slice loaded once for
  * all the rows. Stored, prefetched and drained like wide_step's. */
-static inline __attribute__((always_inline)) void tall_step(
-        const uint16_t *xr, const uint16_t *xr2, int64_t xs, const uint16_t *const *w, int nw, int64_t k, float *acc,
-        int64_t next, const int pf, const amx_call_t *c, pending_t *p) {
+static void tall_step(const uint16_t *xr, const uint16_t *xr2, int64_t xs, const uint16_t *const *w, int nw,
+                      int64_t k, float *acc, int64_t next, int pf, const amx_call_t *c, pending_t *p) {
     const int64_t panel = k * 16;
-    const int per_slice = (int)((p->rows - p->done + k / 32 - 1) / (k / 32));
     _tile_zero(0);
     _tile_zero(2);
     if (nw > 1) {
@@ -242,7 +240,7 @@ static inline __attribute__((always_inline)) void tall_step(
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
         }
-        drain(c, p, p->done + per_slice);
+        drain(c, p, p->done + p->per_slice);
     }
     drain(c, p, p->rows);
     _tile_stored(0, acc, 64);
@@ -263,6 +261,12 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     const int64_t xs = c->x_stride * 2;      /* bytes */
     const int per_item = c->mode == EPI_SWIGLU ? 2 : 1;  /* weight panels per item */
     const int full = 4 / per_item;                       /* items per group of 4 panels */
+    const int64_t slices = k / 32;                       /* 32-deep slices of a step's K loop */
+    /* Software prefetch only where a group's weights serve one row block: with more (> 32 rows)
+     * the tiles are busy longer per weight byte and the hardware streamer keeps up; asking for
+     * every line then costs more than it saves (64 rows: 1.1x slower with it, 32 rows: 1.1x
+     * faster). */
+    const int pf = c->m <= 32;
     /* Two sum buffers: a step stores into one while the previous step's epilogue reads the other. */
     float acc[2][4 * ACC_STRIDE] __attribute__((aligned(64)));
     int cur = 0;
@@ -292,26 +296,21 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
                     configured = tall * 64 + rows;
                 }
                 const uint16_t *xr = c->x + m0 * c->x_stride;
-                /* Software prefetch only where a group's weights serve one row block: with more
-                 * (> 32 rows) the tiles are busy longer per weight byte and the hardware streamer
-                 * keeps up; asking for every line then costs more than it saves (64 rows: 1.1x
-                 * slower with it, 32 rows: 1.1x faster). */
-                const int prefetch = c->m <= 32;
+                const int per_slice = (int)((rows + slices - 1) / slices);
                 if (tall) {  /* two weight panels at a time: one SWIGLU item or two plain ones */
                     for (int j = 0; j < nw; j += 2) {
                         const int pair = nw - j >= 2 ? 2 : 1;
                         /* the next pair: the following item (SWIGLU), or the panels after these */
                         const int64_t next = (per_item == 2 ? 1 : pair) * panel;
-                        if (prefetch) tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, 1, c, &pend);
-                        else tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, 0, c, &pend);
-                        pend = (pending_t){pair / per_item, per_item, rows, 0, it + j / per_item, m0, acc[cur]};
+                        tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, pf, c, &pend);
+                        pend = (pending_t){pair / per_item, per_item, rows, 0, per_slice, it + j / per_item, m0,
+                                           acc[cur]};
                         cur ^= 1;
                     }
                     continue;
                 }
-                if (prefetch) wide_step(xr, xs, w, nw, k, acc[cur], group * panel, 1, c, &pend);
-                else wide_step(xr, xs, w, nw, k, acc[cur], group * panel, 0, c, &pend);
-                pend = (pending_t){group, per_item, rows, 0, it, m0, acc[cur]};
+                wide_step(xr, xs, w, nw, k, acc[cur], group * panel, pf, c, &pend);
+                pend = (pending_t){group, per_item, rows, 0, per_slice, it, m0, acc[cur]};
                 cur ^= 1;
             }
             it += group;
