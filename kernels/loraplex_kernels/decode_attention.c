@@ -102,12 +102,11 @@ static void prefetch_blocks(const char *k, const char *v, const int64_t *table, 
  * are the same fused multiply-adds in the same order (position by position). */
 static inline __attribute__((always_inline)) void v_heads_bf16_64(
         const char *v_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size, int64_t blk_bytes,
-        int64_t pos_bytes, int64_t pf_end, const uint16_t *head0, const float *p0, int64_t len, float *acc0,
+        int64_t pos_bytes, int64_t pf_end, int64_t head_off, const float *p0, int64_t len, float *acc0,
         const int NR) {
     __m512 a[4][4];
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
-    const int64_t head_off = (const char *)head0 - v_cache;  /* the KV head's place in a record */
     for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {
         const char *rec = walk_record(v_cache, table, j, pf_end, &blk, &off, block_size, blk_bytes, pos_bytes);
         const uint16_t *vr = (const uint16_t *)(rec + head_off);
@@ -123,28 +122,6 @@ static inline __attribute__((always_inline)) void v_heads_bf16_64(
     }
     for (int r = 0; r < NR; r++)
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc0 + r * 64 + 16 * i, a[r][i]);
-}
-
-/* The V pass of the bfloat16 head-64 instance: KV head by KV head, up to 4 of its query heads
- * per walk (the row's V records stay in L1/L2 between the walks; only the first walk prefetches).
- * Returns 0: done (NO_PASS stands for it where it does not apply). */
-static int v_pass_bf16_64(const char *v_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
-                          int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
-                          int64_t kv_head_stride, const float *s, int64_t len, float *acc) {
-    for (int64_t g = g_lo; g < g_hi; g++) {
-        const uint16_t *head0 = (const uint16_t *)v_cache + g * kv_head_stride;
-        for (int64_t r0 = 0; r0 < rep; r0 += 4) {
-            const int64_t h = g * rep + r0;
-            const float *p0 = s + h * len;
-            float *acc0 = acc + h * 64;
-            const int64_t pf_end = g == g_lo && r0 == 0 ? n : 0;
-#define V_HEADS(NR) v_heads_bf16_64(v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head0, p0, len, \
-                                    acc0, NR)
-            BY_HEAD_COUNT(rep - r0, V_HEADS);
-#undef V_HEADS
-        }
-    }
-    return 0;
 }
 
 /* out[j] = the sum of v[j]'s 16 lanes, j < 16: a transposing reduction (4 levels of shuffles and
@@ -194,22 +171,29 @@ static inline __attribute__((always_inline)) void k_heads_bf16_64(
     }
 }
 
-/* The K pass of the bfloat16 head-64 instance, KV head by KV head (up to 4 query heads a walk,
- * only the first walk prefetching). Returns 0: done. */
-static int k_pass_bf16_64(const char *k_cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
-                          int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
-                          int64_t kv_head_stride, const float *qf, float *s, int64_t len) {
+/* The K pass (values 0: scores s from the scaled queries qf) or the V pass (values 1: acc from
+ * the probabilities s) of the bfloat16 head-64 instance: KV head by KV head, up to 4 of its query
+ * heads per walk (the row's records stay in L1/L2 between the walks, so only the first walk
+ * prefetches). Returns 0: done (NO_PASS stands for it where it does not apply). */
+static int pass_bf16_64(const char *cache, const int64_t *table, int64_t lo, int64_t n, int64_t block_size,
+                        int64_t blk_bytes, int64_t pos_bytes, int64_t g_lo, int64_t g_hi, int64_t rep,
+                        int64_t kv_head_stride, const float *qf, float *s, int64_t len, float *acc, int values) {
     for (int64_t g = g_lo; g < g_hi; g++) {
-        const int64_t head_off = g * kv_head_stride * 2;
+        const int64_t head_off = g * kv_head_stride * 2;  /* the KV head's place in a record, bytes */
         for (int64_t r0 = 0; r0 < rep; r0 += 4) {
             const int64_t h = g * rep + r0;
-            const float *q0 = qf + h * 64;
-            float *s0 = s + h * len;
             const int64_t pf_end = g == g_lo && r0 == 0 ? n : 0;
-#define K_HEADS(NR) k_heads_bf16_64(k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head_off, q0, s0, \
-                                    len, NR)
-            BY_HEAD_COUNT(rep - r0, K_HEADS);
+#define K_HEADS(NR) k_heads_bf16_64(cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head_off, \
+                                    qf + h * 64, s + h * len, len, NR)
+#define V_HEADS(NR) v_heads_bf16_64(cache, table, lo, n, block_size, blk_bytes, pos_bytes, pf_end, head_off, \
+                                    s + h * len, len, acc + h * 64, NR)
+            if (values) {
+                BY_HEAD_COUNT(rep - r0, V_HEADS)
+            } else {
+                BY_HEAD_COUNT(rep - r0, K_HEADS)
+            }
 #undef K_HEADS
+#undef V_HEADS
         }
     }
     return 0;
@@ -219,14 +203,13 @@ static int k_pass_bf16_64(const char *k_cache, const int64_t *table, int64_t lo,
 /* An instance without a specialised K or V pass: "not done", the generic loop runs. */
 #define NO_PASS(...) (-1)
 #if !LP_BF16X16
-#define k_pass_bf16_64 NO_PASS
-#define v_pass_bf16_64 NO_PASS
+#define pass_bf16_64 NO_PASS
 #endif
 
 /* The whole kernel for one element type T (float / bfloat16 for q, the cache and out alike);
  * LOAD widens one element to float, STORE narrows a float. Separate instances so that every
  * inner loop is branch-free and vectorises. */
-#define DEFINE_DECODE_ATTENTION(SUFFIX, T, LOAD, STORE, DFIX, K_PASS, V_PASS)                                      \
+#define DEFINE_DECODE_ATTENTION(SUFFIX, T, LOAD, STORE, DFIX, PASS)                                      \
 static void decode_attention_##SUFFIX(                                                             \
     int64_t num_seqs, int64_t num_kv_heads, int64_t g_lo, int64_t g_hi, int64_t rep, int64_t d_arg, \
     const T *q, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,                 \
@@ -258,8 +241,8 @@ static void decode_attention_##SUFFIX(                                          
             const T *qs = q + qrow * q_row_stride + h * q_head_stride;                             \
             for (int64_t d = 0; d < D; d++) qf[h * D + d] = LOAD(qs[d]) * scale;                   \
         }                                                                                          \
-        if (K_PASS((const char *)k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, g_lo, g_hi,  \
-                   rep, kv_head_stride, qf, s, len) != 0)                                          \
+        if (PASS((const char *)k_cache, table, lo, n, block_size, blk_bytes, pos_bytes, g_lo, g_hi, rep,  \
+                 kv_head_stride, qf, s, len, acc, 0) != 0)                                          \
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
             const T *rec = (const T *)walk_record((const char *)k_cache, table, j, n, &blk, &off,      \
                                                   block_size, blk_bytes, pos_bytes);               \
@@ -287,8 +270,8 @@ static void decode_attention_##SUFFIX(                                          
             float inv = 1.0f / sum;                                                                \
             for (int64_t j = 0; j < len; j++) sr[j] *= inv;                                        \
         }                                                                                          \
-        if (V_PASS((const char *)v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, g_lo, g_hi,  \
-                   rep, kv_head_stride, s, len, acc) != 0) {                                       \
+        if (PASS((const char *)v_cache, table, lo, n, block_size, blk_bytes, pos_bytes, g_lo, g_hi, rep,  \
+                 kv_head_stride, qf, s, len, acc, 1) != 0) {                                       \
         memset(acc + h_lo * D, 0, (size_t)((h_hi - h_lo) * D) * sizeof(float));                   \
         for (int64_t j = lo, blk = lo / block_size, off = lo % block_size; j < n; j++) {           \
             const T *rec = (const T *)walk_record((const char *)v_cache, table, j, n, &blk, &off,      \
@@ -313,12 +296,12 @@ static void decode_attention_##SUFFIX(                                          
 
 /* Head sizes 64 and 128 get instances with D known at compile time: the per-row loops are then
  * fully unrolled (with D a variable, loop set-up and remainder handling cost more than the work). */
-DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0, NO_PASS, NO_PASS)
-DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0, NO_PASS, NO_PASS)
-DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64, NO_PASS, NO_PASS)
-DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64, k_pass_bf16_64, v_pass_bf16_64)
-DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128, NO_PASS, NO_PASS)
-DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128, NO_PASS, NO_PASS)
+DEFINE_DECODE_ATTENTION(f32, float, AS_FLOAT, STORE_F32, 0, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0, NO_PASS)
+DEFINE_DECODE_ATTENTION(f32_64, float, AS_FLOAT, STORE_F32, 64, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16_64, uint16_t, bf16_to_f32, f32_to_bf16, 64, pass_bf16_64)
+DEFINE_DECODE_ATTENTION(f32_128, float, AS_FLOAT, STORE_F32, 128, NO_PASS)
+DEFINE_DECODE_ATTENTION(bf16_128, uint16_t, bf16_to_f32, f32_to_bf16, 128, NO_PASS)
 
 #define DISPATCH(FN) FN(num_seqs, num_kv_heads, g_lo, g_hi, rep, D, q, q_rows, q_row_stride, q_head_stride,         \
                         k_cache, v_cache, blk_stride, pos_stride, kv_head_stride, block_size,            \
