@@ -64,15 +64,46 @@ static void add_row(void *base, int dtype, int64_t row, int64_t stride, const fl
     }
 }
 
-/* Ask for [p, p + bytes) ahead of use. On decode steps each row reads another slot's weights
- * that are cold (the base model's weights streamed through the caches since the last LoRA call):
- * touching them one row at a time leaves the core waiting on one miss stream after another, while
- * requesting the next block's lines up front keeps many misses in flight at once (measured on the
- * dev box: ~2x for a cold q/k/v call). */
-static void prefetch_range(const void *p, int64_t bytes) {
-    const char *c = (const char *)p;
-    for (int64_t off = 0; off < bytes; off += 64) lp_prefetch_l2(c + off);
+/* The weights of the slot after the current one, requested a few lines at a time while the
+ * current one computes. On decode steps each row reads another slot's weights, and they are cold
+ * (the base model's weights streamed through the caches since the last LoRA call). Requesting a
+ * slot's ~43 KB in one burst (the earlier form) stalls the core until the burst's misses find
+ * fill buffers, and only then computes; spreading the requests over the previous slot's loops
+ * keeps the misses in flight while it computes (a step's 60 LoRA calls at 32 rows on 32
+ * adapters, builds alternated in one process: 3.5 -> 3.0 ms, against 2.9 ms for a build that only
+ * touches the weights and computes nothing). A cursor walks ranges of rows of whole lines. */
+#define PF_RANGES (2 * 4)  /* A and Bt of up to MAX_MEMBERS members */
+typedef struct {
+    const char *row[PF_RANGES];      /* the next line to request is row[i] + line[i] * 64 */
+    int64_t line[PF_RANGES], lines[PF_RANGES], rows_left[PF_RANGES], stride[PF_RANGES];  /* bytes */
+    int n, at;                       /* ranges added, first range not yet fully requested */
+} pf_cursor_t;
+
+/* Adds `rows` rows of `row_bytes` each, `stride` bytes apart, to the ranges to request. */
+static void pf_add(pf_cursor_t *c, const void *p, int64_t rows, int64_t row_bytes, int64_t stride) {
+    if (rows <= 0 || row_bytes <= 0 || c->n == PF_RANGES) return;
+    const int i = c->n++;
+    c->row[i] = (const char *)p;
+    c->line[i] = 0;
+    c->lines[i] = (row_bytes + 63) / 64;
+    c->rows_left[i] = rows;
+    c->stride[i] = stride;
 }
+
+/* Requests up to `lines` more lines, in order. */
+static inline void pf_next(pf_cursor_t *c, int64_t lines) {
+    for (; lines > 0 && c->at < c->n; lines--) {
+        const int i = c->at;
+        lp_prefetch_l2(c->row[i] + c->line[i] * 64);
+        if (++c->line[i] == c->lines[i]) {
+            c->line[i] = 0;
+            c->row[i] += c->stride[i];
+            if (--c->rows_left[i] == 0) c->at++;
+        }
+    }
+}
+
+#define PF_ALL INT64_MAX
 
 /* Weights are float32 (WT = float, W(v) = v) or bfloat16 (WT = uint16_t, W(v) = bf16_to_f32(v)):
  * the same two loops are instantiated for each. */
@@ -80,13 +111,15 @@ static void prefetch_range(const void *p, int64_t bytes) {
 /* h[j * r + k] = dot(xs[j], a_k) for the block's nb rows (xs: nb rows of length n, contiguous).   \
  * Four ranks at a time: four independent sums per x load (one sum would wait on each FMA). */     \
 static void shrink_##SUFFIX(float *h, const float *xs, int nb, int64_t n, const WT *a,            \
-                            int64_t a_rank_stride, int r) {                                        \
+                            int64_t a_rank_stride, int r, pf_cursor_t *pf) {                       \
+    const int64_t row_lines = (n * (int64_t)sizeof(WT) + 63) / 64;  /* lines of one rank of a */   \
     int k = 0;                                                                                     \
     for (; k + 4 <= r; k += 4) {                                                                   \
         const WT *a0 = a + k * a_rank_stride, *a1 = a0 + a_rank_stride;                            \
         const WT *a2 = a1 + a_rank_stride, *a3 = a2 + a_rank_stride;                               \
         for (int j = 0; j < nb; j++) {                                                             \
             const float *xj = xs + j * n;                                                          \
+            if (j == 0) pf_next(pf, 4 * row_lines);  /* as many of the next slot's as read here */ \
             float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                          \
             for (int64_t i = 0; i < n; i++) {                                                      \
                 float xv = xj[i];                                                                  \
@@ -103,6 +136,7 @@ static void shrink_##SUFFIX(float *h, const float *xs, int nb, int64_t n, const 
     }                                                                                              \
     for (; k < r; k++) {                                                                           \
         const WT *ak = a + k * a_rank_stride;                                                      \
+        pf_next(pf, row_lines);                                                                    \
         for (int j = 0; j < nb; j++) {                                                             \
             const float *xj = xs + j * n;                                                          \
             float s = 0.f;                                                                         \
@@ -114,7 +148,7 @@ static void shrink_##SUFFIX(float *h, const float *xs, int nb, int64_t n, const 
 /* acc[j] (length n) = sum_k h[j * r + k] * b_k for the block's nb rows, a tile of TILE outputs  \
  * at a time so the partial sums stay in registers across the rank loop. */                        \
 static void expand_##SUFFIX(float *acc, const float *h, int nb, int r, const WT *b,               \
-                            int64_t b_rank_stride, int64_t n) {                                    \
+                            int64_t b_rank_stride, int64_t n, pf_cursor_t *pf) {                   \
     for (int j = 0; j < nb; j++) {                                                                 \
         const float *hj = h + j * r;                                                               \
         float *aj = acc + j * n;                                                                   \
@@ -122,6 +156,7 @@ static void expand_##SUFFIX(float *acc, const float *h, int nb, int r, const WT 
         for (; o0 + TILE <= n; o0 += TILE) {                                                       \
             float t[TILE] = {0};                                                                   \
             for (int k = 0; k < r; k++) {                                                          \
+                if (j == 0) pf_next(pf, TILE * (int64_t)sizeof(WT) / 64);                          \
                 const WT *bk = b + k * b_rank_stride + o0;                                         \
                 float hv = hj[k];                                                                  \
                 for (int o = 0; o < TILE; o++) t[o] += hv * W(bk[o]);                              \
@@ -145,7 +180,7 @@ DEFINE_SHRINK_EXPAND(bf16, uint16_t, bf16_to_f32)
  * multiplies 32 bfloat16 pairs exactly and sums them in float32, so neither x nor A is widened
  * (the widening loop spends more on conversions than on FMAs). Four ranks at a time, as there. */
 static void shrink_bf16_dp(float *h, const uint16_t *const *xr, int nb, int64_t n, const uint16_t *a,
-                           int64_t a_rank_stride, int r) {
+                           int64_t a_rank_stride, int r, pf_cursor_t *pf) {
     for (int j = 0; j < nb; j++) {
         const uint16_t *x = xr[j];
         int k = 0;
@@ -154,6 +189,7 @@ static void shrink_bf16_dp(float *h, const uint16_t *const *xr, int nb, int64_t 
             const uint16_t *a2 = a1 + a_rank_stride, *a3 = a2 + a_rank_stride;
             __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
             for (int64_t i = 0; i < n; i += 32) {
+                if (j == 0) pf_next(pf, 4);  /* one line of each of the four ranks read here */
                 const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
                 s0 = _mm512_dpbf16_ps(s0, xv, (__m512bh)_mm512_loadu_si512(a0 + i));
                 s1 = _mm512_dpbf16_ps(s1, xv, (__m512bh)_mm512_loadu_si512(a1 + i));
@@ -295,25 +331,19 @@ static int fused_layout(const lora_call_t *c, const member_view_t *v, int n, int
     return 1;
 }
 
-/* Ask for slot s's weights (all members) ahead of their use. */
-static void prefetch_slot(const lora_call_t *c, int64_t s, int n, int64_t d_in, int64_t w_size) {
+/* Adds slot s's weights (all members, up to their ranks) to a cursor's ranges. */
+static void slot_cursor(const lora_call_t *c, int64_t s, int n, int64_t d_in, int64_t w_size, pf_cursor_t *pf) {
     member_view_t v[MAX_MEMBERS];
     for (int mi = 0; mi < n; mi++) member_view(c, s, mi, &v[mi]);
     int km, mm;
     if (fused_layout(c, v, n, &km, &mm)) {
-        prefetch_range(v[0].a, (int64_t)v[0].rank * n * d_in * w_size);
+        pf_add(pf, v[0].a, 1, (int64_t)v[0].rank * n * d_in * w_size, 0);
     } else {
-        for (int mi = 0; mi < n; mi++) {
-            if (v[mi].a_stride == d_in) {
-                prefetch_range(v[mi].a, v[mi].rank * d_in * w_size);
-            } else {
-                for (int k = 0; k < v[mi].rank; k++)
-                    prefetch_range((const char *)v[mi].a + k * v[mi].a_stride * w_size, d_in * w_size);
-            }
-        }
+        for (int mi = 0; mi < n; mi++)
+            pf_add(pf, v[mi].a, v[mi].rank, d_in * w_size, v[mi].a_stride * w_size);
     }
     for (int mi = 0; mi < n; mi++)
-        prefetch_range(v[mi].bt, v[mi].rank * v[mi].bt_stride * w_size);
+        pf_add(pf, v[mi].bt, 1, v[mi].rank * v[mi].bt_stride * w_size, 0);
 }
 
 /* Rows order[lo..hi) of the call on the calling thread, with its own scratch. */
@@ -336,10 +366,12 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
         free(xs); free(acc); free(h); free(hall);
         return -1;
     }
-    int64_t i = 0;
+    pf_cursor_t pf = {0};
+    int64_t i = 0, first = -1;
     while (i < num_rows) {
         int64_t s = idx[order[i]];
         if (s < 0) { i++; continue; }
+        if (first < 0) first = i;
         int nb = 1;  /* the block: up to BLOCK rows of this slot, adjacent in `order` */
         while (nb < BLOCK && i + nb < num_rows && idx[order[i + nb]] == s) nb++;
         member_view_t v[MAX_MEMBERS];
@@ -348,11 +380,16 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
             member_view(c, s, mi, &v[mi]);
             any |= v[mi].rank > 0;
         }
-        /* The next block's slot (the first row of another slot after this block): its weights. */
+        /* This slot's lines not yet requested (all of them for the share's first block), then
+         * the next block's slot (the first row of another slot after this block), whose lines the
+         * loops below request as they read this one's. */
+        if (i == first) slot_cursor(c, s, num_members, d_in, w_size, &pf);
+        pf_next(&pf, PF_ALL);
+        pf = (pf_cursor_t){0};
         int64_t nxt = i + nb;
         while (nxt < num_rows && idx[order[nxt]] == s) nxt++;
         if (nxt < num_rows && idx[order[nxt]] >= 0)
-            prefetch_slot(c, idx[order[nxt]], num_members, d_in, w_size);
+            slot_cursor(c, idx[order[nxt]], num_members, d_in, w_size, &pf);
         if (any) {
             /* bfloat16 x and weights: the dot products straight from x's rows (shrink_bf16_dp) */
             const int dp = HAVE_DP_SHRINK && w_dtype == 1 && c->x_dtype == 1 && d_in % 32 == 0;
@@ -369,13 +406,13 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
             const int rr = fused ? v[0].rank * num_members : 0;
             if (fused) {  /* every member's ranks: one contiguous [rr, in] block, one pass over x */
                 if (w_dtype == 0)
-                    shrink_f32(hall, xs, nb, d_in, (const float *)v[0].a, d_in, rr);
+                    shrink_f32(hall, xs, nb, d_in, (const float *)v[0].a, d_in, rr, &pf);
 #if HAVE_DP_SHRINK
                 else if (dp)
-                    shrink_bf16_dp(hall, xr, nb, d_in, (const uint16_t *)v[0].a, d_in, rr);
+                    shrink_bf16_dp(hall, xr, nb, d_in, (const uint16_t *)v[0].a, d_in, rr, &pf);
 #endif
                 else
-                    shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)v[0].a, d_in, rr);
+                    shrink_bf16(hall, xs, nb, d_in, (const uint16_t *)v[0].a, d_in, rr, &pf);
             }
             for (int mi = 0; mi < num_members; mi++) {
                 const int r = v[mi].rank;
@@ -387,19 +424,19 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
                         for (int k = 0; k < r; k++) h[j * r + k] = hall[j * rr + k * km + mi * mm] * sc;
                 } else {
                     if (w_dtype == 0)
-                        shrink_f32(h, xs, nb, d_in, (const float *)v[mi].a, v[mi].a_stride, r);
+                        shrink_f32(h, xs, nb, d_in, (const float *)v[mi].a, v[mi].a_stride, r, &pf);
 #if HAVE_DP_SHRINK
                     else if (dp)
-                        shrink_bf16_dp(h, xr, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r);
+                        shrink_bf16_dp(h, xr, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r, &pf);
 #endif
                     else
-                        shrink_bf16(h, xs, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r);
+                        shrink_bf16(h, xs, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r, &pf);
                     for (int q = 0; q < nb * r; q++) h[q] *= sc;
                 }
                 if (w_dtype == 0)
-                    expand_f32(acc, h, nb, r, (const float *)v[mi].bt, v[mi].bt_stride, n);
+                    expand_f32(acc, h, nb, r, (const float *)v[mi].bt, v[mi].bt_stride, n, &pf);
                 else
-                    expand_bf16(acc, h, nb, r, (const uint16_t *)v[mi].bt, v[mi].bt_stride, n);
+                    expand_bf16(acc, h, nb, r, (const uint16_t *)v[mi].bt, v[mi].bt_stride, n, &pf);
                 for (int j = 0; j < nb; j++)
                     add_row(c->ys[mi], y_dtype, order[i + j], c->y_strides[mi], acc + j * n, n);
             }
