@@ -101,9 +101,9 @@ def time_forward(dec: DecodeEngine) -> None:
     runner = dec.engine.runner
     inner = runner.run
 
-    def timed(seqs, num_new_tokens):
+    def timed(seqs, num_new_tokens, **kw):
         t0 = time.perf_counter()
-        out = inner(seqs, num_new_tokens)
+        out = inner(seqs, num_new_tokens, **kw)
         dec.forward_seconds.append(time.perf_counter() - t0)
         return out
 

@@ -293,3 +293,112 @@ def test_float_epilogue_is_the_bf16_result_widened(rows):
     x = random_bf16(g, rows, 128)[:, :96]
     got = amx.gemm_float(x, panels, b)
     assert got.dtype == torch.float32 and torch.equal(got, amx.gemm(x, panels, b).float())
+
+
+@pytest.mark.parametrize("rows", [1, 17, 40, 64])
+@pytest.mark.parametrize(("n", "k"), [(16, 32), (112, 96), (4096, 576)])
+def test_argmax_epilogue_is_torch_argmax(rows, n, k):
+    """gemm_argmax == torch.argmax(gemm_float(...), -1) on random operands, with and without bias,
+    with 1 or 2 threads (4096 columns: each thread takes half, the merge picks between them)."""
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    panels, b = amx.pack(random_bf16(g, n, k)), random_bf16(g, n)
+    x = random_bf16(g, rows, 2 * k)[:, :k]  # strided rows
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, before):
+            torch.set_num_threads(threads)
+            for bias in (None, b):
+                got = amx.gemm_argmax(x, panels, bias)
+                assert got.dtype == torch.int64 and got.shape == (rows,)
+                assert torch.equal(got, torch.argmax(amx.gemm_float(x, panels, bias), dim=-1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_argmax_epilogue_ties_and_nan():
+    """Equal largest logits: the first column wins, whether the tied columns share a 16-column
+    lane (100 and 2020: the same lane), sit in different lanes (100 and 101) or in different
+    threads' halves (100 and 3000 of 4096). A NaN logit counts as largest, the first NaN winning:
+    torch.argmax's answer in every case."""
+    g = torch.Generator().manual_seed(11)
+    x = random_bf16(g, 24, 576)
+    w = random_bf16(g, 4096, 576)
+    top = (x[0].float() * 4).to(torch.bfloat16)  # makes row 0's logit the largest in its columns
+    cases = {"lane": (2020, 100), "lanes": (101, 100), "threads": (3000, 100)}
+    for name, cols in cases.items():
+        wt = w.clone()
+        for c in cols:
+            wt[c] = top
+        panels = amx.pack(wt)
+        logits = amx.gemm_float(x, panels)
+        assert logits[0, cols[0]] == logits[0, cols[1]] == logits[0].max(), name
+        got = amx.gemm_argmax(x, panels)
+        assert got[0].item() == min(cols), name
+        assert torch.equal(got, torch.argmax(logits, dim=-1)), name
+    wn = w.clone()
+    wn[3500, 3] = float("nan")  # column 3500 is NaN in every row; then column 700 too
+    wn[700, 9] = float("nan")
+    panels = amx.pack(wn)
+    got = amx.gemm_argmax(x, panels)
+    assert torch.equal(got, torch.full((24,), 700)) and torch.equal(got, torch.argmax(amx.gemm_float(x, panels), -1))
+
+
+def test_greedy_steps_take_the_fused_argmax(monkeypatch, tmp_path):
+    """Greedy requests with nothing between logits and argmax get their tokens from the vocab
+    GEMM's ARGMAX epilogue (model.output_argmax): the same tokens as with llama.FUSED_ARGMAX off
+    (logits, then argmax), base and adapter rows alike; a request asking for logprobs, a sampled
+    one and a penalised one go through the logits and the sampler."""
+    from loraplex.engine.engine import Engine
+    from loraplex.engine.request import Request, SamplingParams
+    from loraplex.config import EngineConfig
+    from loraplex.model import llama
+    from loraplex.model.loader import load_model
+    from tests.fixtures.adapters import make_peft_adapter, manager_with_slots
+    from tests.fixtures.engine_run import engine_greedy, run_requests
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    make_peft_adapter(model_dir, tmp_path / "adapters" / "qv_r4", "qv_r4", seed=1)
+    calls = [0]
+    real = amx.gemm_argmax
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(amx, "gemm_argmax", counted)
+    jobs = {"base": (None, [1, 5, 9, 13, 2]), "qv": ("qv_r4", [3, 4, 8]), "base2": (None, [2, 2, 6, 7])}
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(llama, "FUSED_ARGMAX", fused)
+        loaded = load_model(model_dir, torch.bfloat16, "cpu")
+        manager, _ = manager_with_slots(loaded, tmp_path / "adapters", ("qv_r4",))
+        before = calls[0]
+        runs[fused] = engine_greedy(loaded, manager, jobs, max_new_tokens=6)
+        assert (calls[0] > before) == fused
+    assert all(err is None and len(toks) == 6 for toks, err in runs[True].values())
+    assert runs[True] == runs[False]
+
+    monkeypatch.setattr(llama, "FUSED_ARGMAX", True)
+    loaded = load_model(model_dir, torch.bfloat16, "cpu")
+    eng = Engine(loaded, EngineConfig(block_size=16, num_kv_blocks=64, max_model_len=64))
+    flags = []
+    inner = eng.runner.run
+
+    def spy(seqs, nums, greedy=False):
+        flags.append(greedy)
+        return inner(seqs, nums, greedy=greedy)
+
+    eng.runner.run = spy
+    eng.start()
+    try:
+        for params in (SamplingParams(max_new_tokens=3, temperature=0, logprobs=2),
+                       SamplingParams(max_new_tokens=3, temperature=0.8, seed=1),
+                       SamplingParams(max_new_tokens=3, temperature=0, repetition_penalty=1.3),
+                       SamplingParams(max_new_tokens=3, temperature=0)):
+            flags.clear()
+            out = run_requests(eng, {"r": Request("r", [1, 2, 3], params)})
+            assert out["r"][3] is None and len(out["r"][1]) == 3
+            assert flags == [params == SamplingParams(max_new_tokens=3, temperature=0)] * 3, (params, flags)
+    finally:
+        eng.shutdown(1)

@@ -12,6 +12,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import Request, SamplingParams
+from loraplex.engine.sampler import first_argmax
 from loraplex.model.decode_graphs import batch_buckets
 from loraplex.model.loader import load_model
 
@@ -52,10 +53,10 @@ def _lockstep(loaded, plain: Engine, graphed: Engine) -> None:
     for name, eng in (("plain", plain), ("graphed", graphed)):
         inner = eng.runner.run
 
-        def rec(seqs, nums, inner=inner, name=name):
-            out = inner(seqs, nums)
+        def rec(seqs, nums, inner=inner, name=name, greedy=False):
+            out = inner(seqs, nums)  # the logits even on greedy steps, to compare them
             logits[name].append(out.clone())
-            return out
+            return first_argmax(out) if greedy else out
         eng.runner.run = rec
     inner_graph = graphed.runner.graphs.run
 

@@ -181,10 +181,10 @@ def test_exception_in_a_step_fails_only_its_requests(loaded, make_engine):
     col = Collector()
     real_run = eng.runner.run
 
-    def flaky_run(seqs, nums):
+    def flaky_run(seqs, nums, **kw):
         if any(s.request_id.startswith("boom") for s in seqs):
             raise RuntimeError("injected failure")
-        return real_run(seqs, nums)
+        return real_run(seqs, nums, **kw)
 
     eng.runner.run = flaky_run
     sp = SamplingParams(max_new_tokens=5, ignore_eos=True)

@@ -84,9 +84,9 @@ def test_mixed_continuous_batch(loaded, hf_reference, budget, num_blocks):
     steps = []  # (computed, new) per sequence, per step
     real_run = eng.runner.run
 
-    def spy(seqs, nums):
+    def spy(seqs, nums, **kw):
         steps.append([(s.num_computed_tokens, s.num_uncomputed_tokens, n) for s, n in zip(seqs, nums)])
-        return real_run(seqs, nums)
+        return real_run(seqs, nums, **kw)
 
     eng.runner.run = spy
     col = Collector()

@@ -179,8 +179,8 @@ def _inject(monkeypatch, engine, stage: str, doomed: set[str]) -> list[set[str]]
             current[0] = {s.request_id for s in seqs}
             return prepare(seqs, num_new_tokens)
 
-        def bad_model(batch, kv):
-            out = model(batch, kv)  # the KV cache is written: the fault comes late in the forward
+        def bad_model(batch, kv, **kw):
+            out = model(batch, kv, **kw)  # the KV cache is written: the fault comes late in the forward
             check(current[0], torch.OutOfMemoryError("injected out of memory in the forward"))
             return out
 

@@ -224,3 +224,21 @@ def test_compiled_argmax_matches_torch_on_edge_rows():
     assert torch.equal(argmax_native.argmax(one), torch.zeros(6, dtype=torch.int64))
     assert argmax_native.argmax(torch.empty(0, 10)).shape == (0,)
     assert not argmax_native.supports(torch.empty(3, 0)) and not argmax_native.supports(x.double())
+
+
+def test_plain_argmax_only_for_unprocessed_greedy_rows():
+    """The engine's fast path (tokens straight from the model's argmax) only where Sampler would
+    return first_argmax of the raw logits."""
+    from loraplex.engine.sampler import plain_argmax
+
+    greedy = SamplingParams(temperature=0)
+    assert plain_argmax([greedy, SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=3)])
+    assert plain_argmax([])
+    for other in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2),
+                  SamplingParams(temperature=0, presence_penalty=0.5), SamplingParams(temperature=0, frequency_penalty=0.1),
+                  SamplingParams(temperature=0, logit_bias=((3, 5.0),))):
+        assert not plain_argmax([greedy, other]), other
+    # what it promises: Sampler gives first_argmax for such rows
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    params = [greedy, SamplingParams(temperature=0, top_k=2), SamplingParams(temperature=0, top_p=0.3)]
+    assert Sampler()(logits, params, [[1, 2]] * 3, [None] * 3) == first_argmax(logits).tolist()

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE  /* syscall() under -std=c11 */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -92,15 +93,38 @@ static void configure(int tall, int rows) {
  *             (silu.h, within ~2 float32 ulps of torch's), so a product lying on a bfloat16
  *             rounding boundary can come out one bfloat16 step apart.
  *   FLOAT     y (float32) = bf16(acc + bias) widened: torch's `linear(x).float()`, bit for bit,
- *             without the bfloat16 tensor and the copy (the vocab projection's logits). */
+ *             without the bfloat16 tensor and the copy (the vocab projection's logits).
+ *   ARGMAX    y (int64) [M] = each row's index of its largest FLOAT value, the first one on ties,
+ *             NaN counting as largest (the first NaN): torch.argmax(linear(x).float(), -1), without
+ *             writing the [M, N] logits and reading them back (a greedy step's token; 2 x 6.3 MB
+ *             at 32 rows of a 49152-token vocabulary). Each thread keeps, per row, the best of
+ *             each of 16 lanes over its columns (visited in increasing order, so a strict compare
+ *             keeps the first), then merges its rows' best into the call's. */
 
 typedef struct {
     const uint16_t *x, *panels, *bias, *residual;
     int64_t m, k, x_stride, y_stride, r_stride;
     int64_t half;  /* SWIGLU: panels in the gate half (item i's up panel is i + half) */
     int mode;
-    uint16_t *y;                             /* float * for FLOAT */
+    uint16_t *y;                             /* float * for FLOAT, int64_t * for ARGMAX */
+    float *best;                             /* ARGMAX: [m] the value at y[r] (merged over threads) */
 } amx_call_t;
+
+/* ARGMAX: a thread's best value and its column so far per row and lane (column % 16), [m, 16]
+ * each; column -1: nothing seen yet. */
+typedef struct {
+    float *v;
+    int32_t *col;
+} lanes_t;
+
+/* Is (v, i) the argmax rather than (bv, bi) (bi < 0: none yet)? The larger value; NaN above all;
+ * the lower index between equals and between NaNs. */
+static inline int argmax_better(float v, int64_t i, float bv, int64_t bi) {
+    if (bi < 0) return 1;
+    const int vn = v != v, bn = bv != bv;
+    if (vn || bn) return vn && (!bn || i < bi);
+    return v > bv || (v == bv && i < bi);
+}
 
 static inline __m512 bias16(const amx_call_t *c, int64_t col) {
     return c->bias ? bf16x16_load(c->bias + col) : _mm512_setzero_ps();
@@ -108,7 +132,8 @@ static inline __m512 bias16(const amx_call_t *c, int64_t col) {
 
 /* Rows [r0, r1) of item `item`'s 16 output columns (block rows m0 + r) from its sums: a [rows, 16]
  * (its panel, or its gate panel) and u (SWIGLU: its up panel), row-major float32. */
-static void emit(const amx_call_t *c, int64_t item, const float *a, const float *u, int64_t m0, int r0, int r1) {
+static void emit(const amx_call_t *c, const lanes_t *lanes, int64_t item, const float *a, const float *u,
+                 int64_t m0, int r0, int r1) {
     const int64_t col = item * 16;
     uint16_t *y = c->y + m0 * c->y_stride + col;
     if (c->mode == EPI_SWIGLU) {
@@ -121,6 +146,24 @@ static void emit(const amx_call_t *c, int64_t item, const float *a, const float 
         return;
     }
     const __m512 bv = bias16(c, col);
+    if (c->mode == EPI_ARGMAX) {
+        const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32((int32_t)col),
+                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        for (int r = r0; r < r1; r++) {
+            const __m512 v = bf16x16_round(_mm512_add_ps(_mm512_load_ps(a + r * 16), bv));
+            float *lv = lanes->v + (m0 + r) * 16;
+            int32_t *lc = lanes->col + (m0 + r) * 16;
+            const __m512 best = _mm512_load_ps(lv);
+            const __m512i best_col = _mm512_load_si512(lc);
+            /* columns of a lane come in increasing order: strictly larger, or the first NaN */
+            const __mmask16 take = _mm512_cmplt_epi32_mask(best_col, _mm512_setzero_si512())
+                                   | _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ)
+                                   | (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & ~_mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q));
+            _mm512_store_ps(lv, _mm512_mask_mov_ps(best, take, v));
+            _mm512_store_si512(lc, _mm512_mask_mov_epi32(best_col, take, cols));
+        }
+        return;
+    }
     if (c->mode == EPI_FLOAT) {  /* y is float32: same row stride in elements */
         float *yf = (float *)c->y + m0 * c->y_stride + col;
         for (int r = r0; r < r1; r++)
@@ -146,6 +189,7 @@ typedef struct {
     int per_slice;                /* rows to emit per 32-deep slice of the next step's K loop */
     int64_t item, m0;             /* first item (the others follow it), first row */
     const float *acc;             /* the items' sums: panel j at acc + j * ACC_STRIDE */
+    const lanes_t *lanes;         /* ARGMAX: the thread's per-row best */
 } pending_t;
 
 /* Emits the pending rows up to `upto` (all of them when upto >= rows). */
@@ -154,7 +198,7 @@ static void drain(const amx_call_t *c, pending_t *p, int upto) {
     if (p->done >= upto) return;
     for (int i = 0; i < p->n; i++) {
         const float *a = p->acc + i * p->per_item * ACC_STRIDE;
-        emit(c, p->item + i, a, p->per_item == 2 ? a + ACC_STRIDE : NULL, p->m0, p->done, upto);
+        emit(c, p->lanes, p->item + i, a, p->per_item == 2 ? a + ACC_STRIDE : NULL, p->m0, p->done, upto);
     }
     p->done = upto;
 }
@@ -251,6 +295,31 @@ static void tall_step(const uint16_t *xr, const uint16_t *xr2, int64_t xs, const
     }
 }
 
+/* ARGMAX: this thread's best per row (over its 16 lanes) merged into the call's (y, best). The
+ * merge keeps the better of the two whatever order the threads come in, so the answer does not
+ * depend on the thread count. */
+static void merge_lanes(const amx_call_t *c, const lanes_t *lanes) {
+    int64_t *y = (int64_t *)c->y;
+#ifdef _OPENMP
+#pragma omp critical(loraplex_amx_argmax)
+#endif
+    for (int64_t r = 0; r < c->m; r++) {
+        float v = 0.f;
+        int64_t col = -1;
+        for (int l = 0; l < 16; l++) {
+            const int64_t lc = lanes->col[r * 16 + l];
+            if (lc >= 0 && argmax_better(lanes->v[r * 16 + l], lc, v, col)) {
+                v = lanes->v[r * 16 + l];
+                col = lc;
+            }
+        }
+        if (col >= 0 && argmax_better(v, col, c->best[r], y[r])) {
+            c->best[r] = v;
+            y[r] = col;
+        }
+    }
+}
+
 /* Items [lo, hi) for all rows, on the calling thread (an item is 16 output columns: one weight
  * panel, or for SWIGLU a gate and an up panel). Outer loop over chunks of ROW_CHUNK rows, then
  * groups of items with 4 weight panels (the last ones one item at a time), inner over row blocks
@@ -267,6 +336,17 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
      * every line then costs more than it saves (64 rows: 1.1x slower with it, 32 rows: 1.1x
      * faster). */
     const int pf = c->m <= 32;
+    lanes_t lanes = {NULL, NULL};
+    if (c->mode == EPI_ARGMAX) {
+        lanes.v = aligned_alloc(64, (size_t)c->m * 16 * sizeof(float));
+        lanes.col = aligned_alloc(64, (size_t)c->m * 16 * sizeof(int32_t));
+        if (!lanes.v || !lanes.col) {
+            free(lanes.v);
+            free(lanes.col);
+            return -4;
+        }
+        for (int64_t i = 0; i < c->m * 16; i++) lanes.col[i] = -1;
+    }
     /* Two sum buffers: a step stores into one while the previous step's epilogue reads the other. */
     float acc[2][4 * ACC_STRIDE] __attribute__((aligned(64)));
     int cur = 0;
@@ -304,13 +384,13 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
                         const int64_t next = (per_item == 2 ? 1 : pair) * panel;
                         tall_step(xr, xr + 16 * c->x_stride, xs, w + j, pair, k, acc[cur], next, pf, c, &pend);
                         pend = (pending_t){pair / per_item, per_item, rows, 0, per_slice, it + j / per_item, m0,
-                                           acc[cur]};
+                                           acc[cur], &lanes};
                         cur ^= 1;
                     }
                     continue;
                 }
                 wide_step(xr, xs, w, nw, k, acc[cur], group * panel, pf, c, &pend);
-                pend = (pending_t){group, per_item, rows, 0, per_slice, it, m0, acc[cur]};
+                pend = (pending_t){group, per_item, rows, 0, per_slice, it, m0, acc[cur], &lanes};
                 cur ^= 1;
             }
             it += group;
@@ -319,28 +399,42 @@ static int amx_share(const void *call, int64_t lo, int64_t hi) {
     drain(c, &pend, pend.rows);
     if (saved.palette) _tile_loadconfig(&saved);
     else _tile_release();
+    if (c->mode == EPI_ARGMAX) {
+        merge_lanes(c, &lanes);
+        free(lanes.v);
+        free(lanes.col);
+    }
     return 0;
 }
 
 /* y = epilogue(x[m, k] @ W.T + bias) (see the modes above), W [n, k] as K-pair panels (see the
  * top). x rows contiguous (row stride x_stride elements), bias [n] or NULL, y row stride
  * y_stride: [m, n] for PLAIN and RESIDUAL ([m, n] float32 for FLOAT), [m, n / 2] for SWIGLU (n / 2 a
- * multiple of 16);
+ * multiple of 16); for ARGMAX y is int64 [m] (y_stride unused);
  * residual [m, n] (row stride r_stride) for RESIDUAL, else NULL. Returns 0; -1 when AMX was not
- * enabled (loraplex_amx_enable), -2 for a shape or mode the layout does not cover. */
+ * enabled (loraplex_amx_enable), -2 for a shape or mode the layout does not cover, -4 when
+ * ARGMAX's scratch memory cannot be had (y is then incomplete). */
 int loraplex_amx_gemm_epilogue(int64_t m, int64_t n, int64_t k, const uint16_t *x, int64_t x_stride,
                                const uint16_t *panels, const uint16_t *bias, void *y, int64_t y_stride,
                                int mode, const uint16_t *residual, int64_t r_stride) {
     if (!amx_enabled) return -1;
-    if (m < 0 || n % 16 || k % 32 || k <= 0 || mode < EPI_PLAIN || mode > EPI_FLOAT) return -2;
+    if (m < 0 || n % 16 || k % 32 || k <= 0 || mode < EPI_PLAIN || mode > EPI_ARGMAX) return -2;
     if ((mode == EPI_SWIGLU && n % 32) || (mode == EPI_RESIDUAL) != (residual != NULL)) return -2;
+    if (mode == EPI_ARGMAX && (n == 0 || n > INT32_MAX)) return -2;
     if (m == 0 || n == 0) return 0;
     const int64_t items = mode == EPI_SWIGLU ? n / 32 : n / 16;
-    amx_call_t call = {x, panels, bias, residual, m, k, x_stride, y_stride, r_stride, n / 32, mode, y};
+    amx_call_t call = {x, panels, bias, residual, m, k, x_stride, y_stride, r_stride, n / 32, mode, y, NULL};
+    if (mode == EPI_ARGMAX) {
+        call.best = malloc((size_t)m * sizeof(float));
+        if (!call.best) return -4;
+        for (int64_t r = 0; r < m; r++) ((int64_t *)y)[r] = -1;
+    }
     int nt = lp_max_threads();
     if (nt > items) nt = (int)items;
-    if (nt <= 1) return amx_share(&call, 0, items);
-    return lp_run_shares(nt, NULL, items, amx_share, &call);  /* every item is the same work */
+    const int rc = nt <= 1 ? amx_share(&call, 0, items)
+                           : lp_run_shares(nt, NULL, items, amx_share, &call);  /* every item is the same work */
+    free(call.best);
+    return rc;
 }
 
 #else  /* no AMX in this build (another CPU or OS, or a compiler without the intrinsics) */

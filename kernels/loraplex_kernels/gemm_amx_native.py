@@ -55,7 +55,7 @@ def unpack(panels: torch.Tensor) -> torch.Tensor:
 
 
 # gemm_amx.c's epilogues (what a call writes from its float32 sums)
-PLAIN, RESIDUAL, SWIGLU, FLOAT = 0, 1, 2, 3
+PLAIN, RESIDUAL, SWIGLU, FLOAT, ARGMAX = 0, 1, 2, 3, 4
 
 
 def _check(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -84,7 +84,7 @@ def _run(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, y: to
         0 if residual is None else residual.stride(0))
     if rc != 0:
         raise RuntimeError(f"loraplex_amx_gemm_epilogue failed ({rc}): AMX not enabled (-1), bad shape (-2), "
-                           f"not built (-3)")
+                           f"not built (-3), out of memory (-4)")
     return y
 
 
@@ -107,6 +107,15 @@ def gemm_float(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None 
     m, n, _ = _check(x, panels, bias)
     y = torch.empty(m, n, dtype=torch.float32)
     return _run(x, panels, bias, y, FLOAT, None)
+
+
+def gemm_argmax(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.argmax(gemm_float(x, panels, bias), dim=-1) [M] int64 -- each row's first index of its
+    largest value, NaN counting as largest -- without writing the [M, N] float32 result (the
+    ARGMAX epilogue): a greedy decode step's tokens from the vocab projection."""
+    m, _, _ = _check(x, panels, bias)
+    y = torch.empty(m, dtype=torch.int64)
+    return _run(x, panels, bias, y, ARGMAX, None)
 
 
 def swiglu(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@
 #include <stdint.h>
 
 /* loraplex_amx_gemm_epilogue's modes (what it writes from its sums: see gemm_amx.c) */
-enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3 };
+enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3, EPI_ARGMAX = 4 };
 /* element types of the attention and LoRA kernels' operands (native.DTYPE_CODES) */
 enum { LP_F32 = 0, LP_BF16 = 1 };
 

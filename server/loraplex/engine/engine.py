@@ -29,7 +29,7 @@ from loraplex.engine.logprobs import TokenLogprob, gather_logprobs
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.request import (FinishReason, InvalidRequestError, OutputCallback, Request,
                                      RequestOutput, SamplingParams, Timings)
-from loraplex.engine.sampler import Sampler
+from loraplex.engine.sampler import Sampler, plain_argmax
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats
@@ -361,19 +361,27 @@ class Engine:
         sampled = [batch.seqs[i] for i in sampling]
         num_decodes = sum(s.is_decoding for s in batch.seqs)
         try:
-            # Structured output: the constrained rows' masks are computed while the forward runs.
-            pending = self._masks.start([s.matcher for s in sampled])
-            logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
-            # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
-            rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
-            tokens = self.sampler(rows, [s.sampling for s in sampled],
-                                  [s.token_ids for s in sampled], [s.generator for s in sampled],
-                                  [s.num_prompt_tokens for s in sampled],
-                                  masks=pending.result() if pending is not None else None)
-            top_ks = [s.sampling.logprobs for s in sampled]
-            # From the raw logits: the sampler never writes into its input (it clones first).
-            logprobs = (gather_logprobs(rows, tokens, top_ks) if any(k is not None for k in top_ks)
-                        else [None] * len(tokens))
+            params = [s.sampling for s in sampled]
+            if (plain_argmax(params) and all(s.matcher is None for s in sampled)
+                    and all(p.logprobs is None for p in params)):
+                # Every token is its row's argmax and nobody asked for the distribution: the model
+                # returns the tokens [S] alone (no logits written and read back).
+                greedy = self.runner.run(batch.seqs, batch.num_new_tokens, greedy=True)  # [S]
+                tokens = (greedy if len(sampling) == greedy.shape[0] else greedy[sampling]).tolist()
+                logprobs = [None] * len(tokens)
+            else:
+                # Structured output: the constrained rows' masks are computed while the forward runs.
+                pending = self._masks.start([s.matcher for s in sampled])
+                logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
+                # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
+                rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
+                tokens = self.sampler(rows, params, [s.token_ids for s in sampled], [s.generator for s in sampled],
+                                      [s.num_prompt_tokens for s in sampled],
+                                      masks=pending.result() if pending is not None else None)
+                top_ks = [p.logprobs for p in params]
+                # From the raw logits: the sampler never writes into its input (it clones first).
+                logprobs = (gather_logprobs(rows, tokens, top_ks) if any(k is not None for k in top_ks)
+                            else [None] * len(tokens))
         except Exception as exc:  # fail this step's requests only; the loop goes on
             log.exception("engine step failed for %d requests", len(batch))
             for seq in batch.seqs:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from loraplex.config import EngineConfig
+from loraplex.engine.sampler import first_argmax
 from loraplex.engine.sequence import NO_ADAPTER_SLOT, Sequence
 from loraplex.model.decode_graphs import DecodeGraphs
 from loraplex.model.forward_batch import ForwardBatch
@@ -103,13 +104,18 @@ class ModelRunner:
         return batch
 
     @torch.inference_mode()
-    def run(self, seqs: Seq[Sequence], num_new_tokens: Seq[int]) -> torch.Tensor:
-        """Forward the step; returns logits [S, vocab] float32 (row i = last fed token of seq i)."""
+    def run(self, seqs: Seq[Sequence], num_new_tokens: Seq[int], greedy: bool = False) -> torch.Tensor:
+        """Forward the step; returns logits [S, vocab] float32 (row i = last fed token of seq i),
+        or with `greedy` each row's greedy token [S] int64 (first_argmax of those logits; the
+        model computes it without the logits where it can: model.output_argmax)."""
         if self.graphs is not None and self.graphs.covers(
                 len(seqs), num_new_tokens, [len(s.block_table) for s in seqs],
                 any(s.adapter_slot != NO_ADAPTER_SLOT for s in seqs)):
-            return self._run_decode_graph(seqs).float()
+            logits = self._run_decode_graph(seqs).float()
+            return first_argmax(logits) if greedy else logits
         batch = self.prepare(seqs, num_new_tokens)
+        if greedy:
+            return self.model(batch, self.kv, greedy=True)
         return self.model(batch, self.kv).float()
 
     def _run_decode_graph(self, seqs: Seq[Sequence]) -> torch.Tensor:

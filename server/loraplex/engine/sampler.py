@@ -112,6 +112,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(1, sorted_idx, sorted_logits)
 
 
+def plain_argmax(params: Seq[SamplingParams]) -> bool:
+    """Is every row's token the first argmax of its raw logits -- greedy, with no penalty and no
+    logit bias (what Sampler.__call__ applies before its argmax)? Structured output's masks and
+    logprobs are the caller's to rule out. Then the engine asks the model for the tokens alone
+    (ModelRunner.run(greedy=True)): no [S, vocab] logits are written and read back."""
+    return all(p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
+               and not p.frequency_penalty and not p.logit_bias for p in params)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None],

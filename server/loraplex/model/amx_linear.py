@@ -67,6 +67,11 @@ class AmxLinear(nn.Module):
         FLOAT epilogue): the vocab projection's logits."""
         return gemm_amx_native.gemm_float(x, self.packed, self.bias)
 
+    def forward_argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(forward_float(x), -1) [T] int64 for x [T, in], without the [T, out] logits
+        (gemm_amx.c's ARGMAX epilogue): a greedy step's tokens from the vocab projection."""
+        return gemm_amx_native.gemm_argmax(x, self.packed, self.bias)
+
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for this layer's two output halves [gate; up]: x [T, in] ->
         [T, out / 2] (gemm_amx.c's SWIGLU epilogue; needs out / 2 % 16 == 0)."""

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex_kernels import argmax_native
+
 from loraplex.model.amx_linear import AmxLinear
 from loraplex.model.arch import ArchConfig
 from loraplex.model.attention import AttentionPlan, paged_attention, rotate_and_write_kv
@@ -32,6 +34,10 @@ from loraplex.model.rope import RotaryEmbedding
 # three torch ops a layer fewer, the same bits (SwiGLU: up to one bfloat16 step where our exp
 # differs). False = always the separate ops (tests and benchmarks compare the two).
 FUSED_EPILOGUES = True
+# A greedy step's tokens straight from the AMX vocab GEMM (its ARGMAX epilogue), without writing
+# the [S, vocab] float32 logits and reading them back; False = logits, then argmax (the same
+# tokens: benchmarks compare the two).
+FUSED_ARGMAX = True
 
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -154,9 +160,12 @@ class LlamaForCausalLM(nn.Module):
         self.compiled_layers: Any = None
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan | None = None) -> torch.Tensor:
-        """`plan`: the step's attention plan when the caller fixes it (model/decode_graphs.py: a
-        fixed-shape plan a CUDA graph can replay); None = built from the batch."""
+    def forward(self, batch: ForwardBatch, kv: KVCache, plan: AttentionPlan | None = None,
+                greedy: bool = False) -> torch.Tensor:
+        """The sampled rows' float32 logits [S, vocab]; with `greedy`, each row's greedy token
+        instead, [S] int64 (output_argmax). `plan`: the step's attention plan when the caller fixes
+        it (model/decode_graphs.py: a fixed-shape plan a CUDA graph can replay); None = built from
+        the batch."""
         if len(kv.k) != self.arch.num_layers:
             raise ValueError(f"kv cache has {len(kv.k)} layers, model has {self.arch.num_layers}")
         if plan is None:
@@ -177,7 +186,19 @@ class LlamaForCausalLM(nn.Module):
                 x = layer.forward(x, batch, kv, plan, cos_sin)
         # Only the rows that get sampled reach the final norm and the (large) vocab projection.
         x = self.model.norm(x.index_select(0, batch.logits_indices))  # [S, hidden]
+        if greedy:
+            return self.output_argmax(x)  # [S]
         return self.output_logits(x, as_float=True)  # [S, vocab]
+
+    def output_argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S] int64: torch.argmax(output_logits(x, as_float=True), -1), each row's
+        first index of its largest logit (NaN counting as largest). An AMX head computes it in the
+        vocab GEMM's own pass (FUSED_ARGMAX); otherwise the logits are made and reduced."""
+        head = self.lm_head if self.lm_head is not None else self.packed_head
+        if FUSED_ARGMAX and type(head) is AmxLinear and x.dim() == 2:
+            return head.forward_argmax(x)
+        logits = self.output_logits(x, as_float=True)  # [S, vocab]
+        return argmax_native.argmax(logits) if argmax_native.supports(logits) else torch.argmax(logits, dim=-1)
 
     def output_logits(self, x: torch.Tensor, as_float: bool = False) -> torch.Tensor:
         """lm_head: [S, hidden] -> [S, vocab] (as_float: then .float(), in the GEMM's own pass where
