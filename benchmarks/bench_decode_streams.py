@@ -35,13 +35,13 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "decode_streams_cpu.md"
 
 
 def measure(loaded, manager, ids: list[str], batch: int, steps: int, prompt_len: int,
-            widen: bool) -> dict[str, list[float]]:
+            widen: bool, sampling: dict | None = None) -> dict[str, list[float]]:
     """Seconds of each alternated decode step: {"base": [...], "adapters": [...]}."""
     from decode_driver import make_decode_engine
 
-    cases = {"base": make_decode_engine(loaded, batch, prompt_len, steps + 1, widen=widen),
+    cases = {"base": make_decode_engine(loaded, batch, prompt_len, steps + 1, widen=widen, sampling=sampling),
              "adapters": make_decode_engine(loaded, batch, prompt_len, steps + 1, lora_manager=manager,
-                                            adapters=ids, widen=widen)}
+                                            adapters=ids, widen=widen, sampling=sampling)}
     for dec in cases.values():
         dec.step()  # untimed: first-call costs
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -62,8 +62,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per case (alternated)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--sampling", default="greedy",
+                   help="greedy, or TEMPERATURE,TOP_P: every request samples so (e.g. 0.8,0.95)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
+    sampling = None
+    if a.sampling != "greedy":
+        temperature, top_p = (float(v) for v in a.sampling.split(","))
+        sampling = {"temperature": temperature, "top_p": top_p}
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()
     from machine import cpu_info
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
             for aid in ids:
                 manager.load(aid, Path(tmp) / aid)
             for batch in batches:
-                t = measure(loaded, manager, ids, batch, a.steps, a.prompt_len, widen)
+                t = measure(loaded, manager, ids, batch, a.steps, a.prompt_len, widen, sampling)
                 base, lora = statistics.median(t["base"]), statistics.median(t["adapters"])
                 ratios = [b / l for b, l in zip(t["base"], t["adapters"])]  # per alternation
                 rows.append((dtype_name, batch, min(batch, a.adapters), batch / base, batch / lora,
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
         f"- Load average at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end "
         f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}",
         f"- Default model (SmolLM2-135M-Instruct); B sequences all decoding (prompts of {a.prompt_len} random "
-        f"tokens, greedy) through Engine.step(); adapters: {a.adapters} random rank-{a.rank} adapters on q/k/v/o, "
+        f"tokens, {'greedy' if sampling is None else 'sampled: temperature %g, top-p %g' % (sampling['temperature'], sampling['top_p'])}) through Engine.step(); adapters: {a.adapters} random rank-{a.rank} adapters on q/k/v/o, "
         f"sequence i on adapter i mod {a.adapters}, all resident in the adapter pool. Base and adapter steps "
         f"alternate, {a.steps} each; tokens/s = B / median step; the ratio is the median of the per-alternation "
         "ratios.", "",

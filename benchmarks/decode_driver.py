@@ -52,7 +52,7 @@ class DecodeEngine:
 
 def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: int,
                        lora_manager: Any = None, adapters: list[str] | None = None,
-                       seed: int = 0, widen: bool = True) -> DecodeEngine:
+                       seed: int = 0, widen: bool = True, sampling: dict | None = None) -> DecodeEngine:
     """An engine (no thread) with `batch` sequences of `prompt_len` random prompt tokens, stepped
     until all of them decode, then good for `decode_steps` more steps of all `batch` rows.
     `adapters`: request i uses adapters[i % len] ("" = base model). `widen`: False keeps torch's
@@ -83,7 +83,8 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
                 os.environ[name] = value
     gen = torch.Generator().manual_seed(seed)
     vocab = loaded.arch.vocab_size
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    # Greedy unless `sampling` says otherwise (SamplingParams fields, e.g. temperature and top_p).
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **({"temperature": 0.0} | (sampling or {})))
     for i in range(batch):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
         adapter = adapters[i % len(adapters)] if adapters else ""

@@ -22,24 +22,11 @@
 #include "bf16.h"
 #include "layer_kernels.h"
 #include "parallel.h"
+#include "exp_nonpos.h"
 #include "prefetch.h"
 
 #define AS_FLOAT(v) (v)
 #define STORE_F32(v) (v)
-
-/* exp(x) for x <= 0 (softmax after subtracting the max), written so the loop that calls it
- * vectorises: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (relative error < 2e-7). */
-static inline float exp_nonpos(float x) {
-    if (x < -87.0f) x = -87.0f;
-    float n = floorf(x * 1.44269504f + 0.5f);
-    float r = x - n * 0.693145752f - n * 1.42860677e-6f;  /* ln2 split in two for exactness */
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f
-              + r * (0.00833336450f + r * 0.00138888182f)))));
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    return p * scale;
-}
 
 /* Positions ahead at which a row's K (scores) and V (weighted sum) records are asked for while
  * it walks its context: the blocks are cold (the layer's weights went through the caches since

@@ -6,9 +6,12 @@ Greedy rows (temperature 0) take the argmax of the processed logits. All the mat
 is batched over rows; only drawing the random numbers of *seeded* rows loops in Python, because
 each seeded request owns a torch.Generator so that its draws never depend on its batch companions.
 
-Drawing uses the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
-p_i (the same distribution as torch.multinomial), but needs exactly `vocab` random numbers per row
-per step, so a seeded request consumes its stream identically whatever else is in the batch.
+Drawing on CPU (NATIVE_DRAW) is by inverse CDF: one uniform number u per row, and the token whose
+running probability (in the kept tokens' order) first exceeds u (loraplex_kernels/sample_rows.c).
+Elsewhere it is the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
+p_i (the same distribution as torch.multinomial). Both consume a fixed count of random numbers per
+row per step (1, or `vocab`), so a seeded request consumes its stream identically whatever else is
+in the batch.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from typing import Any
 
 import torch
 
-from loraplex_kernels import argmax_native
+from loraplex_kernels import argmax_native, sample_native
 
 from loraplex.engine.request import SamplingParams
+
+# The non-greedy rows on CPU through loraplex_kernels/sample_rows.c (inverse CDF, one uniform number
+# a row, a sort of top-k / nucleus candidates only) instead of torch's exponential race and full
+# sort: ~1-4 ms instead of 40-100 ms for 32 rows of a 49152-token vocabulary on the dev box
+# (benchmarks/bench_sampler.py). False = the torch formulation (tests and benchmarks compare).
+NATIVE_DRAW = True
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
@@ -161,6 +170,10 @@ class Sampler:
             temp = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
             top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=dev)
             top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)
+            if NATIVE_DRAW and sample_native.supports(logits):  # CPU: a uniform number per row, no sort of the row
+                uniform = self._uniforms([generators[i] for i in rows])
+                out[row_idx] = sample_native.sample(logits, row_idx, temp.squeeze(1), top_k, top_p, uniform)
+                return out.tolist()
             scaled = logits[row_idx] / temp  # [R, V]
             if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
@@ -168,6 +181,19 @@ class Sampler:
             noise = self._exponential_noise(len(rows), vocab, [generators[i] for i in rows], dev)
             out[row_idx] = first_argmax(probs / noise)
         return out.tolist()
+
+    @staticmethod
+    def _uniforms(generators: Seq[torch.Generator | None]) -> torch.Tensor:
+        """[R] float32 in [0, 1): one draw per row, a seeded row's from its own generator (so its
+        tokens do not depend on the batch), the others' from torch's default one."""
+        u = torch.empty(len(generators))
+        unseeded = [j for j, g in enumerate(generators) if g is None]
+        if unseeded:
+            u[unseeded] = torch.rand(len(unseeded))
+        for j, g in enumerate(generators):
+            if g is not None:
+                u[j] = torch.rand(1, generator=g)[0]
+        return u
 
     @staticmethod
     def _exponential_noise(num_rows: int, vocab: int, generators: Seq[torch.Generator | None],
