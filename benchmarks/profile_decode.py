@@ -14,7 +14,9 @@ step into disjoint parts:
   LoRA              the batched LoRA deltas (lora/layers.py PoolMember.apply / PoolGroup.apply)
   attention         paged_attention + the per-step AttentionPlan
   norms + rope      RMSNorm, the rotary table lookup, rotary + the KV cache write (one pass)
-  vocab projection  the final norm's rows x the [vocab, hidden] matrix (output_logits)
+  vocab projection  the final norm's rows x the [vocab, hidden] matrix (output_logits; on the
+                    greedy steps profiled here output_argmax, whose GEMM also picks the tokens:
+                    the sampler is then skipped and shows ~0)
   embedding         the token lookup
   forward, other    the rest of the model forward: residual adds, SwiGLU's silu * up, views
   batch prep        ModelRunner.prepare: the flat batch's index tensors (+ the LoRA batch)
@@ -96,6 +98,7 @@ def instrument_model(model) -> None:
     rotary = model.model.rotary_emb
     rotary.lookup = labelled("norms + rope", rotary.lookup)
     model.output_logits = labelled("vocab projection", model.output_logits)
+    model.output_argmax = labelled("vocab projection", model.output_argmax)
     model.model.embed_tokens.forward = labelled("embedding", model.model.embed_tokens.forward)
 
 

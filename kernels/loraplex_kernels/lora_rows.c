@@ -70,7 +70,7 @@ static void add_row(void *base, int dtype, int64_t row, int64_t stride, const fl
  * slot's ~43 KB in one burst (the earlier form) stalls the core until the burst's misses find
  * fill buffers, and only then computes; spreading the requests over the previous slot's loops
  * keeps the misses in flight while it computes (a step's 60 LoRA calls at 32 rows on 32
- * adapters, builds alternated in one process: 3.5 -> 3.0 ms, against 2.9 ms for a build that only
+ * adapters, builds alternated in one process: 3.4 -> 2.8 ms, against ~2.9 ms for a build that only
  * touches the weights and computes nothing). A cursor walks ranges of rows of whole lines. */
 #define PF_RANGES (2 * 4)  /* A and Bt of up to MAX_MEMBERS members */
 typedef struct {
