@@ -142,3 +142,17 @@ def test_bad_operands_are_refused():
         draw(logits, *ok, rows=torch.tensor([0, 2]))
     with pytest.raises(ValueError):
         sample_native.sample(logits.double(), torch.arange(2), *(torch.tensor(v) for v in ok))
+
+
+def test_top_p_just_below_one_on_a_flat_row():
+    """p = 0.9999999 on equal logits: the nucleus is (almost) the whole row, every token ties.
+    The kernel's histogram of the mass may fall short of p by a rounding, and the draw must
+    still be the reference's."""
+    logits = torch.zeros(64, 5000)
+    logits[1::2] = torch.randn(32, 5000, generator=torch.Generator().manual_seed(2)) * 0.01
+    u = torch.linspace(0.001, 0.999, 64).tolist()
+    got = draw(logits, [1.0] * 64, [0] * 64, [0.9999999] * 64, u).tolist()
+    for r in range(64):
+        want, margin = reference(logits[r], 1.0, 0, float(torch.tensor(0.9999999, dtype=torch.float32)), u[r])
+        if margin > 1e-5:
+            assert got[r] == want, r

@@ -158,8 +158,8 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
         for (; i < V; i++) mass[bits_of(e[i]) >> BIN_SHIFT] += e[i];
     }
     /* From the top bin down to the one that completes k tokens (top-k) or mass p (top-p alone). */
-    int64_t floor_bin = 0, held = 0;
-    double above = 0.0;  /* top-p alone: the mass of the bins above floor_bin */
+    int64_t floor_bin = -1, held = 0, lowest = 0;  /* lowest: the lowest bin with mass seen */
+    double above = 0.0, above_lowest = 0.0;  /* top-p alone: the mass of the bins above floor_bin */
     for (int64_t bin = BINS - 1; bin >= 0; bin--) {
         int64_t cnt = 0;
         double ms = 0.0;
@@ -171,8 +171,16 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
             floor_bin = bin;
             break;
         }
+        if (ms > 0.0) {
+            lowest = bin;
+            above_lowest = above;
+        }
         held += cnt;
         above += ms;
+    }
+    if (floor_bin < 0) {  /* top-p: the bins' mass (summed in another order) fell short of p z by a rounding */
+        floor_bin = lowest;
+        above = above_lowest;
     }
     /* Sorted candidates: top-k, every token of the top bins (the k-th is among them); top-p
      * alone, only the tokens of floor_bin (those above it are all in the nucleus). */
