@@ -242,3 +242,16 @@ def test_plain_argmax_only_for_unprocessed_greedy_rows():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
     params = [greedy, SamplingParams(temperature=0, top_k=2), SamplingParams(temperature=0, top_p=0.3)]
     assert Sampler()(logits, params, [[1, 2]] * 3, [None] * 3) == first_argmax(logits).tolist()
+
+
+def test_penalties_refuse_token_ids_outside_the_vocabulary():
+    """The penalties index [S, V] logits by flat position: an id >= V would reach the next row, so
+    it is refused instead (the engine never passes one: prompts are checked at submit)."""
+    from loraplex.engine.sampler import apply_presence_frequency
+
+    logits = rand_logits(2, 50, 3)
+    for bad in ([[3, 50], [1]], [[-1], [2]]):
+        with pytest.raises(IndexError):
+            apply_repetition_penalty(logits.clone(), bad, [1.2, 1.2])
+        with pytest.raises(IndexError):
+            apply_presence_frequency(logits.clone(), bad, [0.5, 0.5], [0.1, 0.1])

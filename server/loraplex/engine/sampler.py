@@ -39,18 +39,18 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
     rows = [i for i, p in enumerate(penalties) if p != 1.0 and len(token_ids[i]) > 0]
     if not rows:
         return logits
-    width = max(len(token_ids[i]) for i in rows)
-    # Pad each row's ids with its own first id: a repeated index scatters the same value twice.
-    ids = torch.tensor([list(token_ids[i]) + [token_ids[i][0]] * (width - len(token_ids[i]))
-                        for i in rows], dtype=torch.long, device=logits.device)  # [R, L]
-    row_idx = torch.tensor(rows, dtype=torch.long, device=logits.device)  # [R]
-    pen = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype,
-                       device=logits.device).unsqueeze(1)  # [R, 1]
-    sub = logits[row_idx]  # [R, V]
-    seen = torch.gather(sub, 1, ids)  # [R, L]
-    seen = torch.where(seen < 0, seen * pen, seen / pen)
-    sub.scatter_(1, ids, seen)
-    logits[row_idx] = sub
+    dev, vocab = logits.device, logits.shape[1]
+    # The seen entries only, by flat index into [S, V] (no [R, V] copy): a token seen twice is
+    # the same index twice, which gathers and writes back the same value.
+    ids = torch.cat([torch.as_tensor(token_ids[i], dtype=torch.long) for i in rows])  # [N]
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:  # would land in another row
+        raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
+    lengths = torch.tensor([len(token_ids[i]) for i in rows])  # [R]
+    flat = (ids + torch.repeat_interleave(torch.tensor(rows) * vocab, lengths)).to(dev)  # [N]
+    pen = torch.repeat_interleave(torch.tensor([penalties[i] for i in rows], dtype=logits.dtype), lengths).to(dev)
+    view = logits.view(-1)
+    seen = view[flat]  # [N]
+    view[flat] = torch.where(seen < 0, seen * pen, seen / pen)
     return logits
 
 
@@ -61,15 +61,16 @@ def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], pre
     rows = [i for i in range(len(generated)) if (presence[i] or frequency[i]) and len(generated[i]) > 0]
     if not rows:
         return logits
-    dev = logits.device
-    counts = torch.zeros(len(rows), logits.shape[1], dtype=logits.dtype, device=dev)  # [R, V]
-    for j, i in enumerate(rows):  # one scatter per penalised row: O(generated tokens), no [V] loop
-        ids = torch.tensor(list(generated[i]), dtype=torch.long, device=dev)
-        counts[j].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=dev))
-    row_idx = torch.tensor(rows, dtype=torch.long, device=dev)  # [R]
-    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=dev).unsqueeze(1)  # [R, 1]
-    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=dev).unsqueeze(1)
-    logits[row_idx] -= pres * (counts > 0).to(logits.dtype) + freq * counts
+    dev, vocab = logits.device, logits.shape[1]
+    flats, amounts = [], []
+    for i in rows:  # O(generated tokens) per penalised row: no [V]-wide pass
+        ids, counts = torch.unique(torch.as_tensor(generated[i], dtype=torch.long), return_counts=True)  # [U]
+        if int(ids[0]) < 0 or int(ids[-1]) >= vocab:  # sorted: would land in another row
+            raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
+        flats.append(ids + i * vocab)
+        amounts.append(presence[i] + frequency[i] * counts.to(logits.dtype))
+    flat = torch.cat(flats).to(dev)  # [N], distinct
+    logits.view(-1)[flat] -= torch.cat(amounts).to(dev)
     return logits
 
 
