@@ -56,10 +56,13 @@ def draw(logits, t, k, p, u, rows=None):
 @pytest.mark.parametrize("vocab", [7, 300, 5000])
 def test_draws_match_the_float64_reference(vocab):
     """Random rows, temperatures, top-k / top-p settings and uniforms: the kernel's token is the
-    reference's wherever u is not within 1e-5 of a boundary (float32 exp, float sums)."""
+    reference's wherever u is not within 1e-5 of a boundary (float32 exp, float sums). Rows from
+    flat (scale 0.05) to peaked (scale 40), so that both ways of finding the candidates run: a
+    few tokens above a threshold, or the histogram's bins."""
     g = torch.Generator().manual_seed(vocab)
     n = 40
-    logits = torch.randn(n, vocab, generator=g) * torch.rand(n, 1, generator=g) * 6
+    scales = torch.tensor([0.05, 0.5, 3.0, 12.0, 40.0]).repeat(8)[:, None]  # [n, 1]
+    logits = torch.randn(n, vocab, generator=g) * scales
     t = (torch.rand(n, generator=g) * 1.5 + 0.2).tolist()
     k = [[0, 1, 3, 50, vocab, vocab + 5][i % 6] for i in range(n)]
     p = [[1.0, 0.9, 0.5, 0.99, 0.1][i % 5] for i in range(n)]

@@ -17,7 +17,9 @@
  * which is engine/sampler.apply_top_k_top_p's set and a draw from the renormalised distribution
  * over it. A row with no positive mass (every logit -inf or NaN) gets its first largest logit.
  *
- * Finding what stays without sorting the row: a histogram of e by its float32 bit pattern
+ * Finding what stays without sorting the row: first the tokens above a threshold of e, when few
+ * of them already hold k tokens or mass p (a peaked row, the usual case: peaked_candidates);
+ * otherwise a histogram of e by its float32 bit pattern
  * (monotone for e >= 0; bins 2^19 patterns wide, ~1/16 of an octave), walked from the top bin down
  * to the one that completes k tokens (top-k: the tokens of the bins down to it are sorted, a few
  * more than k) or mass p of the row (top-p alone: every token above that bin stays, only that
@@ -84,6 +86,94 @@ typedef struct {  /* a thread's scratch for one row at a time */
     double *mass;   /* [WAYS, BINS] mass per bin (top-p alone) */
 } scratch_t;
 
+/* The candidates through a histogram of e (see the top): top-k, every token of the top bins down
+ * to the one that completes k tokens; top-p alone, the tokens of the bin in which the nucleus
+ * ends (*above_out: the mass of the bins above it, all in the nucleus). Returns how many. */
+static int64_t binned_candidates(const float *e, int64_t V, int64_t k, double p, double z, scratch_t *w,
+                                 cand_t *cand, double *above_out) {
+    /* Top-k needs the bins' counts, top-p alone their mass. WAYS copies, element i into copy
+     * i % WAYS: neighbours often share a bin, and one copy would chain every add on the last. */
+    int32_t *count = w->count;
+    double *mass = w->mass;
+    int64_t i = 0;
+    if (k > 0) {
+        memset(count, 0, WAYS * BINS * sizeof(int32_t));
+        for (; i + WAYS <= V; i += WAYS)
+            for (int j = 0; j < WAYS; j++) count[j * BINS + (bits_of(e[i + j]) >> BIN_SHIFT)]++;
+        for (; i < V; i++) count[bits_of(e[i]) >> BIN_SHIFT]++;
+    } else {
+        memset(mass, 0, WAYS * BINS * sizeof(double));
+        for (; i + WAYS <= V; i += WAYS)
+            for (int j = 0; j < WAYS; j++) mass[j * BINS + (bits_of(e[i + j]) >> BIN_SHIFT)] += e[i + j];
+        for (; i < V; i++) mass[bits_of(e[i]) >> BIN_SHIFT] += e[i];
+    }
+    /* From the top bin down to the one that completes k tokens (top-k) or mass p (top-p alone). */
+    int64_t floor_bin = -1, held = 0, lowest = 0;  /* lowest: the lowest bin with mass seen */
+    double above = 0.0, above_lowest = 0.0;  /* top-p alone: the mass of the bins above floor_bin */
+    for (int64_t bin = BINS - 1; bin >= 0; bin--) {
+        int64_t cnt = 0;
+        double ms = 0.0;
+        for (int j = 0; j < WAYS; j++) {
+            if (k > 0) cnt += count[j * BINS + bin];
+            else ms += mass[j * BINS + bin];
+        }
+        if ((k > 0 && held + cnt >= k) || (k == 0 && above + ms >= p * z)) {
+            floor_bin = bin;
+            break;
+        }
+        if (ms > 0.0) {
+            lowest = bin;
+            above_lowest = above;
+        }
+        held += cnt;
+        above += ms;
+    }
+    if (floor_bin < 0) {  /* top-p: the bins' mass (summed in another order) fell short of p z by a rounding */
+        floor_bin = lowest;
+        above = above_lowest;
+    }
+    *above_out = above;
+    /* Sorted candidates: top-k, every token of the top bins (the k-th is among them); top-p
+     * alone, only the tokens of floor_bin (those above it are all in the nucleus). */
+    int64_t n = 0;
+    for (i = 0; i < V; i++) {
+        const int64_t bin = bits_of(e[i]) >> BIN_SHIFT;
+        if (e[i] > 0.f && (bin == floor_bin || (k > 0 && bin > floor_bin))) cand[n++] = (cand_t){e[i], (int32_t)i};
+    }
+    return n;
+}
+
+/* Most rows of a language model are peaked: a few tokens hold most of the mass. For the largest
+ * threshold t of PEAKS (of the largest token's e = 1) whose tokens number at least k (top-k) or
+ * hold mass p (top-p alone), those tokens are the only candidates: what stays is among them. One
+ * pass counts and sums every threshold at once (it vectorises, unlike the histogram's bin
+ * updates), and the sort is of a few tokens more than needed. Returns how many, or -1: no
+ * threshold qualifies with at most PEAK_MAX tokens, use the bins. */
+#define NPEAKS 5
+static const float PEAKS[NPEAKS] = {1.0f / 16, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 1.0f / 4096};
+#define PEAK_MAX 2048
+static int64_t peaked_candidates(const float *e, int64_t V, int64_t k, double p, double z, cand_t *cand) {
+    float big[NPEAKS] = {0};
+    int32_t nbig[NPEAKS] = {0};
+    for (int64_t i = 0; i < V; i++)
+        for (int t = 0; t < NPEAKS; t++) {
+            const int in = e[i] >= PEAKS[t];
+            big[t] += in ? e[i] : 0.f;
+            nbig[t] += in;
+        }
+    for (int t = 0; t < NPEAKS; t++) {
+        if (nbig[t] > PEAK_MAX) break;
+        /* top-p: a margin over p for the float sums (the nucleus walk sums in another order) */
+        if ((k > 0 && nbig[t] >= k) || (k == 0 && big[t] >= p * z * (1.0 + 1e-4))) {
+            int64_t n = 0;
+            for (int64_t i = 0; i < V; i++)
+                if (e[i] >= PEAKS[t]) cand[n++] = (cand_t){e[i], (int32_t)i};
+            return n;
+        }
+    }
+    return -1;
+}
+
 static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
     const int64_t V = c->vocab;
     const float *restrict x = c->logits + c->rows[r] * c->stride;
@@ -141,54 +231,9 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
             if (e[i] > 0.f) return i;
         return first_max(x, V);
     }
-    /* Top-k needs the bins' counts, top-p alone their mass. WAYS copies, element i into copy
-     * i % WAYS: neighbours often share a bin, and one copy would chain every add on the last. */
-    int32_t *count = w->count;
-    double *mass = w->mass;
-    int64_t i = 0;
-    if (k > 0) {
-        memset(count, 0, WAYS * BINS * sizeof(int32_t));
-        for (; i + WAYS <= V; i += WAYS)
-            for (int j = 0; j < WAYS; j++) count[j * BINS + (bits_of(e[i + j]) >> BIN_SHIFT)]++;
-        for (; i < V; i++) count[bits_of(e[i]) >> BIN_SHIFT]++;
-    } else {
-        memset(mass, 0, WAYS * BINS * sizeof(double));
-        for (; i + WAYS <= V; i += WAYS)
-            for (int j = 0; j < WAYS; j++) mass[j * BINS + (bits_of(e[i + j]) >> BIN_SHIFT)] += e[i + j];
-        for (; i < V; i++) mass[bits_of(e[i]) >> BIN_SHIFT] += e[i];
-    }
-    /* From the top bin down to the one that completes k tokens (top-k) or mass p (top-p alone). */
-    int64_t floor_bin = -1, held = 0, lowest = 0;  /* lowest: the lowest bin with mass seen */
-    double above = 0.0, above_lowest = 0.0;  /* top-p alone: the mass of the bins above floor_bin */
-    for (int64_t bin = BINS - 1; bin >= 0; bin--) {
-        int64_t cnt = 0;
-        double ms = 0.0;
-        for (int j = 0; j < WAYS; j++) {
-            if (k > 0) cnt += count[j * BINS + bin];
-            else ms += mass[j * BINS + bin];
-        }
-        if ((k > 0 && held + cnt >= k) || (k == 0 && above + ms >= p * z)) {
-            floor_bin = bin;
-            break;
-        }
-        if (ms > 0.0) {
-            lowest = bin;
-            above_lowest = above;
-        }
-        held += cnt;
-        above += ms;
-    }
-    if (floor_bin < 0) {  /* top-p: the bins' mass (summed in another order) fell short of p z by a rounding */
-        floor_bin = lowest;
-        above = above_lowest;
-    }
-    /* Sorted candidates: top-k, every token of the top bins (the k-th is among them); top-p
-     * alone, only the tokens of floor_bin (those above it are all in the nucleus). */
-    int64_t n = 0;
-    for (int64_t i = 0; i < V; i++) {
-        const int64_t bin = bits_of(e[i]) >> BIN_SHIFT;
-        if (e[i] > 0.f && (bin == floor_bin || (k > 0 && bin > floor_bin))) w->cand[n++] = (cand_t){e[i], (int32_t)i};
-    }
+    double above = 0.0;  /* top-p alone: the mass of the tokens above the candidates */
+    int64_t n = peaked_candidates(e, V, k, p, z, w->cand);
+    if (n < 0) n = binned_candidates(e, V, k, p, z, w, w->cand, &above);
     if (n == 0) return first_max(x, V);
     qsort(w->cand, (size_t)n, sizeof(cand_t), by_e_then_index);
     int64_t keep;
