@@ -11,6 +11,10 @@ q/k/v as one call, o as one, per layer) is timed in place, then replayed:
 - Python side: the calls with the compiled kernel replaced by a no-op.
 
     python benchmarks/profile_lora_calls.py     # ~1 min -> results/profile_lora_calls_cpu.md
+
+The calls are the Python layers' (lora/layers.py): the compiled decoder layers
+(model/compiled_layers.py, bfloat16 on AMX CPUs) make the same kernel calls from C, so this script
+turns them off. Their in-step LoRA time is profile_decode.py's "LoRA deltas" phase.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     from loraplex.model.loader import load_model
     from loraplex_kernels import native
 
+    from loraplex.model import compiled_layers
+
+    compiled_layers.COMPILED = False  # the Python layers, whose LoRA calls are timed here (see the top)
     load0 = os.getloadavg()
     loaded = load_model(ensure_default_model(), getattr(torch, a.dtype), torch.device("cpu"))
     tmp = tempfile.TemporaryDirectory(prefix="loraplex-lora-calls-")
