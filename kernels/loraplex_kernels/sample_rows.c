@@ -33,7 +33,7 @@
 #include "exp_nonpos.h"
 #include "parallel.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -192,6 +192,17 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
         mx = _mm512_max_ps(v, mx);  /* VMAXPS keeps its second operand when the first is NaN */
     }
     m = _mm512_reduce_max_ps(mx);
+#elif defined(__AVX2__)
+    const __m256 tv = _mm256_set1_ps(t);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (; i0 + 8 <= V; i0 += 8) {
+        const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i0), tv);
+        _mm256_storeu_ps(e + i0, v);
+        mx = _mm256_max_ps(v, mx);  /* VMAXPS keeps its second operand when the first is NaN */
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
 #endif
     for (; i0 < V; i0++) {
         e[i0] = x[i0] / t;
