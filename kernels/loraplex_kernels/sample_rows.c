@@ -39,7 +39,7 @@
 
 #define BIN_SHIFT 19                     /* bins of 2^19 float32 bit patterns: 2^13 of them for e in [0, 1] */
 #define BINS ((0x3F800000 >> BIN_SHIFT) + 1)
-#define WAYS 4
+#define WAYS 4                           /* histogram copies (see binned_candidates) */
 #define BLOCK 512                        /* index-order draws first find the block, then the token */
 
 typedef struct {
@@ -136,9 +136,10 @@ static int64_t binned_candidates(const float *e, int64_t V, int64_t k, double p,
     /* Sorted candidates: top-k, every token of the top bins (the k-th is among them); top-p
      * alone, only the tokens of floor_bin (those above it are all in the nucleus). */
     int64_t n = 0;
-    for (i = 0; i < V; i++) {
+    for (i = 0; i < V; i++) {  /* written always, kept when it qualifies: no branch to mispredict */
         const int64_t bin = bits_of(e[i]) >> BIN_SHIFT;
-        if (e[i] > 0.f && (bin == floor_bin || (k > 0 && bin > floor_bin))) cand[n++] = (cand_t){e[i], (int32_t)i};
+        cand[n] = (cand_t){e[i], (int32_t)i};
+        n += e[i] > 0.f && (bin == floor_bin || (k > 0 && bin > floor_bin));
     }
     return n;
 }
@@ -166,7 +167,7 @@ static int64_t peaked_candidates(const float *e, int64_t V, int64_t k, double p,
         /* top-p: a margin over p for the float sums (the nucleus walk sums in another order) */
         if ((k > 0 && nbig[t] >= k) || (k == 0 && big[t] >= p * z * (1.0 + 1e-4))) {
             int64_t n = 0;
-            for (int64_t i = 0; i < V; i++)
+            for (int64_t i = 0; i < V; i++)  /* few qualify: a branch predicted right */
                 if (e[i] >= PEAKS[t]) cand[n++] = (cand_t){e[i], (int32_t)i};
             return n;
         }
