@@ -263,3 +263,15 @@ def test_compiler_without_openmp_builds_single_threaded(tmp_path):
     proc = _python(code, LORAPLEX_KERNEL_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "available True" in proc.stdout and "multithreaded False" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(not native.available(), reason="compiled CPU kernels unavailable")
+def test_a_function_asked_for_with_other_argtypes_is_refused():
+    """ctypes converts every call's arguments by the argtypes the function was first set up with:
+    a second caller declaring other types would pass garbage silently, so it is refused."""
+    import ctypes
+
+    first = native.function("loraplex_argmax_available", [])
+    assert native.function("loraplex_argmax_available", []) is first
+    with pytest.raises(ValueError, match="argtypes"):
+        native.function("loraplex_argmax_available", [ctypes.c_int64])

@@ -153,7 +153,8 @@ _functions: dict[str, Callable] = {}
 
 def function(name: str, argtypes: list) -> Callable:
     """A C function of the library (restype int: 0 = done, -1 = out of scratch memory), set up
-    once per name: callers may ask for it on every call."""
+    once per name: callers may ask for it on every call. Asking for it with other argtypes than
+    the first caller's is refused (ctypes would convert the arguments by the first list)."""
     fn = _functions.get(name)
     if fn is None:
         if not available():
@@ -162,4 +163,6 @@ def function(name: str, argtypes: list) -> Callable:
         fn.restype = ctypes.c_int
         fn.argtypes = argtypes
         _functions[name] = fn
+    elif tuple(fn.argtypes) != tuple(argtypes):
+        raise ValueError(f"{name} was set up with argtypes {fn.argtypes}, asked for with {tuple(argtypes)}")
     return fn
