@@ -2,9 +2,10 @@
  * by inverse CDF from one uniform number per row (engine/sampler.py, the non-greedy rows).
  *
  * Why: torch's formulation (an exponential variate per vocabulary entry, and a full sort of every
- * row for top-k / top-p) took 40 ms (temperature alone) to 100 ms (with top-p) for 32 rows of a
- * 49152-token vocabulary on the 2-core dev box: several times the decode step's forward. Here a
- * row costs a few passes over its logits, and a sort of the nucleus' candidates only.
+ * row for top-k / top-p) took 30-40 ms (temperature alone) to 80-100 ms (with top-p) for 32 rows
+ * of a 49152-token vocabulary on the 2-core dev box: several times the decode step's forward. Here
+ * a row costs a few passes over its logits, and a sort of its candidates only: 1-4 ms for the 32
+ * rows (benchmarks/results/sampler_cpu_amx.md).
  *
  * Semantics, per row r (s = logits[r] / T[r], float32 as torch divides; e_i = exp(s_i - max s),
  * 0 where s_i = -inf; sums in float64):

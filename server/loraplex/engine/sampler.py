@@ -27,7 +27,7 @@ from loraplex.engine.request import SamplingParams
 
 # The non-greedy rows on CPU through loraplex_kernels/sample_rows.c (inverse CDF, one uniform number
 # a row, a sort of top-k / nucleus candidates only) instead of torch's exponential race and full
-# sort: ~1-4 ms instead of 40-100 ms for 32 rows of a 49152-token vocabulary on the dev box
+# sort: ~1-4 ms instead of 30-90 ms for 32 rows of a 49152-token vocabulary on the dev box
 # (benchmarks/bench_sampler.py). False = the torch formulation (tests and benchmarks compare).
 NATIVE_DRAW = True
 
