@@ -101,6 +101,7 @@ def main(argv=None) -> int:
                       f"{batch / lora:.1f} tok/s, ratio {statistics.median(ratios):.3f}", flush=True)
         del loaded
     load1 = os.getloadavg()
+    how = "greedy" if sampling is None else f"sampled: temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}"
     lines = [
         "# Decode tokens/s by stream count: base model vs 100 adapters (CPU)", "",
         f"- CPU: {cpu_info().describe()}",
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         f"- Load average at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end "
         f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}",
         f"- Default model (SmolLM2-135M-Instruct); B sequences all decoding (prompts of {a.prompt_len} random "
-        f"tokens, {'greedy' if sampling is None else 'sampled: temperature %g, top-p %g' % (sampling['temperature'], sampling['top_p'])}) through Engine.step(); adapters: {a.adapters} random rank-{a.rank} adapters on q/k/v/o, "
+        f"tokens, {how}) through Engine.step(); adapters: {a.adapters} random rank-{a.rank} adapters on q/k/v/o, "
         f"sequence i on adapter i mod {a.adapters}, all resident in the adapter pool. Base and adapter steps "
         f"alternate, {a.steps} each; tokens/s = B / median step; the ratio is the median of the per-alternation "
         "ratios.", "",

@@ -84,7 +84,7 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
     gen = torch.Generator().manual_seed(seed)
     vocab = loaded.arch.vocab_size
     # Greedy unless `sampling` says otherwise (SamplingParams fields, e.g. temperature and top_p).
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **({"temperature": 0.0} | (sampling or {})))
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **(sampling or {"temperature": 0.0}))
     for i in range(batch):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
         adapter = adapters[i % len(adapters)] if adapters else ""

@@ -1,6 +1,6 @@
 /* Each row's index of its largest float32 value, the first one on ties, NaN counting as largest
  * (the first NaN): exactly torch.argmax's answer, for the sampler's greedy pick
- * (engine/sampler.py first_argmax). torch's max-with-indices reduction over [32, 49152] logits
+ * (argmax_native.first_argmax). torch's max-with-indices reduction over [32, 49152] logits
  * takes ~0.5-1 ms on the 2-core dev box, a few percent of a decode step; here two passes over
  * each row (the maximum, 64 lanes at a time; then the first index holding it, 16 at a time, from
  * cache), rows split over the calling thread's OpenMP team. AVX-512 builds only: a portable loop

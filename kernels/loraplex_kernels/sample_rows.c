@@ -34,9 +34,9 @@
 #include "exp_nonpos.h"
 #include "parallel.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "widen.h"
+
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 #define BIN_SHIFT 19                     /* bins of 2^19 float32 bit patterns: 2^13 of them for e in [0, 1] */
 #define BINS ((0x3F800000 >> BIN_SHIFT) + 1)
@@ -181,36 +181,25 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
     const float *restrict x = c->logits + c->rows[r] * c->stride;
     const float t = c->temperature[r];
     float *restrict e = w->e;
-    /* s = x / t (as torch divides: the same values, so the same order) and its maximum (NaN
-     * never enters it) */
-    float m = -INFINITY;
+    /* s = x / t (as torch divides: the same values, so the same order) and its maximum, 8 lanes
+     * at a time (GCC leaves a plain loop's max reduction scalar: it may not reorder it). A NaN
+     * compares false, so it never enters the maximum. */
+    const v8f tv = {t, t, t, t, t, t, t, t};
+    v8f mx = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int64_t i0 = 0;
-#if defined(__AVX512F__)  /* GCC leaves the plain loop scalar (a max reduction it may not reorder) */
-    const __m512 tv = _mm512_set1_ps(t);
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (; i0 + 16 <= V; i0 += 16) {
-        const __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i0), tv);
-        _mm512_storeu_ps(e + i0, v);
-        mx = _mm512_max_ps(v, mx);  /* VMAXPS keeps its second operand when the first is NaN */
+    for (; i0 + LANES <= V; i0 += LANES) {
+        const v8f v = load8(x + i0) / tv;
+        store8(e + i0, v);
+        const v8i take = v > mx;
+        mx = (v8f)(((v8i)v & take) | ((v8i)mx & ~take));
     }
-    m = _mm512_reduce_max_ps(mx);
-#elif defined(__AVX2__)
-    const __m256 tv = _mm256_set1_ps(t);
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (; i0 + 8 <= V; i0 += 8) {
-        const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i0), tv);
-        _mm256_storeu_ps(e + i0, v);
-        mx = _mm256_max_ps(v, mx);  /* VMAXPS keeps its second operand when the first is NaN */
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, mx);
-    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
-#endif
+    float m = -INFINITY;
+    for (int l = 0; l < LANES; l++) m = mx[l] > m ? mx[l] : m;
     for (; i0 < V; i0++) {
         e[i0] = x[i0] / t;
         m = e[i0] > m ? e[i0] : m;
     }
-    if (!(m > -INFINITY) || m != m) return first_max(x, V);
+    if (!(m > -INFINITY)) return first_max(x, V);  /* every logit -inf or NaN */
     double z = 0.0;
     const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
     for (int64_t b = 0; b < nblocks; b++) {

@@ -362,8 +362,7 @@ class Engine:
         num_decodes = sum(s.is_decoding for s in batch.seqs)
         try:
             params = [s.sampling for s in sampled]
-            if (plain_argmax(params) and all(s.matcher is None for s in sampled)
-                    and all(p.logprobs is None for p in params)):
+            if plain_argmax(params) and all(s.matcher is None for s in sampled):
                 # Every token is its row's argmax and nobody asked for the distribution: the model
                 # returns the tokens [S] alone (no logits written and read back).
                 greedy = self.runner.run(batch.seqs, batch.num_new_tokens, greedy=True)  # [S]

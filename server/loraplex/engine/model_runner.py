@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from loraplex_kernels.argmax_native import first_argmax
+
 from loraplex.config import EngineConfig
-from loraplex.engine.sampler import first_argmax
 from loraplex.engine.sequence import NO_ADAPTER_SLOT, Sequence
 from loraplex.model.decode_graphs import DecodeGraphs
 from loraplex.model.forward_batch import ForwardBatch

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from loraplex_kernels import argmax_native, sample_native
+from loraplex_kernels import sample_native
+from loraplex_kernels.argmax_native import first_argmax  # the greedy pick (engine code imports it from here)
 
 from loraplex.engine.request import SamplingParams
 
@@ -100,17 +101,6 @@ def apply_logit_bias(logits: torch.Tensor, biases: Seq[Seq[tuple[int, float]]]) 
     return logits
 
 
-def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """[S, V] -> [S] int64: each row's index of its largest value, the first one on ties (NaN
-    counts as largest), exactly torch.argmax's answer. On CPU float32 rows through our compiled
-    kernel (loraplex_kernels/argmax.c), else torch.max's indices (vectorised on CPU where
-    argmax's reduction is not): on a 2-core Xeon (AMX) [32, 49152] float32 takes ~0.45-0.9 ms
-    with torch.max, a few percent of a 32-sequence decode step."""
-    if argmax_native.supports(x):
-        return argmax_native.argmax(x)
-    return torch.max(x, dim=-1).indices
-
-
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (set to -inf) what top-k and then top-p exclude. logits: [S, V] (temperature already
     applied); top_k: [S] int64, 0 = off; top_p: [S] float, 1 = off. Returns a new tensor.
@@ -136,11 +126,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 def plain_argmax(params: Seq[SamplingParams]) -> bool:
     """Is every row's token the first argmax of its raw logits -- greedy, with no penalty and no
-    logit bias (what Sampler.__call__ applies before its argmax)? Structured output's masks and
-    logprobs are the caller's to rule out. Then the engine asks the model for the tokens alone
-    (ModelRunner.run(greedy=True)): no [S, vocab] logits are written and read back."""
+    logit bias (what Sampler.__call__ applies before its argmax) -- and nobody asks for the
+    distribution (logprobs)? Structured output's masks are the caller's to rule out. Then the
+    engine asks the model for the tokens alone (ModelRunner.run(greedy=True)): no [S, vocab]
+    logits are written and read back."""
     return all(p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
-               and not p.frequency_penalty and not p.logit_bias for p in params)
+               and not p.frequency_penalty and not p.logit_bias and p.logprobs is None for p in params)
 
 
 class Sampler:
@@ -174,49 +165,41 @@ class Sampler:
             apply_logit_bias(logits, [p.logit_bias for p in params])
         if masks is not None:  # structured output: disallowed tokens -> -inf (before any sampling maths)
             logits = masks.apply(logits)
-        out = first_argmax(logits)  # [S]; final for greedy rows
+        # [S]; final for greedy rows (the others' entries are overwritten below)
+        out = (first_argmax(logits) if any(p.greedy for p in params)
+               else torch.empty(num_rows, dtype=torch.long, device=logits.device))
 
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             dev = logits.device
             row_idx = torch.tensor(rows, dtype=torch.long, device=dev)  # [R]
-            temp = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
+            temp = torch.tensor([params[i].temperature for i in rows], device=dev)  # [R]
             top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=dev)
             top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)
+            row_gens = [generators[i] for i in rows]
             if NATIVE_DRAW and sample_native.supports(logits):  # CPU: a uniform number per row, no sort of the row
-                uniform = self._uniforms([generators[i] for i in rows])
-                out[row_idx] = sample_native.sample(logits, row_idx, temp.squeeze(1), top_k, top_p, uniform)
+                uniform = self._draw(torch.empty(len(rows)), row_gens, torch.Tensor.uniform_)  # [R]
+                out[row_idx] = sample_native.sample(logits, row_idx, temp, top_k, top_p, uniform)
                 return out.tolist()
-            scaled = logits[row_idx] / temp  # [R, V]
+            scaled = logits[row_idx] / temp.unsqueeze(1)  # [R, V]
             if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
                 scaled = apply_top_k_top_p(scaled, top_k, top_p)
             probs = torch.softmax(scaled, dim=-1)  # [R, V]
-            noise = self._exponential_noise(len(rows), vocab, [generators[i] for i in rows], dev)
+            # Exp(1) can round to 0; the smallest positive float keeps p / E finite.
+            noise = self._draw(torch.empty(len(rows), vocab, device=dev), row_gens,
+                               torch.Tensor.exponential_).clamp_min_(torch.finfo(torch.float32).tiny)  # [R, V]
             out[row_idx] = first_argmax(probs / noise)
         return out.tolist()
 
     @staticmethod
-    def _uniforms(generators: Seq[torch.Generator | None]) -> torch.Tensor:
-        """[R] float32 in [0, 1): one draw per row, a seeded row's from its own generator (so its
-        tokens do not depend on the batch), the others' from torch's default one."""
-        u = torch.empty(len(generators))
+    def _draw(out: torch.Tensor, generators: Seq[torch.Generator | None], fill: Any) -> torch.Tensor:
+        """out [R, ...] filled row by row with fill(tensor, generator=...) (a torch in-place
+        sampler): a seeded row's from its own generator, so its draws never depend on the batch;
+        the unseeded rows in one call on torch's default generator."""
         unseeded = [j for j, g in enumerate(generators) if g is None]
         if unseeded:
-            u[unseeded] = torch.rand(len(unseeded))
+            out[unseeded] = fill(torch.empty((len(unseeded), *out.shape[1:]), dtype=out.dtype, device=out.device))
         for j, g in enumerate(generators):
             if g is not None:
-                u[j] = torch.rand(1, generator=g)[0]
-        return u
-
-    @staticmethod
-    def _exponential_noise(num_rows: int, vocab: int, generators: Seq[torch.Generator | None],
-                           device: torch.device) -> torch.Tensor:
-        noise = torch.empty(num_rows, vocab, device=device)  # [R, V]
-        unseeded = [j for j, g in enumerate(generators) if g is None]
-        if unseeded:  # one call for all unseeded rows, from torch's default generator
-            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
-        for j, g in enumerate(generators):
-            if g is not None:
-                noise[j].exponential_(generator=g)
-        # Exp(1) can round to 0; the smallest positive float keeps p / E finite.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+                fill(out[j], generator=g)
+        return out

@@ -194,11 +194,16 @@ class LlamaForCausalLM(nn.Module):
         """[S, hidden] -> [S] int64: torch.argmax(output_logits(x, as_float=True), -1), each row's
         first index of its largest logit (NaN counting as largest). An AMX head computes it in the
         vocab GEMM's own pass (FUSED_ARGMAX); otherwise the logits are made and reduced."""
-        head = self.lm_head if self.lm_head is not None else self.packed_head
-        if FUSED_ARGMAX and type(head) is AmxLinear and x.dim() == 2:
+        head = self._amx_head(x)
+        if FUSED_ARGMAX and head is not None:
             return head.forward_argmax(x)
-        logits = self.output_logits(x, as_float=True)  # [S, vocab]
-        return argmax_native.argmax(logits) if argmax_native.supports(logits) else torch.argmax(logits, dim=-1)
+        return argmax_native.first_argmax(self.output_logits(x, as_float=True))
+
+    def _amx_head(self, x: torch.Tensor) -> AmxLinear | None:
+        """The vocab projection when it is an AMX panel set that takes x [S, hidden] in one call
+        (its epilogues then produce float logits or the argmax in the GEMM's own pass)."""
+        head = self.lm_head if self.lm_head is not None else self.packed_head
+        return head if type(head) is AmxLinear and x.dim() == 2 else None
 
     def output_logits(self, x: torch.Tensor, as_float: bool = False) -> torch.Tensor:
         """lm_head: [S, hidden] -> [S, vocab] (as_float: then .float(), in the GEMM's own pass where
@@ -207,10 +212,8 @@ class LlamaForCausalLM(nn.Module):
         (packed_head); a 4-bit table (quantized_embedding.py, --quantize-embeddings) multiplies from
         its own packed storage, with no float copy."""
         if as_float:
-            head = self.lm_head if self.lm_head is not None else self.packed_head
-            if type(head) is AmxLinear and x.dim() == 2:
-                return head.forward_float(x)
-            return self.output_logits(x).float()
+            head = self._amx_head(x)
+            return head.forward_float(x) if head is not None else self.output_logits(x).float()
         if self.lm_head is not None:
             return self.lm_head(x)
         if self.packed_head is not None:
