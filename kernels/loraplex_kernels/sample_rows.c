@@ -244,9 +244,9 @@ static int64_t sample_row(const sample_call_t *c, int64_t r, scratch_t *w) {
         if (n > k) n = k;
         double zk = 0.0;
         for (int64_t j = 0; j < n; j++) zk += w->cand[j].e;
-        keep = 1;
-        kept = w->cand[0].e;
         if (p < 1.0) {  /* the nucleus of the top-k set */
+            keep = 1;
+            kept = w->cand[0].e;
             while (keep < n && kept / zk < p) kept += w->cand[keep++].e;
         } else {
             keep = n;
