@@ -12,14 +12,14 @@ import ctypes
 import torch
 
 from . import native
-from .native import DTYPE_CODES
+from .native import DTYPE_CODES, KV_INT8
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 _ARGTYPES = [
     _I64, _I64, _I64, _I64,  # num_seqs, num_heads, num_kv_heads, head_dim
     _P, ctypes.c_int, _P, _I64, _I64,  # q, q dtype, q_rows (or NULL), q row / head strides
-    _P, _P, ctypes.c_int,  # k_cache, v_cache, cache dtype
+    _P, _P, ctypes.c_int, _P, _P,  # k_cache, v_cache, cache dtype, k / v scales (int8 caches) or NULL
     _I64, _I64, _I64, _I64,  # block / position / head strides, block_size
     _P, _I64, _P,  # block_table, its row stride, seq_lens
     _I64, ctypes.c_float,  # window (0 = none), scale
@@ -28,21 +28,36 @@ _ARGTYPES = [
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """CPU, q and cache both float32 or both bfloat16, head dims contiguous, library built."""
-    return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and k_cache.dtype == q.dtype
+    """CPU, q float32 or bfloat16 and the cache the same dtype or int8, head dims contiguous,
+    library built."""
+    return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and (k_cache.dtype == q.dtype or k_cache.dtype == torch.int8)
             and q.stride(2) == 1 and k_cache.stride(3) == 1 and native.available())
 
 
+def _scale_table(scale: torch.Tensor | None, cache: torch.Tensor) -> int:
+    """The data pointer of an int8 cache's scales, checked: [num_blocks, block_size, H_kv] float32
+    contiguous (the kernel finds slot s's heads at s * H_kv)."""
+    if scale is None or scale.dtype != torch.float32 or not scale.is_contiguous() or scale.shape != cache.shape[:3]:
+        raise ValueError(f"an int8 cache {tuple(cache.shape)} needs contiguous float32 scales {tuple(cache.shape[:3])}, "
+                         f"got {None if scale is None else (scale.dtype, tuple(scale.shape))}")
+    return scale.data_ptr()
+
+
 def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+                     table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int | None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of B decode tokens over their sequences' cached context -> [B, H * D] in q's dtype.
 
     q [T, H, D] (head dim contiguous); rows: the decode tokens' rows of q (a slice, or [B] int64);
-    caches [num_blocks, block_size, H_kv, D] (this step's k/v already written); table [B, >= nb]
-    int64 block ids; seq_lens [B] int64 context lengths including the new token.
+    caches [num_blocks, block_size, H_kv, D] (this step's k/v already written), q's dtype or int8
+    with k_scale / v_scale [num_blocks, block_size, H_kv] float32 (model/kv_quant.py); table
+    [B, >= nb] int64 block ids; seq_lens [B] int64 context lengths including the new token.
     """
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
         raise ValueError("k and v caches must share dtype and layout")
+    ks_ptr = vs_ptr = None
+    if k_cache.dtype == torch.int8:
+        ks_ptr, vs_ptr = _scale_table(k_scale, k_cache), _scale_table(v_scale, v_cache)
     if table.dtype != torch.int64 or table.stride(1) != 1 or seq_lens.dtype != torch.int64:
         raise ValueError("block table and seq_lens must be int64, table rows contiguous")
     seq_lens = seq_lens.contiguous()
@@ -60,12 +75,13 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
     fn = native.function("loraplex_decode_attention", _ARGTYPES)
     rc = fn(b, h, h_kv, d,
              q_ptr, DTYPE_CODES[q.dtype], q_rows, q.stride(0), q.stride(1),
-             k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype],
+             k_cache.data_ptr(), v_cache.data_ptr(),
+             KV_INT8 if k_cache.dtype == torch.int8 else DTYPE_CODES[k_cache.dtype], ks_ptr, vs_ptr,
              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
              table.data_ptr(), table.stride(0), seq_lens.data_ptr(),
              window or 0, scale, out.data_ptr(), out.stride(0))
     if rc == -2:
-        raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}) must share a dtype")
+        raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}) must share a dtype, or the cache be int8")
     if rc != 0:
         raise MemoryError("decode attention could not allocate its scratch buffers")
     return out

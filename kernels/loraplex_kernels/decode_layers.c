@@ -33,7 +33,8 @@ typedef struct {  /* one decoder layer's fixed operands: pointers into the model
     const uint16_t *o, *o_bias;                  /* panels [hidden columns] */
     const uint16_t *gate_up, *gate_up_bias;      /* panels of [gate; up] (2 inter columns) */
     const uint16_t *down, *down_bias;            /* panels [hidden columns] */
-    uint16_t *k_cache, *v_cache;                 /* [num_slots, hkv, dim] */
+    void *k_cache, *v_cache;                     /* [num_slots, hkv, dim] bfloat16, or int8 (step kv_dtype) */
+    float *k_scale, *v_scale;                    /* [num_slots, hkv] the int8 caches' scales, or NULL */
     int64_t window;                              /* sliding window, 0 = none */
     const uint16_t *q_norm, *k_norm;             /* [dim] per-head RMSNorm weights (Qwen3), or NULL */
 } lp_layer_t;
@@ -47,6 +48,7 @@ enum { SITE_QKV = 0, SITE_O = 1, SITE_GATE_UP = 2, SITE_DOWN = 3, SITES = 4 };
 
 typedef struct {  /* the model's sizes and one step's operands */
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, num_slots;
+    int64_t kv_dtype;                            /* the caches' LP_BF16 or LP_I8 */
     float eps, scale;
     int64_t tokens;
     uint16_t *x;                                 /* [T, hidden], updated in place */
@@ -150,10 +152,12 @@ static int attention_block(const lp_step_t *s, const lp_layer_t *l, const lp_lor
     if (!rc) TIMED(s, PH_ROTARY_KV, rc = loraplex_rotary_kv_bf16(t, s->heads, s->kv_heads, d, s->qkv_out, width, d,
                                                                  s->qkv_out + qw, width, d, s->qkv_out + qw + kvw,
                                                                  width, d, s->cos, s->sin, s->cs_stride, s->q_rot,
-                                                                 s->k_rot, l->k_cache, l->v_cache, s->num_slots,
+                                                                 s->k_rot, l->k_cache, l->v_cache, (int)s->kv_dtype,
+                                                                 l->k_scale, l->v_scale, s->num_slots,
                                                                  s->slots));
     if (!rc) TIMED(s, PH_ATTENTION, rc = loraplex_decode_attention(t, s->heads, s->kv_heads, d, s->q_rot, LP_BF16, 0,
-                                                                   qw, d, l->k_cache, l->v_cache, LP_BF16,
+                                                                   qw, d, l->k_cache, l->v_cache, (int)s->kv_dtype,
+                                                                   l->k_scale, l->v_scale,
                                                                    s->block_size * kvw, kvw, d, s->block_size,
                                                                    s->table, s->table_stride, s->seq_lens,
                                                                    l->window, s->scale, s->attn, qw));

@@ -8,7 +8,7 @@
 /* loraplex_amx_gemm_epilogue's modes (what it writes from its sums: see gemm_amx.c) */
 enum { EPI_PLAIN = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_FLOAT = 3, EPI_ARGMAX = 4 };
 /* element types of the attention and LoRA kernels' operands (native.DTYPE_CODES) */
-enum { LP_F32 = 0, LP_BF16 = 1 };
+enum { LP_F32 = 0, LP_BF16 = 1, LP_I8 = 2 };  /* LP_I8: KV caches only, with per-(slot, head) scales */
 
 int loraplex_rmsnorm_bf16(int64_t rows, int64_t dim, const uint16_t *x, int64_t x_stride,
                           const uint16_t *w, float eps, uint16_t *out, int64_t out_stride);
@@ -24,11 +24,12 @@ int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim
                             const uint16_t *v, int64_t v_ts, int64_t v_hs,
                             const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
                             uint16_t *q_out, uint16_t *k_out,
-                            uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots);
+                            void *k_cache, void *v_cache, int kv_dtype, float *k_scale, float *v_scale,
+                            int64_t num_slots, const int64_t *slots);
 int loraplex_decode_attention(
     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
     const void *q, int q_dtype, const int64_t *q_rows, int64_t q_row_stride, int64_t q_head_stride,
-    const void *k_cache, const void *v_cache, int kv_dtype,
+    const void *k_cache, const void *v_cache, int kv_dtype, const float *k_scale, const float *v_scale,
     int64_t blk_stride, int64_t pos_stride, int64_t kv_head_stride, int64_t block_size,
     const int64_t *block_table, int64_t table_stride, const int64_t *seq_lens,
     int64_t window, float scale, void *out, int64_t out_row_stride);

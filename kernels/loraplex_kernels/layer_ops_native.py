@@ -72,11 +72,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k / v [T, Hkv, D] (head dims contiguous), cos/sin [T, 1, D] or [T, D], caches
     [num_blocks, block_size, Hkv, D] contiguous, slots [T] int64 flat cache slots ->
-    (rotary(q), rotary(k)); the caches' slots get rotary(k) and v. One C pass (rotary.c)."""
+    (rotary(q), rotary(k)); the caches' slots get rotary(k) and v -- bfloat16 caches as they are,
+    int8 caches quantized per head with their scales in k_scale / v_scale [num_blocks, block_size,
+    Hkv] float32 contiguous (model/kv_quant.py's bits). One C pass (rotary.c)."""
     tokens, hq, dim = q.shape
     hkv = k.shape[1]
     cos2, sin2 = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
@@ -84,7 +86,7 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
         raise ValueError("rotary needs an even head dim and cos/sin rows of one contiguous layout")
     if (k.shape != (tokens, hkv, dim) or v.shape != k.shape or k_cache.shape[-2:] != (hkv, dim)
             or v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-            or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
+            or k_cache.dtype not in (q.dtype, torch.int8) or v_cache.dtype != k_cache.dtype):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the caches "
                          f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)} ({k_cache.dtype})")
     if slots.shape != (tokens,) or slots.dtype != torch.int64 or not slots.is_contiguous():
@@ -92,11 +94,20 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     q_out = torch.empty(tokens, hq, dim, dtype=q.dtype)
     k_out = torch.empty(tokens, hkv, dim, dtype=q.dtype)
     num_slots = k_cache.numel() // (hkv * dim)
+    ks_ptr = vs_ptr = None
+    if k_cache.dtype == torch.int8:
+        for sc in (k_scale, v_scale):
+            if sc is None or sc.dtype != torch.float32 or not sc.is_contiguous() or sc.shape != k_cache.shape[:3]:
+                raise ValueError(f"an int8 cache {tuple(k_cache.shape)} needs contiguous float32 scales "
+                                 f"{tuple(k_cache.shape[:3])}")
+        ks_ptr, vs_ptr = k_scale.data_ptr(), v_scale.data_ptr()
     rc = native.function("loraplex_rotary_kv_bf16", [_I64] * 4 + [_P, _I64, _I64] * 3 + [_P, _P, _I64] + [_P] * 4
-                         + [_I64, _P])(
+                         + [ctypes.c_int, _P, _P, _I64, _P])(
         tokens, hq, hkv, dim, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1), cos2.data_ptr(), sin2.data_ptr(), cos2.stride(0),
-        q_out.data_ptr(), k_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_slots, slots.data_ptr())
+        q_out.data_ptr(), k_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        native.KV_INT8 if k_cache.dtype == torch.int8 else native.DTYPE_CODES[torch.bfloat16], ks_ptr, vs_ptr,
+        num_slots, slots.data_ptr())
     if rc != 0:
         raise IndexError(f"a KV slot is outside the cache's {num_slots} slots")
     return q_out, k_out

@@ -44,6 +44,8 @@ LIBS = ("-lm",)
 # without OpenMP builds them single-threaded instead.
 OPENMP_FLAGS = ("-fopenmp",)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# The int8 KV cache's code (layer_kernels.h LP_I8): caches only, with per-(slot, head) scales.
+KV_INT8 = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kv_int8.h"
 #include "layer_kernels.h"
 #include "parallel.h"
 
@@ -58,7 +59,10 @@ int loraplex_rotary_bf16(int64_t tokens, int64_t heads, int64_t dim, const uint1
 typedef struct {
     int64_t hq, hkv, dim, q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, cs_stride, rec;
     const uint16_t *q, *k, *v, *cos, *sin;
-    uint16_t *q_out, *k_out, *k_cache, *v_cache;
+    uint16_t *q_out, *k_out;
+    void *k_cache, *v_cache;
+    int kv_dtype;                  /* LP_BF16, or LP_I8 with per-(slot, head) scales */
+    float *k_scale, *v_scale;      /* [num_slots, hkv] (LP_I8 only) */
     const int64_t *slots;
 } rotary_kv_call_t;
 
@@ -69,12 +73,19 @@ static int rotary_kv_tokens(const void *call, int64_t lo, int64_t hi) {
         const uint16_t *cs = c->cos + t * c->cs_stride, *sn = c->sin + t * c->cs_stride;
         for (int64_t h = 0; h < c->hq; h++)
             rotate_head(c->q + t * c->q_ts + h * c->q_hs, cs, sn, half, c->q_out + (t * c->hq + h) * dim);
-        uint16_t *kc = c->k_cache + c->slots[t] * c->rec, *vc = c->v_cache + c->slots[t] * c->rec;
+        const int64_t slot = c->slots[t];
         for (int64_t h = 0; h < c->hkv; h++) {
             uint16_t *ko = c->k_out + (t * c->hkv + h) * dim;
+            const uint16_t *vi = c->v + t * c->v_ts + h * c->v_hs;
+            const int64_t at = slot * c->rec + h * dim;  /* the head's first element in the caches */
             rotate_head(c->k + t * c->k_ts + h * c->k_hs, cs, sn, half, ko);
-            memcpy(kc + h * dim, ko, (size_t)dim * 2);
-            memcpy(vc + h * dim, c->v + t * c->v_ts + h * c->v_hs, (size_t)dim * 2);
+            if (c->kv_dtype == LP_I8) {
+                quantize_head_i8(ko, dim, (int8_t *)c->k_cache + at, c->k_scale + slot * c->hkv + h);
+                quantize_head_i8(vi, dim, (int8_t *)c->v_cache + at, c->v_scale + slot * c->hkv + h);
+            } else {
+                memcpy((uint16_t *)c->k_cache + at, ko, (size_t)dim * 2);
+                memcpy((uint16_t *)c->v_cache + at, vi, (size_t)dim * 2);
+            }
         }
     }
     return 0;
@@ -86,21 +97,26 @@ static int rotary_kv_tokens(const void *call, int64_t lo, int64_t hi) {
 /* A layer's attention inputs in one pass, for the decode step (model/attention.py
  * rotate_and_write_kv): q_out [T, Hq, D] = rotary(q); k_out [T, Hkv, D] = rotary(k); and the
  * paged caches' slot slots[t] ([num_slots, Hkv, D] contiguous) get k_out[t] and v[t] -- what
- * rotary() twice and two index_copy_ calls do, with the same bits. q, k, v may be strided views
+ * rotary() twice and two index_copy_ calls do, with the same bits. An int8 cache (kv_dtype
+ * LP_I8) gets them quantized per head (kv_int8.h), their scales going to k_scale / v_scale
+ * [num_slots, Hkv] at the same slots (model/kv_quant.py's bits). q, k, v may be strided views
  * (column slices of the fused q/k/v GEMM): strides in elements per token and per head. Tokens are
  * split over threads (a token's slot is its own: no two tokens write one slot). Returns 0, or -1
- * (nothing written) when a slot is outside [0, num_slots). */
+ * (nothing written) when a slot is outside [0, num_slots), -2 for a cache dtype it does not write. */
 int loraplex_rotary_kv_bf16(int64_t tokens, int64_t hq, int64_t hkv, int64_t dim,
                             const uint16_t *q, int64_t q_ts, int64_t q_hs,
                             const uint16_t *k, int64_t k_ts, int64_t k_hs,
                             const uint16_t *v, int64_t v_ts, int64_t v_hs,
                             const uint16_t *cos, const uint16_t *sin, int64_t cs_stride,
                             uint16_t *restrict q_out, uint16_t *restrict k_out,
-                            uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots, const int64_t *slots) {
+                            void *k_cache, void *v_cache, int kv_dtype, float *k_scale, float *v_scale,
+                            int64_t num_slots, const int64_t *slots) {
+    if (kv_dtype != LP_BF16 && (kv_dtype != LP_I8 || !k_scale || !v_scale)) return -2;
     for (int64_t t = 0; t < tokens; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return -1;
     const rotary_kv_call_t call = {hq, hkv, dim, q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, cs_stride, hkv * dim,
-                                   q, k, v, cos, sin, q_out, k_out, k_cache, v_cache, slots};
+                                   q, k, v, cos, sin, q_out, k_out, k_cache, v_cache, kv_dtype, k_scale, v_scale,
+                                   slots};
     const int nt = lp_max_threads();
     if (nt <= 1 || tokens < PARALLEL_MIN_TOKENS) return rotary_kv_tokens(&call, 0, tokens);
     return lp_run_shares(nt, NULL, tokens, rotary_kv_tokens, &call);

@@ -10,6 +10,9 @@ from typing import Callable
 
 # Kept in step with loraplex.model.quantize.METHODS (not imported: config stays free of torch).
 QUANTIZE_CHOICES = ("auto", "none", "nf4", "fp4", "int8")
+# The KV cache's element type: auto = the model's dtype; int8 = codes with a float32 scale per
+# slot and kv head (model/kv_quant.py): 0.56x the bytes of bfloat16 on the default model.
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ModelConfig:
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int = 2048  # KV cache size in blocks (all sequences share them)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_num_seqs: int = 64  # sequences in one step (running batch)
     max_num_batched_tokens: int = 512  # per-step token budget: decode tokens + prefill chunks
     max_model_len: int = 2048  # prompt + generated tokens, capped by the model's own limit
@@ -80,6 +84,8 @@ class EngineConfig:
                      "structured_output_max_bytes", "structured_output_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; available: {list(KV_CACHE_DTYPES)}")
         if not self.structured_output_compile_timeout > 0:
             raise ValueError(f"structured_output_compile_timeout: must be > 0 seconds, got "
                              f"{self.structured_output_compile_timeout}")

@@ -51,7 +51,8 @@ class ModelRunner:
         extra = 0 if decode_graphs == "off" else 1
         self.kv = KVCache.allocate(
             num_layers=arch.num_layers, num_blocks=config.num_kv_blocks + extra, block_size=config.block_size,
-            num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, dtype=dtype, device=self.device)
+            num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+            dtype=torch.int8 if config.kv_cache_dtype == "int8" else dtype, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if decode_graphs != "off":
             self.graphs = DecodeGraphs(model, self.kv, config.max_num_seqs, -(-config.max_model_len // self.block_size),

@@ -23,6 +23,11 @@ How the work is shaped (it runs once per layer, so per-call overhead matters):
   prefill) gathers its blocks and uses the mask `key_pos <= query_pos` (is_causal would align the
   triangle at key 0, which is wrong once the keys start before the queries).
 - Sliding windows (Mistral / Qwen layers that use them) add `key_pos > query_pos - window`.
+- An int8 cache (--kv-cache-dtype int8; model/kv_quant.py) comes with per-(slot, head) scales:
+  every path attends over the values the cache gives back (codes times scale), the compiled one
+  reading the codes in place, the torch ones dequantizing their gathers. A fresh prefill chunk's
+  own k/v go through the same rounding first, so a token's attention does not depend on which
+  path its step took.
 Everything derived from the batch alone (indices, masks) lives in an AttentionPlan built once
 per step and shared by all layers; the Python-side length lists avoid device->host syncs.
 """
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.model.forward_batch import ForwardBatch
-from loraplex.model import rope
+from loraplex.model import kv_quant, rope
 from loraplex_kernels import attention_native, layer_ops_native
 
 # Decode tokens through the compiled paged kernel (loraplex_kernels/decode_attention.c) on CPU:
@@ -195,51 +200,78 @@ class AttentionPlan:
         return mask
 
 
+def _native_cache(cache: torch.Tensor) -> bool:
+    """A cache the compiled rotary/cache pass writes: contiguous CPU bfloat16 or int8."""
+    return cache.is_cpu and cache.dtype in (torch.bfloat16, torch.int8) and cache.is_contiguous()
+
+
 def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotary(q), rotary(k)) for q [T, H, D], k / v [T, H_kv, D], cos/sin [T, 1, D]; the caches
     (see write_kv) get the rotated k and v at slot_mapping [T]."""
     cos, sin = cos_sin
-    if (NATIVE_ROTARY_KV is not False and rope.NATIVE is not False and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and layer_ops_native.supports(q, k, v, cos, sin, k_cache, v_cache)):
-        return layer_ops_native.rotary_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    if (NATIVE_ROTARY_KV is not False and rope.NATIVE is not False and _native_cache(k_cache)
+            and _native_cache(v_cache) and layer_ops_native.supports(q, k, v, cos, sin)):
+        return layer_ops_native.rotary_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     q, k = rope.apply_rotary(q, k, cos_sin)
-    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     return q, k
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k, v ([T, H_kv, D]) into caches [num_blocks, block_size, H_kv, D] at flat slots [T]."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Store k, v ([T, H_kv, D]) into caches [num_blocks, block_size, H_kv, D] at flat slots [T];
+    an int8 cache gets codes, its scales [num_blocks, block_size, H_kv] the slots' scales."""
     h, d = k_cache.shape[-2:]
-    k_cache.view(-1, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k_cache.dtype != torch.int8:
+        k_cache.view(-1, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        codes, sc = kv_quant.quantize(x)  # [T, H_kv, D] int8, [T, H_kv] float32
+        cache.view(-1, h, d).index_copy_(0, slot_mapping, codes)
+        scales.view(-1, h).index_copy_(0, slot_mapping, sc)
+
+
+def _gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The cache's blocks [n] as [n, block_size, H_kv, D] values in dtype (an int8 cache's codes
+    times their scales)."""
+    if scales is None:
+        return cache.index_select(0, blocks)
+    return kv_quant.dequantize(cache.index_select(0, blocks), scales.index_select(0, blocks), dtype)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of every new token over its sequence's context.
 
     q: [T, H, D]; k, v: [T, H_kv, D] (this step's, already written to the caches);
-    caches: [num_blocks, block_size, H_kv, D]. Returns [T, H * D].
+    caches: [num_blocks, block_size, H_kv, D], q's dtype, or int8 with k_scale / v_scale
+    [num_blocks, block_size, H_kv] float32. Returns [T, H * D].
     """
+    if (k_scale is None) != (k_cache.dtype != torch.int8):
+        raise ValueError(f"a {k_cache.dtype} cache comes with scales exactly when it is int8")
     t, h, d = q.shape
     h_kv = k_cache.shape[2]
     rep = h // h_kv
     bs = plan.block_size
     out = None
     if _use_native(q, k_cache):
-        return _native_attention(q, k, v, k_cache, v_cache, plan, scale, window)
+        return _native_attention(q, k, v, k_cache, v_cache, plan, scale, window, k_scale, v_scale)
     if plan.num_decode:
         b = plan.num_decode
         rows = plan.decode_rows
         qd = q[rows] if isinstance(rows, slice) else q.index_select(0, rows)  # [B, H, D]
         qd = qd.reshape(b, h_kv, rep, d)  # query heads grouped under their kv head
         length = plan.decode_num_blocks * bs
-        kd = k_cache.index_select(0, plan.decode_blocks).view(b, length, h_kv, d).transpose(1, 2)
-        vd = v_cache.index_select(0, plan.decode_blocks).view(b, length, h_kv, d).transpose(1, 2)
+        kd = _gather(k_cache, k_scale, plan.decode_blocks, q.dtype).view(b, length, h_kv, d).transpose(1, 2)
+        vd = _gather(v_cache, v_scale, plan.decode_blocks, q.dtype).view(b, length, h_kv, d).transpose(1, 2)
         # kd, vd: [B, H_kv, L, D]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask(window),
                                             scale=scale)  # [B, H_kv, rep, D]
@@ -255,18 +287,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             out.index_copy_(0, rows, od)
     if out is None:
         out = q.new_empty(t, h * d)
-    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, range(len(plan.prefills)))
+    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, range(len(plan.prefills)), k_scale, v_scale)
     return out
 
 
 def _native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, plan: AttentionPlan, scale: float,
-                      window: int | None) -> torch.Tensor:
+                      v_cache: torch.Tensor, plan: AttentionPlan, scale: float, window: int | None,
+                      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """Decode tokens (and bf16 short prefill chunks) in one compiled call, the rest through SDPA."""
     t, h, d = q.shape
     rows, table, seq_lens, long = plan.native_rows(with_prefill=q.dtype == torch.bfloat16)
     if rows is not None:
-        o = attention_native.decode_attention(q, rows, k_cache, v_cache, table, seq_lens, scale, window)  # [R, H*D]
+        o = attention_native.decode_attention(q, rows, k_cache, v_cache, table, seq_lens, scale, window,
+                                              k_scale, v_scale)  # [R, H*D]
         if isinstance(rows, slice) and rows.start == 0 and rows.stop == t:  # every row of the step
             return o
     out = q.new_empty(t, h * d)
@@ -274,13 +307,14 @@ def _native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         out[rows] = o
     elif rows is not None:
         out.index_copy_(0, rows, o)
-    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, long)
+    _prefill_sdpa(q, k, v, k_cache, v_cache, plan, scale, window, out, long, k_scale, v_scale)
     return out
 
 
 def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, plan: AttentionPlan, scale: float, window: int | None,
-                  out: torch.Tensor, segments) -> None:
+                  out: torch.Tensor, segments, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
     """out[chunk rows] = SDPA attention of each prefill chunk j in `segments` ([T, H*D] out)."""
     t, h, d = q.shape
     h_kv = k_cache.shape[2]
@@ -290,14 +324,17 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
         n = seg.end - seg.start
         qs = q[seg.start:seg.end].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
         if seg.fresh and window is None:
-            ks = k[seg.start:seg.end].transpose(0, 1).unsqueeze(0)  # [1, H_kv, Q, D]
-            vs = v[seg.start:seg.end].transpose(0, 1).unsqueeze(0)
+            ks, vs = k[seg.start:seg.end], v[seg.start:seg.end]  # [Q, H_kv, D]
+            if k_scale is not None:  # what the int8 cache holds for them
+                ks, vs = kv_quant.round_trip(ks), kv_quant.round_trip(vs)
+            ks = ks.transpose(0, 1).unsqueeze(0)  # [1, H_kv, Q, D]
+            vs = vs.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                enable_gqa=rep > 1)
         else:
             c = seg.context_len
-            ks = k_cache.index_select(0, seg.blocks).view(-1, h_kv, d)[:c]  # [C, H_kv, D]
-            vs = v_cache.index_select(0, seg.blocks).view(-1, h_kv, d)[:c]
+            ks = _gather(k_cache, k_scale, seg.blocks, q.dtype).view(-1, h_kv, d)[:c]  # [C, H_kv, D]
+            vs = _gather(v_cache, v_scale, seg.blocks, q.dtype).view(-1, h_kv, d)[:c]
             ks = ks.transpose(0, 1).unsqueeze(0)  # [1, H_kv, C, D]
             vs = vs.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.prefill_mask(j, window),

@@ -159,12 +159,18 @@ class CompiledLayers:
     def _layer_table(self, kv: KVCache) -> ctypes.Array:
         """The layers' operands with this cache's tensors, built once per cache."""
         if kv is not self.kv:
-            for k, v in zip(kv.k, kv.v):
-                if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.bfloat16):
-                    raise ValueError("compiled layers need contiguous bfloat16 KV caches")
             table = (dl.LayerOperands * len(self.layers))()
             for i, w in enumerate(self.weights):
-                table[i] = dl.LayerOperands(k_cache=kv.k[i].data_ptr(), v_cache=kv.v[i].data_ptr(), **w)
+                k, v, ks, vs = kv.layer(i)
+                if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype
+                        and k.dtype in (torch.bfloat16, torch.int8)):
+                    raise ValueError("compiled layers need contiguous bfloat16 or int8 KV caches")
+                if ks is not None and not (ks.is_contiguous() and vs.is_contiguous() and ks.dtype == vs.dtype == torch.float32
+                                           and ks.shape == vs.shape == k.shape[:3]):
+                    raise ValueError("an int8 KV cache needs contiguous float32 scales per slot and head")
+                table[i] = dl.LayerOperands(k_cache=k.data_ptr(), v_cache=v.data_ptr(),
+                                            k_scale=None if ks is None else ks.data_ptr(),
+                                            v_scale=None if vs is None else vs.data_ptr(), **w)
             self.table, self.kv = table, kv  # the cache is held: its pointers stay valid
         return self.table
 
@@ -222,7 +228,7 @@ class CompiledLayers:
         t = x.shape[0]
         rows, table, seq_lens, long = plan.native_rows(with_prefill=True)
         if (long or rows is None or not self.switched_on() or x.dtype != torch.bfloat16
-                or kv.k[0].dtype != torch.bfloat16):
+                or kv.k[0].dtype not in (torch.bfloat16, torch.int8)):
             return None
         if isinstance(rows, slice):
             if rows.start != 0 or rows.stop != t:
@@ -255,6 +261,7 @@ class CompiledLayers:
         step = dl.StepOperands(
             hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
             inter=self.inter, block_size=k0.shape[1], num_slots=k0.numel() // (self.kv_heads * self.head_dim),
+            kv_dtype=native.KV_INT8 if kv.quantized else native.DTYPE_CODES[torch.bfloat16],
             eps=self.eps, scale=self.scale, tokens=t, x=x.data_ptr(), cos=cos2.data_ptr(), sin=sin2.data_ptr(),
             cs_stride=cos2.stride(0), slots=slots.data_ptr(), table=table.data_ptr(), seq_lens=seq_lens.data_ptr(),
             table_stride=table.stride(0), xn=ptrs[0], qkv_out=ptrs[1], q_rot=ptrs[2], k_rot=ptrs[3],

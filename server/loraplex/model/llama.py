@@ -79,9 +79,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)
-        k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-        q, k = rotate_and_write_kv(q, k, v, cos_sin, k_cache, v_cache, batch.slot_mapping)
-        o = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale, self.window)  # [T, H*D]
+        k_cache, v_cache, k_scale, v_scale = kv.layer(self.layer_idx)
+        q, k = rotate_and_write_kv(q, k, v, cos_sin, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
+        o = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale, self.window, k_scale, v_scale)  # [T, H*D]
         if FUSED_EPILOGUES:
             return self.o_proj.forward_add(o, residual, lora)
         return residual + self.o_proj.forward(o, lora)
