@@ -45,22 +45,25 @@ def packed_model(model_dir):
     return loaded
 
 
-@pytest.mark.parametrize(("family", "overrides"), [
-    ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 6}),
-    ("llama", {"tie_word_embeddings": True})])
-def test_compiled_layers_bit_identical_to_python(tmp_path, monkeypatch, count_runs, family, overrides):
+@pytest.mark.parametrize(("family", "overrides", "kv_dtype"), [
+    ("llama", {}, torch.bfloat16), ("qwen2", {}, torch.bfloat16), ("qwen3", {}, torch.bfloat16),
+    ("mistral", {"sliding_window": 6}, torch.bfloat16), ("llama", {"tie_word_embeddings": True}, torch.bfloat16),
+    ("llama", {}, torch.int8), ("mistral", {"sliding_window": 6}, torch.int8)])
+def test_compiled_layers_bit_identical_to_python(tmp_path, monkeypatch, count_runs, family, overrides, kv_dtype):
     from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
     from tests.fixtures.tiny_models import make_tiny_model
 
     loaded = packed_model(make_tiny_model(tmp_path / family, family=family, **overrides))
     model, arch = loaded.model, loaded.arch
     assert model.compiled_layers is not None, cl.refusal(model)
-    caches = {flag: KVCache.allocate(arch.num_layers, 64, 4, arch.num_kv_heads, arch.head_dim, torch.bfloat16)
+    caches = {flag: KVCache.allocate(arch.num_layers, 64, 4, arch.num_kv_heads, arch.head_dim, kv_dtype)
               for flag in (None, False)}
     for flag in (None, False):  # random, not zero, content in every slot
         g = torch.Generator().manual_seed(3)
         for t in caches[flag].k + caches[flag].v:
-            t.copy_(torch.randn(t.shape, generator=g))
+            t.copy_(torch.randn(t.shape, generator=g) * (40 if kv_dtype == torch.int8 else 1))
+        for t in (caches[flag].k_scale or []) + (caches[flag].v_scale or []):
+            t.copy_(torch.rand(t.shape, generator=g) * 0.05 + 0.001)
     g = torch.Generator().manual_seed(5)
     seqs = [PagedSeq(torch.randint(0, arch.vocab_size, (120,), generator=g).tolist()) for _ in range(4)]
     pool = BlockPool(64, 4, seed=1)
@@ -82,7 +85,8 @@ def test_compiled_layers_bit_identical_to_python(tmp_path, monkeypatch, count_ru
         assert count_runs["blocks"] - before["blocks"] == (2 * arch.num_layers if compiled else 0)
         assert torch.isfinite(logits[None]).all()
         assert torch.equal(logits[None], logits[False])
-        for a, b in zip(caches[None].k + caches[None].v, caches[False].k + caches[False].v):
+        for a, b in zip(caches[None].k + caches[None].v + (caches[None].k_scale or []) + (caches[None].v_scale or []),
+                        caches[False].k + caches[False].v + (caches[False].k_scale or []) + (caches[False].v_scale or [])):
             assert torch.equal(a, b)
 
 

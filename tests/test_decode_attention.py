@@ -3,7 +3,9 @@
 torch formulation — against a float64 per-head reference on random caches: GQA ratios, sliding
 windows, block sizes, lengths from 1, decode rows that are not contiguous (a step mixing prefill
 chunks and decode tokens), prefill-only steps, chunks after cached context, chunks longer than
-NATIVE_PREFILL_MAX_QUERY left to SDPA next to short ones, float32 and bfloat16.
+NATIVE_PREFILL_MAX_QUERY left to SDPA next to short ones, float32 and bfloat16. And int8 caches
+(--kv-cache-dtype int8): random codes and scales, written through write_kv, the reference reading
+codes x scales in float64.
 """
 
 from __future__ import annotations
@@ -79,23 +81,36 @@ def _reference(q, k_cache, v_cache, batch: ForwardBatch, scale, window) -> torch
     return out
 
 
-def _run(path, dtype, query_lens, seq_lens, heads, kv_heads, head_dim=64, block_size=16, window=None, seed=0):
+def _run(path, dtype, query_lens, seq_lens, heads, kv_heads, head_dim=64, block_size=16, window=None, seed=0,
+         kv_dtype=None):
     _choose(path)
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5
     batch = _batch(query_lens, seq_lens, block_size, num_blocks, g)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_scale = v_scale = None
+    if kv_dtype == torch.int8:  # random codes, and scales spanning two orders of magnitude
+        k_cache = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        v_cache = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        k_scale = torch.rand(shape[:3], generator=g) ** 2 * 0.05 + 5e-4
+        v_scale = torch.rand(shape[:3], generator=g) ** 2 * 0.05 + 5e-4
+    else:
+        k_cache = torch.randn(shape, generator=g).to(dtype)
+        v_cache = torch.randn(shape, generator=g).to(dtype)
     t = batch.num_tokens
     q = torch.randn(t, heads, head_dim, generator=g).to(dtype)
     k = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
-    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    write_kv(k_cache, v_cache, k, v, batch.slot_mapping, k_scale, v_scale)
     plan = AttentionPlan.build(batch, block_size)
     scale = head_dim ** -0.5
-    out = paged_attention(q, k, v, k_cache, v_cache, plan, scale, window)
+    out = paged_attention(q, k, v, k_cache, v_cache, plan, scale, window, k_scale, v_scale)
+    if k_scale is not None:  # what the cache holds, in float64
+        k_cache, v_cache = k_cache.double() * k_scale.double()[..., None], v_cache.double() * v_scale.double()[..., None]
     want = _reference(q, k_cache, v_cache, batch, scale, window)
     err = (out.double() - want).abs().max().item()
+    if k_scale is not None:  # values up to 127 x 0.05: the tolerance is relative to their size
+        err /= max(1.0, want.abs().max().item())
     assert err <= TOL[dtype], err
     return out
 
@@ -221,3 +236,52 @@ def test_fewer_rows_than_threads_split_by_head_same_bits(dtype, query_lens, seq_
     long sequence's heads side by side): against float64 (in _run) and bit for bit the output of
     one thread, which computes every head of a row together."""
     _assert_same_bits_on_1_2_3_threads(dtype, query_lens, seq_lens, seed=5)
+
+
+# --- int8 caches ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (6, 1)])
+def test_int8_cache_decode_step(path, dtype, heads, kv_heads):
+    seq_lens = [1, 2, 15, 16, 17, 33, 100, 7, 64]
+    _run(path, dtype, [1] * len(seq_lens), seq_lens, heads, kv_heads, seed=heads, kv_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 1), (128, 16), (80, 4), (32, 32)])
+def test_int8_cache_head_dims_and_block_sizes(path, dtype, head_dim, block_size):
+    """64 and 128 have their own compiled instances (64: the vectorised passes), others the generic one."""
+    seq_lens = [3, 31, 32, 33, 70]
+    _run(path, dtype, [1] * len(seq_lens), seq_lens, 8, 2, head_dim=head_dim, block_size=block_size,
+         seed=head_dim + block_size, kv_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 8])
+def test_int8_cache_prefill_and_decode_rows(path, dtype, window):
+    """Fresh chunks (their k / v rounded as the cache keeps them), chunks after cached context, a
+    chunk longer than NATIVE_PREFILL_MAX_QUERY, and decode rows between them."""
+    query_lens = [1, 5, 1, 70, 9, 1]
+    seq_lens = [20, 5, 3, 70, 30, 1]
+    _run(path, dtype, query_lens, seq_lens, 9, 3, window=window, seed=11, kv_dtype=torch.int8)
+
+
+def test_int8_cache_needs_its_scales():
+    q = torch.randn(2, 4, 8)
+    cache = torch.zeros(3, 4, 2, 8, dtype=torch.int8)
+    scales = torch.ones(3, 4, 2)
+    assert attention_native.supports(q, cache) == native.available()
+    batch = _batch([1, 1], [3, 5], 4, 3, torch.Generator().manual_seed(0))
+    plan = AttentionPlan.build(batch, 4)
+    k = torch.randn(2, 2, 8)
+    with pytest.raises(ValueError, match="scales"):
+        paged_attention(q, k, k, cache, cache, plan, 0.3)
+    with pytest.raises(ValueError, match="scales"):
+        paged_attention(q, k, k, cache.float(), cache.float(), plan, 0.3, None, scales, scales)
+    if native.available():
+        with pytest.raises(ValueError, match="scales"):
+            attention_native.decode_attention(q, slice(0, 2), cache, cache, plan.decode_table, plan.decode_seq_lens,
+                                              0.3, None, scales, scales[:, :2].contiguous())

@@ -319,13 +319,13 @@ def test_second_call_reuses_the_folder(default_model_dir, default_model_cache):
 # Our engine on the default model (written against the Engine / load_model contract)
 # --------------------------------------------------------------------------------------------
 
-def _engine_generate(loaded, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def _engine_generate(loaded, prompt_ids: list[int], max_new_tokens: int, kv_cache_dtype: str = "auto") -> list[int]:
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.engine.request import FinishReason, Request, SamplingParams
 
     engine = Engine(loaded, EngineConfig(num_kv_blocks=64, max_num_seqs=4, max_model_len=512,
-                                         max_num_batched_tokens=256))
+                                         max_num_batched_tokens=256, kv_cache_dtype=kv_cache_dtype))
     engine.start()
     done = threading.Event()
     events = []
@@ -377,11 +377,29 @@ def hf_f32_model(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
-def _f32_next_token_logits(model, prompt_ids: list[int], answer: list[int]) -> torch.Tensor:
-    """transformers float32, teacher-forced: [len(answer), vocab], row i predicting answer[i]."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt_ids + answer])).logits[0]  # [L, vocab]
+def _f32_next_token_logits(model, prompt_ids: list[int], answer: list[int], int8_kv: bool = False) -> torch.Tensor:
+    """transformers float32, teacher-forced: [len(answer), vocab], row i predicting answer[i]; with
+    int8_kv, its keys and values rounded as our int8 KV cache keeps them."""
+    from tests.test_model_equivalence import hf_logits
+
+    logits = hf_logits(model, prompt_ids + answer, int8_kv=int8_kv)  # [L, vocab]
     return logits[len(prompt_ids) - 1:-1].double()
+
+
+@pytest.mark.real_model
+def test_engine_int8_kv_cache_follows_float32_up_to_near_ties(default_model_dir, prompt_ids, hf_f32_model):
+    """The bfloat16 engine with --kv-cache-dtype int8 (the compiled layers' head-64 int8 passes):
+    every token it picks is one transformers float32 -- with its keys and values rounded by the
+    same rule -- ranks within bfloat16's noise of its best, scored on the engine's own text."""
+    _require_engine()
+    from loraplex.model.loader import load_model
+
+    loaded = load_model(default_model_dir, torch.bfloat16, torch.device("cpu"))
+    ids = _engine_generate(loaded, prompt_ids, MAX_NEW_TOKENS, kv_cache_dtype="int8")
+    assert len(ids) > 5, loaded.tokenizer.decode(ids)
+    ref = _f32_next_token_logits(hf_f32_model, prompt_ids, ids, int8_kv=True)  # [len(ids), vocab]
+    gaps = ref.max(-1).values - ref[torch.arange(len(ids)), torch.tensor(ids)]
+    assert float(gaps.max()) <= NEAR_TIE_BF16, (loaded.tokenizer.decode(ids), gaps.tolist())
 
 
 @pytest.mark.real_model

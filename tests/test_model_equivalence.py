@@ -3,7 +3,9 @@
 Every family/variant is checked on (a) several prompts of different lengths packed into ONE flat
 prefill batch and (b) chunked prefill mixed with decode steps over shuffled, non-contiguous KV
 blocks of size 4. Logits of every computed token are compared with HF's full-sequence logits at
-the same position (teacher forcing), in float32, plus a looser bfloat16 smoke check.
+the same position (teacher forcing), in float32, plus a looser bfloat16 smoke check. With an
+int8 KV cache (--kv-cache-dtype int8) the reference is transformers with every key and value
+rounded by the cache's rule (stated here on its own, in float64) before its attention reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import pytest
 import torch
 
+from loraplex.model import attention
 from loraplex.model.kv_cache import KVCache
 from loraplex.model.loader import load_model
 from tests.fixtures.paged_batches import BlockPool, PagedSeq, make_step
@@ -36,6 +39,11 @@ VARIANTS = {
 
 BLOCK_SIZE = 4
 ATOL = 1e-4
+# int8 cache vs transformers with the same rounding: measured max |diff| 1.6e-5 over these tests
+# (the float ones' noise). The margin is for a value whose x / scale lands within float32 noise of
+# a rounding boundary on another machine: one code step (amax / 127) in one element. The
+# rounding itself moves these logits by 0.26-0.39 (test_int8_rounding_is_visible_in_logits).
+ATOL_INT8 = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,33 @@ def hf_model(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
 
 
-def hf_logits(model, tokens: list[int]) -> torch.Tensor:
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] as the int8 KV cache gives it back: per vector of D, codes round-half-even(x / s)
+    in [-127, 127] with s = max|x| / 127 (1 for a zero vector), times s. In float64."""
+    xf = x.double()
+    amax = xf.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return (torch.round(xf / scale).clamp(-127, 127) * scale).to(x.dtype)
+
+
+def _rounding_cache(model):
+    from transformers import DynamicCache
+
+    class Int8RoundedCache(DynamicCache):
+        """transformers' cache with every new key / value rounded as our int8 cache keeps them,
+        before attention reads them ([B, H_kv, L, D]: one vector per token and kv head)."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(int8_rounded(key_states), int8_rounded(value_states), layer_idx, *args, **kwargs)
+
+    return Int8RoundedCache(config=model.config)
+
+
+def hf_logits(model, tokens: list[int], int8_kv: bool = False) -> torch.Tensor:
     with torch.no_grad():
+        if int8_kv:
+            return model(torch.tensor([tokens]), past_key_values=_rounding_cache(model),
+                         use_cache=True).logits[0].float()  # [L, vocab]
         return model(torch.tensor([tokens])).logits[0].float()  # [L, vocab]
 
 
@@ -60,13 +93,18 @@ def random_seqs(rng: random.Random, lengths: list[int], vocab: int) -> list[Page
     return [PagedSeq([rng.randrange(vocab) for _ in range(n)]) for n in lengths]
 
 
-def new_cache(loaded, num_blocks: int = 64) -> KVCache:
+def new_cache(loaded, num_blocks: int = 64, kv_dtype: torch.dtype | None = None) -> KVCache:
     arch = loaded.arch
     kv = KVCache.allocate(arch.num_layers, num_blocks, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim,
-                          loaded.dtype, loaded.device)
+                          kv_dtype or loaded.dtype, loaded.device)
     # Finite garbage, not zeros: a read past a context (or of a wrong block) must change logits.
     for t in kv.k + kv.v:
-        t.copy_(torch.randn_like(t) * 3)
+        if t.dtype == torch.int8:
+            t.copy_(torch.randint(-127, 128, t.shape, dtype=torch.int8))
+        else:
+            t.copy_(torch.randn_like(t) * 3)
+    for t in (kv.k_scale or []) + (kv.v_scale or []):
+        t.copy_(torch.rand_like(t) * 0.1 + 0.01)
     return kv
 
 
@@ -75,7 +113,7 @@ def compare(model, kv, pool, hf, work, expected_rows=None, logits="all", atol=AT
     ours = model(batch, kv).cpu()
     assert ours.dtype == torch.float32
     assert ours.shape == (len(rows), model.arch.vocab_size)
-    ref = {id(seq): hf_logits(hf, seq.tokens) for seq, _ in work}
+    ref = {id(seq): hf_logits(hf, seq.tokens, int8_kv=kv.quantized) for seq, _ in work}
     want = torch.stack([ref[id(seq)][p] for seq, p in rows])
     torch.testing.assert_close(ours, want, atol=atol, rtol=0)
 
@@ -100,6 +138,26 @@ def test_chunked_prefill_and_mixed_decode_match_hf(variant_dirs, variant):
     check_chunked_and_mixed(variant_dirs, variant, "cpu", ATOL)
 
 
+@pytest.mark.parametrize("native", [None, False])
+@pytest.mark.parametrize("variant", ["llama", "llama_bias_theta", "mistral_window", "qwen3_tied"])
+def test_int8_kv_cache_matches_hf_rounded(variant_dirs, variant, native, monkeypatch):
+    """An int8 KV cache: chunked prefill, fresh prefill and decode (the compiled kernel, or with
+    native=False the torch gathers) against transformers whose keys and values are rounded by the
+    rule the cache keeps. The rounding itself moves logits by ~0.3 here (checked below), far more
+    than ATOL_INT8: a path that skipped or misapplied it would fail."""
+    monkeypatch.setattr(attention, "NATIVE_DECODE", native)
+    check_chunked_and_mixed(variant_dirs, variant, "cpu", ATOL_INT8, kv_dtype=torch.int8)
+
+
+def test_int8_rounding_is_visible_in_logits(variant_dirs):
+    """The reference above is not the plain model in disguise: rounding k / v moves its logits by
+    much more than ATOL_INT8."""
+    hf = hf_model(variant_dirs["llama"])
+    tokens = random_seqs(random.Random(9), [24], hf.config.vocab_size)[0].tokens
+    diff = (hf_logits(hf, tokens, int8_kv=True) - hf_logits(hf, tokens)).abs().max()
+    assert diff > 100 * ATOL_INT8, float(diff)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["llama3_rope", "mistral_window", "qwen3_tied"])
 def test_chunked_and_mixed_on_cuda(variant_dirs, variant):
@@ -107,14 +165,14 @@ def test_chunked_and_mixed_on_cuda(variant_dirs, variant):
     check_chunked_and_mixed(variant_dirs, variant, "cuda", 2e-3)
 
 
-def check_chunked_and_mixed(variant_dirs, variant, device, atol):
+def check_chunked_and_mixed(variant_dirs, variant, device, atol, kv_dtype=None):
     loaded = load_model(variant_dirs[variant], torch.float32, device)
     hf = hf_model(variant_dirs[variant])
     rng = random.Random(3)
     # Prompt lengths 11, 6, 9, 1 plus 6 teacher-forced continuation tokens each.
     a, b, c, d = random_seqs(rng, [17, 12, 15, 7], loaded.arch.vocab_size)
     pool = BlockPool(64, BLOCK_SIZE, seed=4)
-    kv = new_cache(loaded)
+    kv = new_cache(loaded, kv_dtype=kv_dtype)
     m = loaded.model
     compare(m, kv, pool, hf, [(a, 4), (b, 6)], atol=atol)  # A chunk 1/3 (no cache yet), B whole prompt
     compare(m, kv, pool, hf, [(b, 1), (a, 5), (c, 3)], atol=atol)  # B decodes while A, C prefill
