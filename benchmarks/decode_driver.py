@@ -52,12 +52,14 @@ class DecodeEngine:
 
 def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: int,
                        lora_manager: Any = None, adapters: list[str] | None = None,
-                       seed: int = 0, widen: bool = True, sampling: dict | None = None) -> DecodeEngine:
+                       seed: int = 0, widen: bool = True, sampling: dict | None = None,
+                       kv_cache_dtype: str = "auto") -> DecodeEngine:
     """An engine (no thread) with `batch` sequences of `prompt_len` random prompt tokens, stepped
     until all of them decode, then good for `decode_steps` more steps of all `batch` rows.
     `adapters`: request i uses adapters[i % len] ("" = base model). `widen`: False keeps torch's
     bfloat16 GEMM (LORAPLEX_WIDEN_BF16=0 and LORAPLEX_AMX=0: no kernel of ours); the engine swaps the model's layers when it is built,
-    so a model keeps the first choice made for it: give each variant its own loaded model."""
+    so a model keeps the first choice made for it: give each variant its own loaded model.
+    `kv_cache_dtype`: EngineConfig's (auto = the model's dtype, int8)."""
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.engine.request import Request, SamplingParams
@@ -70,7 +72,8 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
     blocks_per_seq = -(-max_len // block)
     config = EngineConfig(block_size=block, num_kv_blocks=batch * blocks_per_seq + 4, max_num_seqs=batch,
                           max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=max_len + block,
-                          max_new_tokens_cap=max_new_tokens, enable_prefix_caching=False)
+                          max_new_tokens_cap=max_new_tokens, enable_prefix_caching=False,
+                          kv_cache_dtype=kv_cache_dtype)
     before = {name: os.environ.get(name) for name in OUR_GEMM_SWITCHES}
     os.environ.update({name: "1" if widen else "0" for name in OUR_GEMM_SWITCHES})
     try:
