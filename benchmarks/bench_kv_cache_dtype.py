@@ -76,12 +76,21 @@ def sample_texts(loaded, length: int) -> list[list[int]]:
                                          max_num_seqs=len(prompts), max_model_len=length + 16,
                                          max_new_tokens_cap=length))
     texts = [list(p) for p in prompts]
+    finished = []
+
+    def collect(out, i):
+        texts[i].extend(out.new_token_ids)
+        if out.finished:
+            finished.append(i)
+
     for i, p in enumerate(prompts):
         params = SamplingParams(max_new_tokens=length - len(p), temperature=0.8, seed=i, ignore_eos=True)
-        engine.submit(Request(f"text-{i}", p, params), lambda out, i=i: texts[i].extend(out.new_token_ids))
-    while engine.scheduler.num_running or engine.scheduler.num_waiting:
+        engine.submit(Request(f"text-{i}", p, params), lambda out, i=i: collect(out, i))
+    while len(finished) < len(prompts):  # this thread steps the engine (no engine thread runs)
         engine.step()
     engine.shutdown(0)
+    if any(len(t) != length for t in texts):
+        raise RuntimeError(f"sampled texts of {[len(t) for t in texts]} tokens, expected {length}")
     return texts
 
 
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     per_token = {c: KVCache.bytes_per_block(arch.num_layers, 1, arch.num_kv_heads, arch.head_dim, d)
                  for c, d in (("bfloat16", torch.bfloat16), ("int8", torch.int8))}
     rows = []
-    for ctx in (int(c) for c in a.contexts.split(",")):
+    for ctx in (int(c) for c in a.contexts.split(",") if c):
         b_tps, i_tps, ratio = speed(bf16, a.batch, ctx, a.steps)
         rows.append((ctx, b_tps, i_tps, ratio))
         print(f"context {ctx}: bfloat16 cache {b_tps:.1f} tok/s, int8 cache {i_tps:.1f} tok/s, x{ratio:.3f}", flush=True)

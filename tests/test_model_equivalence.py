@@ -165,6 +165,14 @@ def test_chunked_and_mixed_on_cuda(variant_dirs, variant):
     check_chunked_and_mixed(variant_dirs, variant, "cuda", 2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama", "mistral_window"])
+def test_int8_kv_cache_on_cuda(variant_dirs, variant):
+    """The torch paths over an int8 cache on CUDA (gathers dequantized, SDPA) against transformers
+    with the same rounding on CPU; tolerance as the float CUDA check."""
+    check_chunked_and_mixed(variant_dirs, variant, "cuda", 2e-3, kv_dtype=torch.int8)
+
+
 def check_chunked_and_mixed(variant_dirs, variant, device, atol, kv_dtype=None):
     loaded = load_model(variant_dirs[variant], torch.float32, device)
     hf = hf_model(variant_dirs[variant])

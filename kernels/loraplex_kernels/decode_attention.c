@@ -41,14 +41,19 @@
  * floods the queues). */
 #define PF_HEAD 32
 
-/* Ask for position j's record (every kv head: pos_bytes from its slot) of one cache, and its
- * scales' line when the cache has scales (sc: [num_slots, hkv] float32, or NULL). */
-static inline void prefetch_record(const char *cache, const float *sc, int64_t hkv, const int64_t *table,
-                                   int64_t j, int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
-    const int64_t b = table[j / block_size], off = j % block_size;
+/* Ask for the record at position off of block b (every kv head: pos_bytes from its slot) of one
+ * cache, and its scales' line when the cache has scales (sc: [num_slots, hkv] float32, or NULL). */
+static inline void prefetch_slot(const char *cache, const float *sc, int64_t hkv, int64_t b, int64_t off,
+                                 int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
     const char *rec = cache + b * blk_bytes + off * pos_bytes;
     for (int64_t c = 0; c < pos_bytes; c += 64) lp_prefetch_l2(rec + c);
     if (sc) lp_prefetch_l2(sc + (b * block_size + off) * hkv);
+}
+
+/* The same for a row's position j. */
+static inline void prefetch_record(const char *cache, const float *sc, int64_t hkv, const int64_t *table,
+                                   int64_t j, int64_t block_size, int64_t blk_bytes, int64_t pos_bytes) {
+    prefetch_slot(cache, sc, hkv, table[j / block_size], j % block_size, block_size, blk_bytes, pos_bytes);
 }
 
 /* Position j's record of `cache` on a row's walk through its blocks (blk / off: j's block in the
@@ -61,11 +66,18 @@ static inline const char *walk_record(const char *cache, const float *sc, int64_
     const int64_t b = table[*blk];
     const char *rec = cache + b * blk_bytes + *off * pos_bytes;
     *slot = b * block_size + *off;
+    if (j + PF_DIST < pf_end) {  /* j + PF_DIST's block and offset, stepped from j's: no division */
+        int64_t b2 = *blk, o2 = *off + PF_DIST;
+        while (o2 >= block_size) {
+            o2 -= block_size;
+            ++b2;
+        }
+        prefetch_slot(cache, sc, hkv, table[b2], o2, block_size, blk_bytes, pos_bytes);
+    }
     if (++*off == block_size) {
         *off = 0;
         ++*blk;
     }
-    if (j + PF_DIST < pf_end) prefetch_record(cache, sc, hkv, table, j + PF_DIST, block_size, blk_bytes, pos_bytes);
     return rec;
 }
 

@@ -79,7 +79,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--block-size", type=int, default=eng.block_size, help="tokens per KV block")
     p.add_argument("--kv-cache-dtype", default=eng.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="KV cache element type: auto = the model's dtype; int8 = int8 codes with a float32 "
-                        "scale per token and kv head (0.56x the bytes of bfloat16 on the default model; "
+                        "scale per token and kv head (0.53x the bytes of bfloat16 on the default model; "
                         "attention over long contexts reads less)")
     p.add_argument("--max-num-seqs", type=int, default=eng.max_num_seqs, help="sequences per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=eng.max_num_batched_tokens,

@@ -11,7 +11,7 @@ from typing import Callable
 # Kept in step with loraplex.model.quantize.METHODS (not imported: config stays free of torch).
 QUANTIZE_CHOICES = ("auto", "none", "nf4", "fp4", "int8")
 # The KV cache's element type: auto = the model's dtype; int8 = codes with a float32 scale per
-# slot and kv head (model/kv_quant.py): 0.56x the bytes of bfloat16 on the default model.
+# slot and kv head (model/kv_quant.py): 0.53x the bytes of bfloat16 on the default model.
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
