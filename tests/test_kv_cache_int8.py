@@ -162,3 +162,36 @@ def test_engine_serves_with_int8_cache_and_prefix_sharing(tiny_model_dir, dtype)
                 want = hf.generate(torch.tensor([p]), past_key_values=_rounding_cache(hf), max_new_tokens=12,
                                    min_new_tokens=12, do_sample=False)[0, len(p):].tolist()
             assert ours == want
+
+
+def test_cache_sized_by_memory(tiny_model_dir):
+    """--kv-cache-memory: as many blocks as fit, so int8 holds more tokens in the same bytes; the
+    engine allocates exactly that many (plus none) and its block manager hands them all out."""
+    from loraplex.cli import _server_config, build_parser
+    from loraplex.engine.engine import Engine
+    from loraplex.model.loader import load_model
+
+    loaded = load_model(tiny_model_dir, torch.bfloat16, "cpu")
+    arch = loaded.arch
+    blocks = {}
+    for dtype_name, dt in (("auto", torch.bfloat16), ("int8", torch.int8)):
+        per_block = KVCache.bytes_per_block(arch.num_layers, 4, arch.num_kv_heads, arch.head_dim, dt)
+        config = EngineConfig(block_size=4, kv_cache_dtype=dtype_name, kv_cache_memory="2MiB", max_model_len=64)
+        engine = Engine(loaded, config)
+        try:
+            blocks[dtype_name] = engine.config.num_kv_blocks
+            assert blocks[dtype_name] == 2 * 2**20 // per_block
+            assert engine.runner.kv.num_blocks == blocks[dtype_name]
+            assert engine.runner.kv.nbytes <= 2 * 2**20 < engine.runner.kv.nbytes + per_block
+            assert engine.stats().kv_blocks_total == blocks[dtype_name]
+        finally:
+            engine.shutdown(0)
+    head = arch.head_dim
+    assert blocks["int8"] / blocks["auto"] == pytest.approx(2 * head / (head + 4), rel=0.01)
+    with pytest.raises(ValueError, match="holds no KV block"):
+        Engine(loaded, EngineConfig(block_size=4, kv_cache_memory="100B"))
+    for bad in ("0.5", "lots", "0B"):
+        with pytest.raises(ValueError, match="kv_cache_memory"):
+            EngineConfig(kv_cache_memory=bad)
+    args = build_parser().parse_args(["serve", "--kv-cache-memory", "3GiB", "--kv-cache-dtype", "int8"])
+    assert _server_config(args).engine.kv_cache_memory == "3GiB"

@@ -77,6 +77,9 @@ def _add_serve(sub) -> None:
                         "further from theirs")
     p.add_argument("--num-kv-blocks", type=int, default=eng.num_kv_blocks, help="KV cache size in blocks")
     p.add_argument("--block-size", type=int, default=eng.block_size, help="tokens per KV block")
+    p.add_argument("--kv-cache-memory", default=None, metavar="BYTES",
+                   help="KV cache size in bytes (4GiB, 512MB) instead of --num-kv-blocks: as many blocks "
+                        "as fit, so --kv-cache-dtype int8 holds ~1.9x the tokens in the same memory")
     p.add_argument("--kv-cache-dtype", default=eng.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="KV cache element type: auto = the model's dtype; int8 = int8 codes with a float32 "
                         "scale per token and kv head (0.53x the bytes of bfloat16 on the default model; "
@@ -276,7 +279,7 @@ def _server_config(args):
                           quantize=args.quantize, quant_compute_dtype=args.quant_compute_dtype,
                           double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings),
         engine=EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                            kv_cache_dtype=args.kv_cache_dtype,
+                            kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=args.max_model_len, max_new_tokens_cap=args.max_new_tokens_cap,

@@ -53,6 +53,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int = 2048  # KV cache size in blocks (all sequences share them)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    # KV cache size in bytes ("4GiB", "512MB"), instead of num_kv_blocks: as many blocks as fit, so
+    # an int8 cache holds ~1.9x the tokens of a bfloat16 one in the same memory. None = num_kv_blocks.
+    kv_cache_memory: str | None = None
     max_num_seqs: int = 64  # sequences in one step (running batch)
     max_num_batched_tokens: int = 512  # per-step token budget: decode tokens + prefill chunks
     max_model_len: int = 2048  # prompt + generated tokens, capped by the model's own limit
@@ -78,12 +81,25 @@ class EngineConfig:
     # (model/decode_graphs.py; --cuda-graphs). Refused at start-up unless the model is on CUDA.
     cuda_graphs: bool = False
 
+    def kv_blocks(self, bytes_per_block: int) -> int:
+        """Blocks of the KV cache: kv_cache_memory // bytes_per_block when that is set (at least
+        one block must fit), else num_kv_blocks."""
+        if self.kv_cache_memory is None:
+            return self.num_kv_blocks
+        nbytes = parse_memory(self.kv_cache_memory, "kv_cache_memory")[0]
+        if nbytes < bytes_per_block:
+            raise ValueError(f"kv_cache_memory: {self.kv_cache_memory} holds no KV block ({bytes_per_block} bytes "
+                             f"each with block_size {self.block_size} and kv_cache_dtype {self.kv_cache_dtype})")
+        return nbytes // bytes_per_block
+
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                      "max_model_len", "max_new_tokens_cap", "max_waiting", "adapter_starvation_steps",
                      "structured_output_max_bytes", "structured_output_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_memory is not None and parse_memory(self.kv_cache_memory, "kv_cache_memory")[0] is None:
+            raise ValueError(f"kv_cache_memory: expected bytes (e.g. 4GiB, 512MB), got {self.kv_cache_memory!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: unknown value {self.kv_cache_dtype!r}; available: {list(KV_CACHE_DTYPES)}")
         if not self.structured_output_compile_timeout > 0:
@@ -236,19 +252,20 @@ _MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10*
                  "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_memory(text: str) -> tuple[int | None, float | None]:
-    """"2GiB" / "512MB" / "1000000" -> (bytes, None); "0.25" (a fraction in (0, 1)) -> (None, 0.25)."""
+def parse_memory(text: str, name: str = "adapter_memory") -> tuple[int | None, float | None]:
+    """"2GiB" / "512MB" / "1000000" -> (bytes, None); "0.25" (a fraction in (0, 1)) -> (None, 0.25).
+    `name`: the setting's, for the error message."""
     raw = str(text).strip()
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)", raw)
     if m is None or m.group(2).upper() not in _MEMORY_UNITS:
-        raise ValueError(f"adapter_memory: expected bytes (e.g. 2GiB, 512MB) or a fraction of free "
+        raise ValueError(f"{name}: expected bytes (e.g. 2GiB, 512MB) or a fraction of free "
                          f"memory in (0, 1), got {text!r}")
     value, unit = float(m.group(1)), m.group(2).upper()
     if not unit and 0 < value < 1:
         return None, value
     n = int(value * _MEMORY_UNITS[unit])
     if n < 1:
-        raise ValueError(f"adapter_memory: must be more than 0 bytes, got {text!r}")
+        raise ValueError(f"{name}: must be more than 0 bytes, got {text!r}")
     return n, None
 
 

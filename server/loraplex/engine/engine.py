@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import deque
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence as Seq
 
@@ -38,6 +39,7 @@ from loraplex.engine.structured.grammar import GrammarVocab
 from loraplex.engine.structured.masks import MaskBuilder
 from loraplex.model import compiled_layers
 from loraplex.model.fused_linear import fuse_siblings
+from loraplex.model.kv_cache import KVCache, element_dtype
 from loraplex.model.amx_linear import amx_wanted
 from loraplex.model.packed_linear import pack_lm_head
 from loraplex.model.projection_packing import pack_projections
@@ -122,9 +124,24 @@ class _SlotHook:
         self.manager.observe_wait(seconds)
 
 
+def _size_kv_cache(config: EngineConfig, loaded: Any) -> EngineConfig:
+    """config with num_kv_blocks = what kv_cache_memory holds, when that is set (the block size
+    and the cache's element type decide a block's bytes)."""
+    if config.kv_cache_memory is None:
+        return config
+    arch = loaded.arch
+    per_block = KVCache.bytes_per_block(arch.num_layers, config.block_size, arch.num_kv_heads, arch.head_dim,
+                                        element_dtype(config.kv_cache_dtype, loaded.dtype))
+    blocks = config.kv_blocks(per_block)
+    log.info("KV cache: %s holds %d blocks of %d tokens (%d bytes each, %s)", config.kv_cache_memory, blocks,
+             config.block_size, per_block, config.kv_cache_dtype)
+    return dataclasses.replace(config, num_kv_blocks=blocks)
+
+
 class Engine:
     def __init__(self, loaded: Any, config: EngineConfig, lora_manager: Any = None,
                  observers: Seq[EngineObserver] = ()):
+        config = _size_kv_cache(config, loaded)
         self.config = config
         # Observers are fixed at construction: the step reads a tuple, never a lock.
         self._observers = tuple(observers)

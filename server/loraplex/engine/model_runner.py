@@ -27,7 +27,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.sequence import NO_ADAPTER_SLOT, Sequence
 from loraplex.model.decode_graphs import DecodeGraphs
 from loraplex.model.forward_batch import ForwardBatch
-from loraplex.model.kv_cache import KVCache
+from loraplex.model.kv_cache import KVCache, element_dtype
 
 LoraBatchBuilder = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -52,7 +52,7 @@ class ModelRunner:
         self.kv = KVCache.allocate(
             num_layers=arch.num_layers, num_blocks=config.num_kv_blocks + extra, block_size=config.block_size,
             num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-            dtype=torch.int8 if config.kv_cache_dtype == "int8" else dtype, device=self.device)
+            dtype=element_dtype(config.kv_cache_dtype, dtype), device=self.device)
         self.graphs: DecodeGraphs | None = None
         if decode_graphs != "off":
             self.graphs = DecodeGraphs(model, self.kv, config.max_num_seqs, -(-config.max_model_len // self.block_size),

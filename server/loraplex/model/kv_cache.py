@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import torch
 
 
+def element_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache tensors' dtype for EngineConfig.kv_cache_dtype ("auto": the model's)."""
+    return torch.int8 if kv_cache_dtype == "int8" else model_dtype
+
+
 @dataclass
 class KVCache:
     # One pair per layer: [num_blocks, block_size, num_kv_heads, head_dim]
