@@ -41,6 +41,14 @@ def test_builds_on_this_machine():
     assert native.unavailable_reason() is None
 
 
+def test_every_source_and_header_is_in_the_cache_key():
+    """A header missing from native.HEADERS would leave a stale build in the kernel cache after it
+    changes (the cache key hashes the sources and these headers)."""
+    here = Path(native.__file__).parent
+    assert {p.name for p in here.glob("*.h")} == {p.name for p in native.HEADERS}
+    assert {p.name for p in here.glob("*.c")} == {p.name for p in native.SOURCES}
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": f"{ROOT / 'kernels'}{os.pathsep}{ROOT / 'server'}", **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(f) for f in (
     "lora_rows.c", "decode_attention.c", "rmsnorm.c", "rotary.c", "gemm_bf16.c", "gemm_panels.c",
     "gemm_amx.c", "decode_layers.c", "argmax.c", "sample_rows.c"))
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "parallel.h", "widen.h", "gemm_panels.h", "silu.h", "layer_kernels.h", "prefetch.h", "exp_nonpos.h"))  # included by the sources: part of the cache key
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "parallel.h", "widen.h", "gemm_panels.h", "silu.h", "layer_kernels.h", "prefetch.h", "exp_nonpos.h", "kv_int8.h"))  # included by the sources: part of the cache key
 # Reassociation lets the compiler vectorise the dot products (float sums in another order: the
 # results differ from a sequential sum by rounding only, like any BLAS).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
