@@ -37,20 +37,12 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "decode_streams_cpu.md"
 def measure(loaded, manager, ids: list[str], batch: int, steps: int, prompt_len: int,
             widen: bool, sampling: dict | None = None) -> dict[str, list[float]]:
     """Seconds of each alternated decode step: {"base": [...], "adapters": [...]}."""
-    from decode_driver import make_decode_engine
+    from decode_driver import alternate_steps, make_decode_engine
 
     cases = {"base": make_decode_engine(loaded, batch, prompt_len, steps + 1, widen=widen, sampling=sampling),
              "adapters": make_decode_engine(loaded, batch, prompt_len, steps + 1, lora_manager=manager,
                                             adapters=ids, widen=widen, sampling=sampling)}
-    for dec in cases.values():
-        dec.step()  # untimed: first-call costs
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(steps):
-        for name, dec in cases.items():
-            times[name].append(dec.step())
-    for dec in cases.values():
-        dec.engine.shutdown(0)
-    return times
+    return alternate_steps(cases, steps)
 
 
 def main(argv=None) -> int:

@@ -48,17 +48,10 @@ CHUNK = 256
 
 def speed(loaded, batch: int, ctx: int, steps: int) -> tuple[float, float, float]:
     """(bfloat16-cache tok/s, int8-cache tok/s, median per-alternation ratio int8 / bfloat16)."""
-    from decode_driver import make_decode_engine
+    from decode_driver import alternate_steps, make_decode_engine
 
-    engines = {c: make_decode_engine(loaded, batch, ctx, steps + 1, kv_cache_dtype=c) for c in CACHES}
-    for dec in engines.values():
-        dec.step()  # untimed: first-call costs
-    times: dict[str, list[float]] = {c: [] for c in CACHES}
-    for _ in range(steps):
-        for c, dec in engines.items():
-            times[c].append(dec.step())
-    for dec in engines.values():
-        dec.engine.shutdown(0)
+    times = alternate_steps({c: make_decode_engine(loaded, batch, ctx, steps + 1, kv_cache_dtype=c) for c in CACHES},
+                            steps)
     ratio = statistics.median(b / i for b, i in zip(times["auto"], times["int8"]))
     return batch / statistics.median(times["auto"]), batch / statistics.median(times["int8"]), ratio
 

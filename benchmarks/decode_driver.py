@@ -99,6 +99,21 @@ def make_decode_engine(loaded: Any, batch: int, prompt_len: int, decode_steps: i
     return DecodeEngine(engine, batch)
 
 
+def alternate_steps(cases: dict[str, DecodeEngine], steps: int) -> dict[str, list[float]]:
+    """One untimed step of each engine (first-call costs), then `steps` rounds of one timed step
+    each, in turn (so that a noisy machine hits every case alike); then the engines shut down.
+    Returns name -> the seconds of its steps, round by round."""
+    for dec in cases.values():
+        dec.step()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(steps):
+        for name, dec in cases.items():
+            times[name].append(dec.step())
+    for dec in cases.values():
+        dec.engine.shutdown(0)
+    return times
+
+
 def time_forward(dec: DecodeEngine) -> None:
     """Record runner.run's wall time inside every later step (dec.forward_seconds), so that a
     step splits into the model forward and the rest (scheduling, sampling, postprocessing)."""

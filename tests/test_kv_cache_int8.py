@@ -195,3 +195,28 @@ def test_cache_sized_by_memory(tiny_model_dir):
             EngineConfig(kv_cache_memory=bad)
     args = build_parser().parse_args(["serve", "--kv-cache-memory", "3GiB", "--kv-cache-dtype", "int8"])
     assert _server_config(args).engine.kv_cache_memory == "3GiB"
+
+
+@pytest.mark.real_model
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/bench_kv_cache_dtype.py as written, tiny settings, in a subprocess: both tables
+    come out with a row per context and per cache."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "kv.md"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_kv_cache_dtype.py"), "--contexts", "20,40",
+                           "--steps", "1", "--batch", "2", "--text-len", "48", "--out", str(out)],
+                          cwd=repo, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert len(re.findall(r"^\| (20|40) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", text, re.M)) == 2
+    rows = re.findall(r"^\| (bfloat16|int8) cache \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert [r[0] for r in rows] == ["bfloat16", "int8"]
+    for _, agree, kl, ppl in rows:
+        assert 0.5 < float(agree) <= 1 and 0 < float(kl) < 0.1 and float(ppl) > 1
