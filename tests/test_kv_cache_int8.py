@@ -220,3 +220,22 @@ def test_benchmark_script_runs(tmp_path):
     assert [r[0] for r in rows] == ["bfloat16", "int8"]
     for _, agree, kl, ppl in rows:
         assert 0.5 < float(agree) <= 1 and 0 < float(kl) < 0.1 and float(ppl) > 1
+
+
+def test_start_up_log_names_the_cache(tiny_model_dir, caplog):
+    import logging
+
+    from loraplex.model.loader import load_model
+    from loraplex.serve import start_engine
+
+    loaded = load_model(tiny_model_dir, torch.bfloat16, "cpu")
+    with caplog.at_level(logging.INFO, logger="loraplex"):
+        runtime = start_engine(loaded, EngineConfig(block_size=4, kv_cache_dtype="int8", kv_cache_memory="1MiB",
+                                                    max_model_len=64))
+    try:
+        blocks = runtime.engine.config.num_kv_blocks
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:"))
+        assert f"{blocks} blocks of 4 tokens ({4 * blocks} tokens)" in line
+        assert "in int8 (--kv-cache-memory 1MiB)" in line
+    finally:
+        runtime.engine.shutdown(0)

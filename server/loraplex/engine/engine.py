@@ -132,10 +132,7 @@ def _size_kv_cache(config: EngineConfig, loaded: Any) -> EngineConfig:
     arch = loaded.arch
     per_block = KVCache.bytes_per_block(arch.num_layers, config.block_size, arch.num_kv_heads, arch.head_dim,
                                         element_dtype(config.kv_cache_dtype, loaded.dtype))
-    blocks = config.kv_blocks(per_block)
-    log.info("KV cache: %s holds %d blocks of %d tokens (%d bytes each, %s)", config.kv_cache_memory, blocks,
-             config.block_size, per_block, config.kv_cache_dtype)
-    return dataclasses.replace(config, num_kv_blocks=blocks)
+    return dataclasses.replace(config, num_kv_blocks=config.kv_blocks(per_block))
 
 
 class Engine:
