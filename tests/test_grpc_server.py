@@ -323,6 +323,12 @@ def test_get_model_info(stub, loaded, tiny_model_dir):
     assert info.base_weight_bytes == 4 * n_params
     assert info.loraplex_version
     assert set(info.eos_token_ids) == {0, 2}
+    from loraplex.model.kv_cache import KVCache
+
+    arch = loaded.arch
+    assert (info.kv_cache_dtype, info.kv_cache_tokens) == ("float32", ENGINE.num_kv_blocks * ENGINE.block_size)
+    assert info.kv_cache_bytes == ENGINE.num_kv_blocks * KVCache.bytes_per_block(
+        arch.num_layers, ENGINE.block_size, arch.num_kv_heads, arch.head_dim, torch.float32)
 
 
 # --- queue bound and life cycle (servers of their own) ---------------------------------------------

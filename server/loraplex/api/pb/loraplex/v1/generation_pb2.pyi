@@ -204,7 +204,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_path", "architecture", "dtype", "device", "max_model_len", "vocab_size", "quantization", "base_weight_bytes", "loraplex_version", "max_new_tokens_cap", "eos_token_ids", "float16_weight_bytes", "quantized_embeddings", "sampling_defaults")
+    __slots__ = ("model_name", "model_path", "architecture", "dtype", "device", "max_model_len", "vocab_size", "quantization", "base_weight_bytes", "loraplex_version", "max_new_tokens_cap", "eos_token_ids", "float16_weight_bytes", "quantized_embeddings", "sampling_defaults", "kv_cache_dtype", "kv_cache_tokens", "kv_cache_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,9 @@ class ModelInfo(_message.Message):
     FLOAT16_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_path: str
     architecture: str
@@ -235,7 +238,10 @@ class ModelInfo(_message.Message):
     float16_weight_bytes: int
     quantized_embeddings: bool
     sampling_defaults: SamplingDefaults
-    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., loraplex_version: _Optional[str] = ..., max_new_tokens_cap: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., float16_weight_bytes: _Optional[int] = ..., quantized_embeddings: _Optional[bool] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_cache_tokens: int
+    kv_cache_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., quantization: _Optional[str] = ..., base_weight_bytes: _Optional[int] = ..., loraplex_version: _Optional[str] = ..., max_new_tokens_cap: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., float16_weight_bytes: _Optional[int] = ..., quantized_embeddings: _Optional[bool] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingDefaults(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "source")
