@@ -109,7 +109,9 @@ def test_config_and_cli():
 
 
 def _greedy(loaded, prompts: list[list[int]], kv_cache_dtype: str, prefix_caching: bool, n: int = 12,
-            sequential: bool = False) -> list[list[int]]:
+            sequential: bool = False, cached: list[int] | None = None) -> list[list[int]]:
+    """Greedy tokens of each prompt (batched together, or one after another); `cached` gets each
+    request's prompt tokens found in the prefix cache."""
     import threading
 
     from loraplex.engine.engine import Engine
@@ -128,6 +130,8 @@ def _greedy(loaded, prompts: list[list[int]], kv_cache_dtype: str, prefix_cachin
                 def cb(o, i=i):
                     out[i].extend(o.new_token_ids)
                     if o.finished:
+                        if cached is not None:
+                            cached.append(o.cached_prompt_tokens)
                         done.release()
                 engine.submit(Request(f"r{i}", prompts[i], SamplingParams(max_new_tokens=n, temperature=0,
                                                                            ignore_eos=True)), cb)
@@ -151,7 +155,9 @@ def test_engine_serves_with_int8_cache_and_prefix_sharing(tiny_model_dir, dtype)
     prompts = [prefix + torch.randint(0, loaded.arch.vocab_size, (k,), generator=g).tolist() for k in (3, 7, 1)]
     alone = [_greedy(loaded, [p], "int8", False)[0] for p in prompts]
     assert _greedy(loaded, prompts, "int8", False) == alone  # batched together
-    assert _greedy(loaded, prompts, "int8", True, sequential=True) == alone  # later ones reuse the prefix
+    cached: list[int] = []
+    assert _greedy(loaded, prompts, "int8", True, sequential=True, cached=cached) == alone
+    assert cached == [0, 20, 20]  # the later ones reused the 20-token prefix (5 blocks of 4)
     assert all(len(t) == 12 for t in alone)
     if dtype == torch.float32:
         from tests.test_model_equivalence import _rounding_cache, hf_model
