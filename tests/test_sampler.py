@@ -255,3 +255,39 @@ def test_penalties_refuse_token_ids_outside_the_vocabulary():
             apply_repetition_penalty(logits.clone(), bad, [1.2, 1.2])
         with pytest.raises(IndexError):
             apply_presence_frequency(logits.clone(), bad, [0.5, 0.5], [0.1, 0.1])
+
+
+def test_penalties_read_int64_arrays_as_lists():
+    """The engine hands the sampler each sequence's token_array (int64 array.array, read in place):
+    the same logits as with lists, and the arrays can still grow afterwards (no view outlives the
+    call: a viewed buffer cannot be resized)."""
+    import array
+
+    from loraplex.engine.sampler import apply_presence_frequency
+
+    g = torch.Generator().manual_seed(8)
+    logits = rand_logits(4, 60, 6)
+    histories = [torch.randint(0, 60, (n,), generator=g).tolist() for n in (5, 40, 1, 17)]
+    arrays = [array.array("q", h) for h in histories]
+    for fn, args in ((apply_repetition_penalty, ([1.3, 0.8, 1.0, 2.0],)),
+                     (apply_presence_frequency, ([0.5, -1.0, 2.0, 0.0], [0.25, 0.5, 0.0, 1.0]))):
+        want = fn(logits.clone(), histories, *args)
+        got = fn(logits.clone(), arrays, *args)
+        assert torch.equal(got, want) and not torch.equal(got, logits)
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.4, frequency_penalty=0.5)] * 4
+    assert Sampler()(logits, params, arrays, [None] * 4, [2] * 4) == Sampler()(logits, params, histories, [None] * 4,
+                                                                                [2] * 4)
+    for a in arrays:
+        a.append(3)
+    assert [len(a) for a in arrays] == [6, 41, 2, 18]
+
+
+def test_sequence_token_array_follows_token_ids():
+    from loraplex.engine.request import Request
+    from loraplex.engine.sequence import Sequence
+
+    seq = Sequence.from_request(Request("r", [5, 6, 7], SamplingParams(max_new_tokens=4)))
+    for t in (9, 1, 9):
+        seq.append_token(t)
+    assert list(seq.token_array) == seq.token_ids == [5, 6, 7, 9, 1, 9]
+    assert seq.token_array.typecode == "q"

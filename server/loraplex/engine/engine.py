@@ -388,7 +388,7 @@ class Engine:
                 logits = self.runner.run(batch.seqs, batch.num_new_tokens)  # [S, vocab]
                 # Every row samples on a pure decode step: skip the [S, vocab] gather (a 6 MB copy).
                 rows = logits if len(sampling) == logits.shape[0] else logits[sampling]
-                tokens = self.sampler(rows, params, [s.token_ids for s in sampled], [s.generator for s in sampled],
+                tokens = self.sampler(rows, params, [s.token_array for s in sampled], [s.generator for s in sampled],
                                       [s.num_prompt_tokens for s in sampled],
                                       masks=pending.result() if pending is not None else None)
                 top_ks = [p.logprobs for p in params]

@@ -34,16 +34,21 @@ from loraplex.engine.request import SamplingParams
 NATIVE_DRAW = True
 
 
+def _int64_view(ids: Seq[int]) -> torch.Tensor:
+    """ids as an int64 tensor: a view of an int64 array.array (the engine's Sequence.token_array:
+    no conversion), else through one (~3.5x faster than torch.tensor on a list of Python ints).
+    The caller copies it before the array may grow (a buffer being viewed cannot be resized)."""
+    if not (isinstance(ids, array.array) and ids.typecode == "q"):
+        ids = array.array("q", ids)
+    return torch.frombuffer(ids, dtype=torch.int64)
+
+
 def _row_ids(lists: Seq[Seq[int]], rows: Seq[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The token ids of lists[i] for i in rows, concatenated ([N] int64), and each one's row
-    ([N] int64). Through array.array and torch.frombuffer: ~3.5x faster than torch.tensor on
-    lists of Python ints (32 histories of 2000 ids: 0.9 against 3.2 ms on the dev box). An id
-    outside [0, vocab) is refused: indexing [S, V] logits by flat position, it would land in
-    another row."""
-    buf = array.array("q")
-    for i in rows:
-        buf.extend(lists[i])
-    ids = torch.frombuffer(buf, dtype=torch.int64)  # [N] (it keeps buf alive)
+    ([N] int64). Lists of ints or int64 array.arrays (read in place: 32 histories of 2000 ids
+    0.1 ms, against ~2 ms converting lists). An id outside [0, vocab) is refused: indexing [S, V]
+    logits by flat position, it would land in another row."""
+    ids = torch.cat([_int64_view(lists[i]) for i in rows])  # [N], a copy: the views end here
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise IndexError(f"a token id is outside the vocabulary [0, {vocab})")
     lengths = torch.tensor([len(lists[i]) for i in rows])  # [R]

@@ -12,6 +12,7 @@ last token, from which the next token is sampled.
 
 from __future__ import annotations
 
+import array
 import enum
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class Sequence:
     generator: torch.Generator | None = None  # set when the request has a seed
 
     token_ids: list[int] = field(init=False)  # prompt + generated
+    # The same ids as int64 in a buffer, grown with token_ids: the sampler's penalties read a
+    # sequence's history through it without converting its Python ints every step (32 histories
+    # of 2000 tokens: ~2 ms a step).
+    token_array: array.array = field(init=False)
     num_prompt_tokens: int = field(init=False)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in order
@@ -63,6 +68,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.request.prompt_token_ids)
+        self.token_array = array.array("q", self.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
 
     @classmethod
@@ -118,6 +124,7 @@ class Sequence:
     # --- mutations (engine thread) -------------------------------------------------------------
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self.token_array.append(token_id)
 
     def timings(self, now: float | None = None) -> Timings:
         now = time.monotonic() if now is None else now
