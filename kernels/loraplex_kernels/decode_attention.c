@@ -27,6 +27,7 @@
 #include "parallel.h"
 #include "exp_nonpos.h"
 #include "prefetch.h"
+#include "widen.h"
 
 #define AS_FLOAT(v) (v)
 #define STORE_F32(v) (v)
@@ -301,8 +302,7 @@ static void decode_attention_##SUFFIX(                                          
         }                                                                                          \
         for (int64_t h = h_lo; h < h_hi; h++) {                                                    \
             float *sr = s + h * len;                                                               \
-            float m = sr[0];                                                                       \
-            for (int64_t j = 1; j < len; j++) m = sr[j] > m ? sr[j] : m;                           \
+            const float m = max_of(sr, len);                                                       \
             float sum = 0.f;                                                                       \
             for (int64_t j = 0; j < len; j++) {                                                    \
                 float e = exp_nonpos(sr[j] - m);                                                   \

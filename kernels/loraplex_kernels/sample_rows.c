@@ -36,7 +36,6 @@
 
 #include "widen.h"
 
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 #define BIN_SHIFT 19                     /* bins of 2^19 float32 bit patterns: 2^13 of them for e in [0, 1] */
 #define BINS ((0x3F800000 >> BIN_SHIFT) + 1)
