@@ -298,10 +298,10 @@ def test_float16_weight_bytes_is_the_same_for_every_load(env):
     from transformers import AutoModelForCausalLM
 
     from loraplex.api.convert import model_info_to_proto
+    from tests.fixtures.fake_engine import fake_engine
 
     hf_params = AutoModelForCausalLM.from_pretrained(str(env.base), dtype=torch.float32).num_parameters()
-    engine = types.SimpleNamespace(max_model_len=64, config=types.SimpleNamespace(max_new_tokens_cap=32),
-                                   eos_token_ids={0})
+    engine = fake_engine()
     loads = {"none": load_model(env.base, torch.float32, "cpu"),
              "nf4 at load": load_model(env.base, torch.bfloat16, "cpu", QuantSpec("nf4")),
              "nf4 folder": load_model(env.folder("nf4_dq"), torch.float32, "cpu"),

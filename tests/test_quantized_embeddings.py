@@ -248,12 +248,10 @@ def test_no_float_table_and_resident_bytes(models, tied):
     assert float16_weight_bytes(model) == float16_weight_bytes(proj_only.model) == float16_bytes(arch)
     assert quantized_bytes(model) <= 0.3 * float16_bytes(arch)
     # GetModelInfo reports the flag and the bytes (engine fields stubbed: only the model matters).
-    import types
-
     from loraplex.api.convert import model_info_to_proto
+    from tests.fixtures.fake_engine import fake_engine
 
-    engine = types.SimpleNamespace(max_model_len=64, config=types.SimpleNamespace(max_new_tokens_cap=32),
-                                   eos_token_ids={0})
+    engine = fake_engine()
     info, plain = model_info_to_proto(loaded, engine), model_info_to_proto(proj_only, engine)
     assert (info.quantized_embeddings, plain.quantized_embeddings) == (True, False)
     assert info.base_weight_bytes == quantized_bytes(model) and info.float16_weight_bytes == float16_bytes(arch)
