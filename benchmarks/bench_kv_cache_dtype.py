@@ -112,11 +112,10 @@ def score(model, arch, tokens: list[int], cache_dtype: torch.dtype) -> torch.Ten
 def compare(ref: torch.Tensor, x: torch.Tensor, tokens: list[int]) -> dict[str, float]:
     """Over every position: top-1 agreement with ref, mean KL(ref || x), and x's perplexity of
     the text."""
-    r, q = ref, x
     nxt = torch.tensor(tokens[1:])
-    return {"agree": float((r.argmax(-1) == q.argmax(-1)).double().mean()),
-            "kl": float((r.exp() * (r - q)).sum(-1).mean()),
-            "ppl": float(torch.exp(-q[torch.arange(len(nxt)), nxt].mean()))}
+    return {"agree": float((ref.argmax(-1) == x.argmax(-1)).double().mean()),
+            "kl": float((ref.exp() * (ref - x)).sum(-1).mean()),
+            "ppl": float(torch.exp(-x[torch.arange(len(nxt)), nxt].mean()))}
 
 
 def main(argv=None) -> int:

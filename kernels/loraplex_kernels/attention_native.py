@@ -34,14 +34,6 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and q.stride(2) == 1 and k_cache.stride(3) == 1 and native.available())
 
 
-def _scale_table(scale: torch.Tensor | None, cache: torch.Tensor) -> int:
-    """The data pointer of an int8 cache's scales, checked: [num_blocks, block_size, H_kv] float32
-    contiguous (the kernel finds slot s's heads at s * H_kv)."""
-    if scale is None or scale.dtype != torch.float32 or not scale.is_contiguous() or scale.shape != cache.shape[:3]:
-        raise ValueError(f"an int8 cache {tuple(cache.shape)} needs contiguous float32 scales {tuple(cache.shape[:3])}, "
-                         f"got {None if scale is None else (scale.dtype, tuple(scale.shape))}")
-    return scale.data_ptr()
-
 
 def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      table: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int | None,
@@ -57,7 +49,7 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
         raise ValueError("k and v caches must share dtype and layout")
     ks_ptr = vs_ptr = None
     if k_cache.dtype == torch.int8:
-        ks_ptr, vs_ptr = _scale_table(k_scale, k_cache), _scale_table(v_scale, v_cache)
+        ks_ptr, vs_ptr = native.kv_scale_ptr(k_scale, k_cache), native.kv_scale_ptr(v_scale, v_cache)
     if table.dtype != torch.int64 or table.stride(1) != 1 or seq_lens.dtype != torch.int64:
         raise ValueError("block table and seq_lens must be int64, table rows contiguous")
     seq_lens = seq_lens.contiguous()

@@ -96,11 +96,7 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     num_slots = k_cache.numel() // (hkv * dim)
     ks_ptr = vs_ptr = None
     if k_cache.dtype == torch.int8:
-        for sc in (k_scale, v_scale):
-            if sc is None or sc.dtype != torch.float32 or not sc.is_contiguous() or sc.shape != k_cache.shape[:3]:
-                raise ValueError(f"an int8 cache {tuple(k_cache.shape)} needs contiguous float32 scales "
-                                 f"{tuple(k_cache.shape[:3])}")
-        ks_ptr, vs_ptr = k_scale.data_ptr(), v_scale.data_ptr()
+        ks_ptr, vs_ptr = native.kv_scale_ptr(k_scale, k_cache), native.kv_scale_ptr(v_scale, v_cache)
     rc = native.function("loraplex_rotary_kv_bf16", [_I64] * 4 + [_P, _I64, _I64] * 3 + [_P, _P, _I64] + [_P] * 4
                          + [ctypes.c_int, _P, _P, _I64, _P])(
         tokens, hq, hkv, dim, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),

@@ -47,6 +47,15 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 # The int8 KV cache's code (layer_kernels.h LP_I8): caches only, with per-(slot, head) scales.
 KV_INT8 = 2
 
+
+def kv_scale_ptr(scale: torch.Tensor | None, cache: torch.Tensor) -> int:
+    """The data pointer of an int8 cache's scales, checked: [num_blocks, block_size, H_kv] float32
+    contiguous, so that the kernels find slot s's heads at s * H_kv."""
+    if scale is None or scale.dtype != torch.float32 or not scale.is_contiguous() or scale.shape != cache.shape[:3]:
+        raise ValueError(f"an int8 cache {tuple(cache.shape)} needs contiguous float32 scales {tuple(cache.shape[:3])}, "
+                         f"got {None if scale is None else (scale.dtype, tuple(scale.shape))}")
+    return scale.data_ptr()
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None

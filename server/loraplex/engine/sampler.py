@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from loraplex_kernels import sample_native
-from loraplex_kernels.argmax_native import first_argmax  # the greedy pick (engine code imports it from here)
+from loraplex_kernels.argmax_native import first_argmax  # the greedy pick (tests import it from here too)
 
 from loraplex.engine.request import SamplingParams
 

@@ -165,12 +165,10 @@ class CompiledLayers:
                 if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype
                         and k.dtype in (torch.bfloat16, torch.int8)):
                     raise ValueError("compiled layers need contiguous bfloat16 or int8 KV caches")
-                if ks is not None and not (ks.is_contiguous() and vs.is_contiguous() and ks.dtype == vs.dtype == torch.float32
-                                           and ks.shape == vs.shape == k.shape[:3]):
-                    raise ValueError("an int8 KV cache needs contiguous float32 scales per slot and head")
+                int8 = k.dtype == torch.int8
                 table[i] = dl.LayerOperands(k_cache=k.data_ptr(), v_cache=v.data_ptr(),
-                                            k_scale=None if ks is None else ks.data_ptr(),
-                                            v_scale=None if vs is None else vs.data_ptr(), **w)
+                                            k_scale=native.kv_scale_ptr(ks, k) if int8 else None,
+                                            v_scale=native.kv_scale_ptr(vs, v) if int8 else None, **w)
             self.table, self.kv = table, kv  # the cache is held: its pointers stay valid
         return self.table
 
