@@ -172,6 +172,32 @@ def test_presence_and_frequency_penalties_match_a_plain_reference():
     got = apply_presence_frequency(logits.clone(), [h[s:] for h, s in zip(histories, prompt_lens)],
                                    presence, frequency)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # Long histories with heavy repeats (frequency is subtracted once per occurrence): random
+    # ids from a small range, up to a few hundred occurrences of one token, against float64.
+    rows, vocab = 6, 300
+    logits = torch.randn(rows, vocab, generator=g) * 4  # [R, V]
+    highs = [3, 40, 90, 140, 190, 300]  # row 0: ~200 occurrences of each of 3 tokens
+    histories = [torch.randint(0, highs[r], (400 + 100 * r,), generator=g).tolist() for r in range(rows)]
+    presence = (torch.rand(rows, generator=g) * 4 - 2).tolist()
+    frequency = (torch.rand(rows, generator=g) * 4 - 2).tolist()
+    want = logits.double().clone()
+    for r, ids in enumerate(histories):
+        counts = torch.bincount(torch.tensor(ids), minlength=vocab).double()  # [V]
+        want[r] -= presence[r] * (counts > 0).double() + frequency[r] * counts
+    got = apply_presence_frequency(logits.clone(), histories, presence, frequency)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    assert torch.equal(got, apply_presence_frequency(logits.clone(), histories, presence, frequency))
+    # The counts scratch a Sampler keeps comes back zero, so the next call (more rows) is right.
+    zeros = torch.zeros(rows * vocab)
+    again = apply_presence_frequency(logits.clone(), histories, presence, frequency, zeros)
+    assert torch.equal(got, again) and not zeros.any()
+    sampler = Sampler()
+    params = [SamplingParams(temperature=0.0, presence_penalty=presence[r], frequency_penalty=frequency[r])
+              for r in range(rows)]
+    for n in (2, rows):  # the scratch grows between these calls
+        picked = sampler(logits[:n].clone(), params[:n], histories[:n], [None] * n, prompt_lens=[0] * n)
+        assert picked == [int(w.argmax()) for w in want[:n]]
+        assert not sampler._zeros.any()
     # Through the sampler, greedy: a token the penalty pushes below the runner-up is not chosen.
     row = torch.zeros(1, vocab)
     row[0, 5], row[0, 6] = 3.0, 2.5

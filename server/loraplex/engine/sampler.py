@@ -75,20 +75,30 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: Seq[Seq[int]],
 
 
 def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], presence: Seq[float],
-                             frequency: Seq[float]) -> torch.Tensor:
+                             frequency: Seq[float], counts: torch.Tensor | None = None) -> torch.Tensor:
     """OpenAI semantics, in place: logits[r, t] -= presence[r] * (count > 0) + frequency[r] * count,
-    count = how often token t occurs in row r's generated tokens. logits: [S, V]."""
+    count = how often token t occurs in row r's generated tokens. logits: [S, V]. counts: float32
+    zeros on logits' device, at least S * V of them, left zero on return (Sampler keeps one, so
+    a call costs O(generated tokens) and nothing [S, V]-wide); None: allocated here."""
     rows = [i for i in range(len(generated)) if (presence[i] or frequency[i]) and len(generated[i]) > 0]
     if not rows:
         return logits
     dev, vocab = logits.device, logits.shape[1]
     ids, row = _row_ids(generated, rows, vocab)  # [N], [N]
-    # O(generated tokens), no [V]-wide pass: each distinct (row, token) once, with its count.
-    flat, counts = torch.unique(ids + row * vocab, return_counts=True)  # [U], [U]
-    r = flat // vocab  # [U] each entry's row
-    pres = torch.tensor(list(presence), dtype=logits.dtype)[r]  # [U]
-    freq = torch.tensor(list(frequency), dtype=logits.dtype)[r]  # [U]
-    logits.view(-1)[flat.to(dev)] -= (pres + freq * counts.to(logits.dtype)).to(dev)
+    flat = (ids + row * vocab).to(dev)  # [N] each occurrence's entry of [S, V]
+    if counts is None:
+        counts = torch.zeros(logits.numel(), dtype=torch.float32, device=dev)
+    # Counts without a sort (torch.unique's was ~1.2 ms of 2.1 at 32 rows x 2000 tokens): add one
+    # per occurrence at its entry, read each occurrence's total, put the touched entries back to 0.
+    counts.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32, device=dev))
+    n = counts[flat].to(logits.dtype)  # [N] exact integers (float32 holds them up to 2**24)
+    counts[flat] = 0.0
+    pres = torch.tensor(list(presence), dtype=logits.dtype)[row].to(dev)  # [N]
+    freq = torch.tensor(list(frequency), dtype=logits.dtype)[row].to(dev)  # [N]
+    view = logits.view(-1)
+    # A token seen n times is the same entry n times: every one of them gathers before any write
+    # and writes the same value.
+    view[flat] = view[flat] - (pres + freq * n)
     return logits
 
 
@@ -140,6 +150,17 @@ def plain_argmax(params: Seq[SamplingParams]) -> bool:
 
 
 class Sampler:
+    def __init__(self):
+        self._zeros: torch.Tensor | None = None  # apply_presence_frequency's counts, kept zero
+
+    def _counts(self, logits: torch.Tensor) -> torch.Tensor:
+        """Zeros for apply_presence_frequency, at least logits.numel() of them on its device;
+        grown (by reallocation) when a step has more rows than any before."""
+        z = self._zeros
+        if z is None or z.device != logits.device or z.numel() < logits.numel():
+            self._zeros = z = torch.zeros(logits.numel(), dtype=torch.float32, device=logits.device)
+        return z
+
     def __call__(self, logits: torch.Tensor, params: Seq[SamplingParams],
                  token_ids: Seq[Seq[int]], generators: Seq[torch.Generator | None],
                  prompt_lens: Seq[int] | None = None, masks: Any = None) -> list[int]:
@@ -165,7 +186,7 @@ class Sampler:
             starts = prompt_lens if prompt_lens is not None else [0] * num_rows
             generated = [ids[start:] for ids, start in zip(token_ids, starts)]
             apply_presence_frequency(logits, generated, [p.presence_penalty for p in params],
-                                     [p.frequency_penalty for p in params])
+                                     [p.frequency_penalty for p in params], self._counts(logits))
         if has_bias:
             apply_logit_bias(logits, [p.logit_bias for p in params])
         if masks is not None:  # structured output: disallowed tokens -> -inf (before any sampling maths)
