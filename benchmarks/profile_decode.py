@@ -274,6 +274,20 @@ def main(argv=None) -> int:
               f"measured in this run): **{lora_floor_ms:.1f} ms**; measured LoRA part {lora_ms:.1f} ms "
               f"= {lora_ms / lora_floor_ms:.1f}x its floor. Whole-step difference with adapters: "
               f"{results[names[1]][0]['step'] - results[names[0]][0]['step']:+.1f} ms."]
+    gemm_phases = ("q/k/v GEMM", "o GEMM + residual", "gate/up GEMM + SwiGLU", "down GEMM + residual")
+    gemm_ms = sum(int(phases[names[0]][PHASES.index(ph)]) for ph in gemm_phases) / 1e6 / a.steps
+    if gemm_ms > 0 and lora_ms > 0:
+        # The same step's base-model GEMMs as the yardstick: every layer weight read once, in the
+        # same caches and with the same bandwidth as the LoRA weights, so the ratio carries less of
+        # the machine's noise than the floor does.
+        elem = torch.empty(0, dtype=dtype).element_size()
+        base_bytes = sum(p.in_features * p.out_features for _, _, p in loaded.model.iter_projections()) * elem
+        base_rate, lora_rate = base_bytes / (gemm_ms / 1e3), lora_bytes / (lora_ms / 1e3)
+        lines += ["", f"Per byte against the base model's own weights in the same run: the layers' GEMM phases "
+                      f"({', '.join(gemm_phases)}; base model case) read {base_bytes / 1e6:.0f} MB of weights in "
+                      f"{gemm_ms:.1f} ms = **{base_rate / 1e9:.1f} GB/s**; the LoRA part reads {lora_bytes / 1e6:.0f} MB in "
+                      f"{lora_ms:.1f} ms = **{lora_rate / 1e9:.1f} GB/s**, so a LoRA byte costs "
+                      f"**{base_rate / lora_rate:.2f}x** the time of a base-weight byte."]
     for n in names:
         lines += ["", f"### Top ops by self CPU time: {n}", "", "| op | self ms/step | calls/step |", "|---|---:|---:|"]
         lines += [f"| {op} | {ms:.2f} | {calls} |" for op, ms, calls in results[n][1]]

@@ -37,5 +37,9 @@ def test_profile_decode_runs_and_adds_up(tmp_path, layers):
     compiled = layers == "compiled" and gemm_amx_native.available()
     assert ("Inside the compiled layers" in text) == compiled
     assert (rows["compiled layers"][0] > 0) == compiled
+    per_byte = re.search(r"= \*\*([\d.]+) GB/s\*\*; the LoRA part reads \d+ MB in [\d.]+ ms = \*\*([\d.]+) GB/s\*\*", text)
+    assert (per_byte is not None) == compiled  # the timed phases exist only in the compiled layers
+    if per_byte:
+        assert float(per_byte.group(1)) > 0 and float(per_byte.group(2)) > 0
     if not compiled:
         assert rows["projections"][0] > 0 and rows["attention"][0] > 0
