@@ -46,6 +46,18 @@ def test_floor_takes_the_slower_limit():
     assert cost.floor_seconds(bandwidth=10_000.0, peak_flops=100.0) == (100.0, "compute")
 
 
+def test_floor_bandwidth_uses_arrays_as_large_as_the_step():
+    """A small array re-read from a large cache must not set the floor: only arrays of at least the
+    step's bytes count (the best kernel among them), else the largest arrays measured."""
+    rows = [dict(kernel=k, mib=mib, best=gbs, median=gbs) for k, mib, gbs in
+            [("read", 128, 41.0), ("copy", 128, 27.0), ("read", 256, 29.6), ("triad", 512, 29.9),
+             ("read", 512, 29.4), ("copy", 1024, 26.0)]]
+    assert roofline.floor_bandwidth(rows, 300e6) == (29.9, 512)  # 256 MiB = 268 MB < 300 MB
+    assert roofline.floor_bandwidth(rows, 100e6) == (41.0, 128)
+    assert roofline.floor_bandwidth(rows, 600e6) == (26.0, 1024)
+    assert roofline.floor_bandwidth(rows, 5e9) == (26.0, 1024)  # none big enough: the largest
+
+
 def test_decode_driver_runs_full_decode_steps(tiny_model_dir):
     loaded = load_model(tiny_model_dir, torch.float32, "cpu")
     dec = make_decode_engine(loaded, batch=3, prompt_len=5, decode_steps=4)
