@@ -227,9 +227,15 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     # What the LoRA part must cost at least: every adapter of the step read once (A and B up to its
     # rank) and 2 FLOPs per weight element per row, against this run's bandwidth and matmul peak.
-    from roofline import measure_bandwidth, measure_matmul
+    from roofline import floor_bandwidth, measure_bandwidth, measure_matmul
 
-    bandwidth = max(r["best"] for r in measure_bandwidth([256])) * 1e9
+    # The layers' weights, each read once a step (the vocab projection left out: its own phase).
+    base_bytes = (sum(p.in_features * p.out_features for _, _, p in loaded.model.iter_projections())
+                  * torch.empty(0, dtype=dtype).element_size())
+    # Arrays at least the size of what the adapter step re-reads (roofline.floor_bandwidth: a
+    # smaller array, re-read, is partly served from a large L3).
+    step_bytes = base_bytes + min(a.adapters, a.batch) * adapter_bytes
+    bandwidth = floor_bandwidth(measure_bandwidth([512]), step_bytes)[0] * 1e9
     # The LoRA kernels multiply in float32 whatever the weights' dtype: float32's rate is the peak.
     peak = max(r["best"] for d in {dtype, torch.float32}
                for r in measure_matmul(d, [(512, 512, 512), (a.batch, 576, 1536)])) * 1e9
@@ -280,8 +286,6 @@ def main(argv=None) -> int:
         # The same step's base-model GEMMs as the yardstick: every layer weight read once, in the
         # same caches and with the same bandwidth as the LoRA weights, so the ratio carries less of
         # the machine's noise than the floor does.
-        elem = torch.empty(0, dtype=dtype).element_size()
-        base_bytes = sum(p.in_features * p.out_features for _, _, p in loaded.model.iter_projections()) * elem
         base_rate, lora_rate = base_bytes / (gemm_ms / 1e3), lora_bytes / (lora_ms / 1e3)
         lines += ["", f"Per byte against the base model's own weights in the same run: the layers' GEMM phases "
                       f"({', '.join(gemm_phases)}; base model case) read {base_bytes / 1e6:.0f} MB of weights in "
