@@ -44,6 +44,7 @@ from loraplex.model.amx_linear import amx_wanted
 from loraplex.model.packed_linear import pack_lm_head
 from loraplex.model.projection_packing import pack_projections
 from loraplex.model.widened_linear import widen_projections
+from loraplex_kernels import openmp_pool
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,10 @@ class Engine:
 
     # --- public API (any thread) -----------------------------------------------------------
     def start(self) -> None:
+        """Starts the engine's thread, which runs the steps from now on. The calling thread's
+        OpenMP workers are released (openmp_pool.py): a second pool on the same cores makes libgomp
+        stop spinning between the engine's parallel regions, and its steps ran ~1.8x slower. Warm up
+        before starting; heavy torch work on this thread afterwards brings its pool back."""
         with self._cv:
             if self._thread is not None:
                 return
@@ -201,6 +206,7 @@ class Engine:
                 raise EngineStoppedError("the engine was shut down")
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
+        openmp_pool.release_thread_pool()
 
     def submit(self, request: Request, callback: OutputCallback) -> None:
         """Queue a request. One with a constraint but no compiled grammar compiles it here, in the
@@ -310,7 +316,8 @@ class Engine:
             return self.block_manager.reset_prefix_cache()
 
     def warmup(self) -> None:
-        """One tiny forward (a 2-token prefill) so the first real request pays no first-call costs."""
+        """One tiny forward (a 2-token prefill) so the first real request pays no first-call costs.
+        It runs on the calling thread: after start(), that thread's OpenMP pool is released again."""
         req = Request("__warmup__", [0] * min(2, self.max_model_len), SamplingParams(max_new_tokens=1))
         seq = Sequence.from_request(req, device=self.device)
         with self._step_lock:
@@ -319,6 +326,8 @@ class Engine:
                 self.runner.run([seq], [seq.num_tokens])
             finally:
                 self.block_manager.free(seq)
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            openmp_pool.release_thread_pool()
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> int:
@@ -520,6 +529,13 @@ class Engine:
         # (non-main) thread ran with a smaller pool and measurably slower on CPU.
         torch.set_num_threads(self._num_threads)
         while True:
+            with self._cv:
+                idle = not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work())
+            if idle:
+                # Nothing to step: this thread's OpenMP workers go (openmp_pool.py), so that
+                # torch work on another thread meanwhile has the cores' pool to itself; the next
+                # step starts a new one (~0.1 ms, once per busy period).
+                openmp_pool.release_thread_pool()
             with self._cv:
                 while not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work()):
                     self._cv.wait()  # idle: no busy spin
