@@ -1,6 +1,7 @@
-"""loraplex_kernels/openmp_pool.py: a thread's OpenMP workers are released (they exit), the right
+"""loraplex_kernels/openmp_pool.py: a thread's OpenMP workers are released (they exit), a helper
+thread is kept to one torch thread without changing torch's default for the others, the right
 runtime is asked (torch's libgomp, not another package's renamed copy), and Engine.start() /
-warmup() release the calling thread's pool so the engine's thread holds the only one."""
+warmup() / an idle engine release pools so that the engine's thread holds the only one."""
 
 from __future__ import annotations
 
@@ -45,13 +46,38 @@ def test_release_makes_the_calling_threads_workers_exit():
         _parallel_work()  # a released pool comes back at the next region: nothing is lost
         result["again"] = len(_tasks() - with_pool) + len(result["new"] - _tasks())
 
+    default = torch.get_num_threads()
     t = threading.Thread(target=worker)
     t.start()
     t.join()
+    torch.set_num_threads(default)  # the worker's set_num_threads(2) also set torch's default
     assert len(result["new"]) >= 1, "2 torch threads should have started a worker"
     assert result["released"] is True
     assert result["left"] == set(), "the released workers should have exited"
     assert result["again"] >= 1
+
+
+def test_one_thread_keeps_a_helper_thread_poolless_and_the_default_as_it_was():
+    default = torch.get_num_threads()
+    result = {}
+
+    def helper():
+        openmp_pool.one_thread()
+        result["threads"] = torch.get_num_threads()
+        before = _tasks()
+        _parallel_work()
+        result["new"] = _tasks() - before
+
+    def later():
+        result["later"] = torch.get_num_threads()
+
+    for fn in (helper, later):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    assert result["threads"] == 1
+    assert result["new"] == set()  # no pool, no worker thread
+    assert result["later"] == default == torch.get_num_threads()  # others keep torch's default
 
 
 @needs_libgomp

@@ -30,6 +30,7 @@ OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release the threads, keep the runtim
 _lock = threading.Lock()
 _looked = False
 _pause: ctypes._CFuncPtr | None = None
+_set_threads: ctypes._CFuncPtr | None = None  # omp_set_num_threads: the calling thread's count only
 
 
 def _loaded_libgomp() -> str | None:
@@ -48,21 +49,29 @@ def _loaded_libgomp() -> str | None:
     return (in_torch or ours or [None])[0]
 
 
-def _pause_fn() -> ctypes._CFuncPtr | None:
-    global _looked, _pause
+def _look() -> None:
+    global _looked, _pause, _set_threads
     with _lock:
-        if not _looked:
-            _looked = True
-            path = _loaded_libgomp()
-            if path is not None:
-                try:
-                    fn = ctypes.CDLL(path).omp_pause_resource_all
-                except (OSError, AttributeError):  # an old libgomp without OpenMP 5.0 pause
-                    fn = None
-                if fn is not None:
-                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                    _pause = fn
-        return _pause
+        if _looked:
+            return
+        _looked = True
+        path = _loaded_libgomp()
+        if path is None:
+            return
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            return
+        if hasattr(lib, "omp_pause_resource_all"):  # OpenMP 5.0: absent from old libgomps
+            lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
+            _pause = lib.omp_pause_resource_all
+        lib.omp_set_num_threads.argtypes, lib.omp_set_num_threads.restype = [ctypes.c_int], None
+        _set_threads = lib.omp_set_num_threads
+
+
+def _pause_fn() -> ctypes._CFuncPtr | None:
+    _look()
+    return _pause
 
 
 def available() -> bool:
@@ -75,3 +84,16 @@ def release_thread_pool() -> bool:
     be called from inside a parallel region (libgomp refuses: False)."""
     fn = _pause_fn()
     return fn is not None and fn(OMP_PAUSE_SOFT) == 0
+
+
+def one_thread() -> None:
+    """This thread's torch work (and our kernels') on one OpenMP thread from now on, so that it
+    never makes a pool of its own: for helper threads next to a busy engine (adapter loads, masks,
+    grammars). torch.set_num_threads(1) would do it too, but it also sets torch's process-wide
+    default, which threads that start later (an engine's, a model loader's) inherit."""
+    _look()
+    if _set_threads is None:
+        torch.set_num_threads(1)
+        return
+    torch.get_num_threads()  # torch's per-thread set-up first: it would later set the default count
+    _set_threads(1)

@@ -36,7 +36,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from loraplex_kernels import openmp_pool
 
 from loraplex.api.status import ApiError, Code
 from loraplex.engine.errors import OUT_OF_MEMORY, AdapterNotFoundError
@@ -141,10 +141,6 @@ def _load_blocking(manager: Any, adapter_id: str, path: str, pinned: bool) -> An
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _one_torch_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
     """Adapter calls' own worker threads, each with ONE torch thread: torch's intra-op pool is
     per OS thread, and a load's copies/casts at the process-wide thread count competed with the
@@ -153,7 +149,7 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
     global _EXECUTOR
     if _EXECUTOR is None:
         _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="loraplex-adapter", initializer=_one_torch_thread)
+            max_workers=4, thread_name_prefix="loraplex-adapter", initializer=openmp_pool.one_thread)
     return _EXECUTOR
 
 

@@ -19,6 +19,8 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from loraplex_kernels import openmp_pool
+
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 0.05
@@ -82,6 +84,9 @@ class Prefetcher:
             self._queue, self._blocked = self._blocked, OrderedDict()
 
     def _loop(self) -> None:
+        # Loads run next to the engine's steps: on one torch thread, so this long-lived thread
+        # never holds an OpenMP pool of its own (openmp_pool.py).
+        openmp_pool.one_thread()
         while True:
             with self._cv:
                 while not self._queue and not self._stop:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence as Seq
 
 import torch
+from loraplex_kernels import openmp_pool
 
 from loraplex.engine.structured.grammar import Matcher, mask_words
 
@@ -69,19 +70,15 @@ def _fill(matchers: Seq[Matcher], words: int, vocab: int) -> torch.Tensor:
     return unpack_bitmask(bitmask, vocab)
 
 
-def _one_thread() -> None:
-    # The worker's own torch ops (the unpacking) stay on one core: OpenMP pools are per OS thread,
-    # and a default-sized pool here would fight the forward's threads for the same cores.
-    torch.set_num_threads(1)
-
-
 class MaskBuilder:
     def __init__(self, vocab_size: int, overlap: bool = True):
         self.vocab_size = vocab_size
         self.words = mask_words(vocab_size)
         self.overlap = overlap
+        # The worker's own torch ops (the unpacking) stay on one core: OpenMP pools are per OS
+        # thread, and a default-sized pool here would fight the forward's for the same cores.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-masks",
-                                        initializer=_one_thread) if overlap else None
+                                        initializer=openmp_pool.one_thread) if overlap else None
 
     def start(self, matchers: Seq[Matcher | None]) -> PendingMasks | None:
         """matchers: one per sampled row (None = unconstrained). Starts filling the masks."""
