@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = p.parse_args(argv)
     from machine import cpu_info
+    from report import write_report
 
     from loraplex.config import EngineConfig
     from loraplex.engine.engine import Engine
@@ -125,10 +126,7 @@ def main(argv=None) -> int:
     for b in batches:
         cells = [f"{tps[(b, c)]:.1f}" for c in CASES]
         lines.append(f"| {b} | " + " | ".join(cells) + f" | {tps[(b, CASES[1])] / tps[(b, CASES[2])]:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
-    print(text)
+    write_report(lines, a.out)
     return 0
 
 
