@@ -62,8 +62,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a h
 # engine thread's pool and the main thread's (PEFT, transformers) from spinning on each other's
 # core; it made every 2-thread op wait on a futex wake-up instead: a hand-stepped 32-sequence
 # decode step on 2 threads took 83 ms with PASSIVE against 58 ms unset (85 ms on 1 thread).
+# With both pools alive libgomp does the same by itself (it throttles its spin once its threads
+# outnumber the cores), so this thread releases its pool before the engine's cases run
+# (loraplex_kernels/openmp_pool.py).
 
 import torch  # noqa: E402
+from loraplex_kernels import openmp_pool  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -435,6 +439,9 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
             peft = load_peft(ctx.model_dir, ctx.loaded.dtype, [root / i for i in peft_ids], peft_ids)
             peft_load_s = time.perf_counter() - t0
             run_hf_batches(peft, [Job(ctx.prompts[0], peft_ids[0])] * 2, 2, 2, "warm", ctx.pad_id, True)
+        # PEFT's load and warm-up ran multi-threaded torch here: the engine's thread must again
+        # hold the cores' only OpenMP pool (torch_threads does the same after each PEFT case).
+        openmp_pool.release_thread_pool()
         before = stats_snapshot(manager)
         lora_jobs_all: list[list[Job]] = []
         for rnd in range(a.rounds):
@@ -503,7 +510,10 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
 
 
 class torch_threads:
-    """Run a block with n torch threads in this thread, then restore the previous count."""
+    """Run a block with n torch threads in this thread, then restore the previous count and
+    release this thread's OpenMP workers: the engine cases that follow run on the engine's thread,
+    which must hold the cores' only pool (loraplex_kernels/openmp_pool.py; kept, it halved their
+    tokens/s)."""
 
     def __init__(self, n: int):
         self.n, self.before = n, torch.get_num_threads()
@@ -513,6 +523,7 @@ class torch_threads:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
+        openmp_pool.release_thread_pool()
 
 
 def peft_key(a, kind: str = "peft") -> str:
@@ -762,9 +773,12 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
         if pn:
             summary.append(
                 f"(b) profile: a {pn['seqs']}-sequence LoRA decode step takes {1e3 * pn['lora']:.0f} ms vs "
-                f"{1e3 * pn['base']:.0f} ms without adapters; {1e3 * pn['inside']:.0f} ms are inside the "
-                f"{pn['calls']:.0f} LoRA calls, {1e3 * pn['idle']:.0f} ms of it in the "
-                f"{pn['idle_calls']:.0f} calls on projections no running adapter targets (see the profile)")
+                f"{1e3 * pn['base']:.0f} ms without adapters; "
+                + (f"{1e3 * pn['compiled']:.1f} ms are inside the LoRA calls of the compiled decoder layers"
+                   if pn["compiled"] > 0 else
+                   f"{1e3 * pn['inside']:.0f} ms are inside the {pn['calls']:.0f} LoRA calls, "
+                   f"{1e3 * pn['idle']:.0f} ms of it in the {pn['idle_calls']:.0f} calls on projections "
+                   "no running adapter targets") + " (see the profile)")
         lines += ["Checks:", ""] + [f"- {x}" for x in b["notes"]] + [""]
     if "d" in rep:
         d = rep["d"]
@@ -1088,6 +1102,7 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
     from loraplex.engine.request import Request, SamplingParams
     from loraplex.lora.layers import PoolGroup, PoolMember
     from loraplex_kernels import build_lora_meta
+    from loraplex_kernels.decode_layers_native import PHASES
 
     a = ctx.args
     n = min(a.streams, a.max_loras)
@@ -1141,6 +1156,11 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
     # CPU time of the stepping thread too: on a shared box wall time also counts waits for a core.
     step_cpu: dict[bool, list[float]] = {False: [], True: []}
     lora_inside = []
+    # Where the decoder layers run as one compiled call (model/compiled_layers.py) the LoRA calls
+    # are made from C, past the wrappers: decode_layers.c's own timer of its "LoRA deltas" phase.
+    layers = getattr(ctx.loaded.model, "compiled_layers", None)
+    phase_ns = torch.zeros(len(PHASES), dtype=torch.int64)
+    compiled_inside = []
     PoolMember.apply = timed_apply
     PoolGroup.apply = timed_group_apply
     try:
@@ -1148,17 +1168,25 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
             for use in ((False, True) if rep % 2 == 0 else (True, False)):
                 fill(use)
                 inside[:] = [0.0, 0, 0.0, 0]
+                phase_ns.zero_()
+                if layers is not None:
+                    layers.phase_ns = phase_ns
                 for _ in range(steps):
                     t0, c0 = time.perf_counter(), time.thread_time()
                     engine.step()
                     step_s[use].append(time.perf_counter() - t0)
                     step_cpu[use].append(time.thread_time() - c0)
+                if layers is not None:
+                    layers.phase_ns = None
                 if use:
                     lora_inside.append([v / steps for v in inside])
+                    compiled_inside.append(int(phase_ns[PHASES.index("LoRA deltas")]) / 1e9 / steps)
                 clear()
     finally:
         PoolMember.apply = orig
         PoolGroup.apply = orig_group
+        if layers is not None:
+            layers.phase_ns = None
     tables = {}
     for use in (False, True):
         fill(use)
@@ -1183,6 +1211,7 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
     calls = statistics.median(x[1] for x in lora_inside)
     idle_ms = 1e3 * statistics.median(x[2] for x in lora_inside)
     idle_calls = statistics.median(x[3] for x in lora_inside)
+    compiled_ms = 1e3 * statistics.median(compiled_inside)
     per_token_params = ctx.shapes.params(ATTN, 8)  # rank-8 q,k,v,o adapter
     flops = 2 * n * per_token_params
     weight_mb = n * per_token_params * ctx.loaded.dtype.itemsize / 1e6
@@ -1197,8 +1226,9 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
         f"| extra | {1e3 * (lora - base):.1f} (step ratio base/LoRA {base / lora:.2f}) |",
         f"| base / LoRA step in thread CPU time | {1e3 * base_cpu:.1f} / {1e3 * lora_cpu:.1f} "
         f"(ratio {base_cpu / lora_cpu:.2f}) |",
-        f"| inside the {calls:.0f} LoRA calls (add_lora, or add_lora_multi for q/k/v and gate/up) | {in_ms:.1f} "
-        f"({1e3 * in_ms / max(calls, 1):.0f} us per call) |",
+        f"| inside the {calls:.0f} LoRA calls from the Python layers (add_lora, or add_lora_multi for q/k/v "
+        f"and gate/up) | {in_ms:.1f} ({1e3 * in_ms / max(calls, 1):.0f} us per call) |",
+        f"| inside the LoRA calls from the compiled decoder layers (decode_layers.c's timer) | {compiled_ms:.1f} |",
         f"| of which the {idle_calls:.0f} calls on projections no running adapter targets (their "
         f"slots hold zeros: the call adds exactly 0) | {idle_ms:.1f} |",
         f"| build_lora_meta (once per step) | {1e3 * statistics.median(meta_s):.2f} |",
@@ -1215,7 +1245,7 @@ def profile_decode(ctx: Context, manager, ids: list[str], steps: int = 6, reps: 
         l_ms, l_n = tables[True].get(k, (0.0, 0))
         lines.append(f"| `{k}` | {b_ms:.1f} | {l_ms:.1f} | {l_ms - b_ms:+.1f} | {l_n:.0f} |")
     ctx.report["profile_numbers"] = dict(seqs=n, base=base, lora=lora, inside=in_ms / 1e3, calls=calls,
-                                         idle=idle_ms / 1e3, idle_calls=idle_calls)
+                                         idle=idle_ms / 1e3, idle_calls=idle_calls, compiled=compiled_ms / 1e3)
     return lines
 
 
