@@ -432,6 +432,11 @@ REFUSALS = {
     "rank_a_vs_b": (None, replace(QB, lambda t: torch.randn(64, 3)), [QB, "rank 3"]),
     "nan": (None, replace(QB, nan_at), [QB, "non-finite"]),
     "inf": (None, replace(QA, inf_at), [QA, "non-finite"]),
+    # Checked per dtype over the whole file first: a bad bfloat16 tensor among float32 ones is
+    # still found and named; a float64 value float32 cannot hold is refused after the cast.
+    "nan_bfloat16": (None, replace(QB, lambda t: nan_at(t).to(torch.bfloat16)), [QB, "non-finite"]),
+    "float64_beyond_float32": (None, replace(QA, lambda t: t.double().index_fill(1, torch.tensor([2]), 1e300)),
+                               [QA, "non-finite"]),
     "missing_b": (None, drop(QB), [QB, "missing"]),
     "missing_pair": (None, drop(QA, QB), [QA, "missing"]),
     "unexpected_norm": (None, add_tensor("base_model.model.model.norm.weight", (64,)),

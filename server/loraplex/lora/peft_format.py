@@ -497,20 +497,39 @@ def _group_tensors(tensors: Mapping[str, torch.Tensor], s: _Settings, base: Base
 # Per-module checks
 # --------------------------------------------------------------------------------------------
 
-def _as_float32(key: str, t: torch.Tensor) -> torch.Tensor:
+# Source dtypes whose values float32 holds exactly: finite before the cast is finite after.
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _all_finite_exact(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """True when every tensor of a dtype in _EXACT_IN_FLOAT32 is finite: one check per dtype over
+    all of them, instead of one per tensor (an adapter has a few hundred; the per-tensor checks
+    were ~a quarter of re-reading a rank-8 q/k/v/o adapter into the pool). False: some tensor is
+    not, and the per-tensor checks will name it."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        if t.dtype in _EXACT_IN_FLOAT32:
+            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values())
+
+
+def _as_float32(key: str, t: torch.Tensor, finite: bool = False) -> torch.Tensor:
+    """t as a fresh contiguous float32 tensor, refused when not floating point or not finite.
+    finite: t's dtype is in _EXACT_IN_FLOAT32 and _all_finite_exact held (no check again)."""
     if not t.is_floating_point():
         raise AdapterFormatError(key, f"has dtype {t.dtype}; LoRA weights must be floating point")
     # Always a fresh copy: safetensors.torch.load returns tensors that alias immutable `bytes`, and
     # a .bin tensor may be a view keeping a larger storage alive.
     out = t.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     # Checked after the cast: a float64 value beyond float32's range would become inf here.
-    if not bool(torch.isfinite(out).all()):
+    if not (finite and t.dtype in _EXACT_IN_FLOAT32) and not bool(torch.isfinite(out).all()):
         raise AdapterFormatError(key, "contains non-finite values (NaN or Inf)")
     return out
 
 
 def _build_module(parts: Mapping[str, tuple[str, torch.Tensor]], layer: int, proj: str, s: _Settings,
-                  base: BaseShapes, max_rank: int) -> LoraModule | None:
+                  base: BaseShapes, max_rank: int, finite: bool = False) -> LoraModule | None:
+    """finite: the file's tensors passed _all_finite_exact (see _as_float32)."""
     module_key = projection_key(layer, proj)
     need = ("lora_A", "lora_B", "lora_E") if s.peft_type == "ADALORA" else ("lora_A", "lora_B")
     for part in need:
@@ -541,12 +560,12 @@ def _build_module(parts: Mapping[str, tuple[str, torch.Tensor]], layer: int, pro
     if not math.isfinite(scale):
         raise AdapterFormatError("lora_alpha", f"gives a non-finite scale for {module_key}")
 
-    a32 = _as_float32(a_key, a)  # [r, in]
-    b32 = _as_float32(b_key, b)  # [out, r]
+    a32 = _as_float32(a_key, a, finite)  # [r, in]
+    b32 = _as_float32(b_key, b, finite)  # [out, r]
     if rank == 0:
         return None  # AdaLoRA pruned every row: PEFT adds exactly nothing here
     if s.peft_type == "ADALORA":
-        e32 = _as_float32(e_key, e)  # [r, 1]
+        e32 = _as_float32(e_key, e, finite)  # [r, 1]
         # Fold the singular values into A in float64, rounding once: A' = A * E row-wise.
         a32 = (a32.double() * e32.double()).to(torch.float32).contiguous()
         if not bool(torch.isfinite(a32).all()):
@@ -615,9 +634,10 @@ def read_adapter(path: str | os.PathLike[str], base: BaseShapes, max_rank: int,
         raise AdapterFormatError(weights_name, "contains no tensors (empty adapter)")
 
     groups = _group_tensors(tensors, settings, base, set(targeted))
+    finite = _all_finite_exact(tensors)
     modules: dict[tuple[int, str], LoraModule] = {}
     for layer, proj in targeted:
-        module = _build_module(groups.get((layer, proj), {}), layer, proj, settings, base, max_rank)
+        module = _build_module(groups.get((layer, proj), {}), layer, proj, settings, base, max_rank, finite)
         if module is not None:
             modules[(layer, proj)] = module
     if not modules:
