@@ -88,8 +88,8 @@ def release_thread_pool() -> bool:
 
 def one_thread() -> None:
     """This thread's torch work (and our kernels') on one OpenMP thread from now on, so that it
-    never makes a pool of its own: for helper threads next to a busy engine (adapter loads, masks,
-    grammars). torch.set_num_threads(1) would do it too, but it also sets torch's process-wide
+    never makes a pool of its own: for helper threads next to a busy engine (adapter calls,
+    structured-output masks, the adapter prefetcher). torch.set_num_threads(1) would do it too, but it also sets torch's process-wide
     default, which threads that start later (an engine's, a model loader's) inherit."""
     _look()
     if _set_threads is None:

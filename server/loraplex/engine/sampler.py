@@ -88,6 +88,8 @@ def apply_presence_frequency(logits: torch.Tensor, generated: Seq[Seq[int]], pre
     flat = (ids + row * vocab).to(dev)  # [N] each occurrence's entry of [S, V]
     if counts is None:
         counts = torch.zeros(logits.numel(), dtype=torch.float32, device=dev)
+    elif counts.numel() < logits.numel():
+        raise ValueError(f"counts: {counts.numel()} entries for [{logits.shape[0]}, {vocab}] logits")
     # Counts without a sort (torch.unique's was ~1.2 ms of 2.1 at 32 rows x 2000 tokens): add one
     # per occurrence at its entry, read each occurrence's total, put the touched entries back to 0.
     counts.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32, device=dev))
