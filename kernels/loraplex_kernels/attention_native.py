@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from . import native
-from .native import DTYPE_CODES, KV_INT8
+from .native import DTYPE_CODES
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -47,9 +47,7 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
     """
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
         raise ValueError("k and v caches must share dtype and layout")
-    ks_ptr = vs_ptr = None
-    if k_cache.dtype == torch.int8:
-        ks_ptr, vs_ptr = native.kv_scale_ptr(k_scale, k_cache), native.kv_scale_ptr(v_scale, v_cache)
+    kv_code, ks_ptr, vs_ptr = native.kv_operands(k_cache, v_cache, k_scale, v_scale)
     if table.dtype != torch.int64 or table.stride(1) != 1 or seq_lens.dtype != torch.int64:
         raise ValueError("block table and seq_lens must be int64, table rows contiguous")
     seq_lens = seq_lens.contiguous()
@@ -68,7 +66,7 @@ def decode_attention(q: torch.Tensor, rows: slice | torch.Tensor, k_cache: torch
     rc = fn(b, h, h_kv, d,
              q_ptr, DTYPE_CODES[q.dtype], q_rows, q.stride(0), q.stride(1),
              k_cache.data_ptr(), v_cache.data_ptr(),
-             KV_INT8 if k_cache.dtype == torch.int8 else DTYPE_CODES[k_cache.dtype], ks_ptr, vs_ptr,
+             kv_code, ks_ptr, vs_ptr,
              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
              table.data_ptr(), table.stride(0), seq_lens.data_ptr(),
              window or 0, scale, out.data_ptr(), out.stride(0))

@@ -94,15 +94,13 @@ def rotary_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
     q_out = torch.empty(tokens, hq, dim, dtype=q.dtype)
     k_out = torch.empty(tokens, hkv, dim, dtype=q.dtype)
     num_slots = k_cache.numel() // (hkv * dim)
-    ks_ptr = vs_ptr = None
-    if k_cache.dtype == torch.int8:
-        ks_ptr, vs_ptr = native.kv_scale_ptr(k_scale, k_cache), native.kv_scale_ptr(v_scale, v_cache)
+    kv_code, ks_ptr, vs_ptr = native.kv_operands(k_cache, v_cache, k_scale, v_scale)
     rc = native.function("loraplex_rotary_kv_bf16", [_I64] * 4 + [_P, _I64, _I64] * 3 + [_P, _P, _I64] + [_P] * 4
                          + [ctypes.c_int, _P, _P, _I64, _P])(
         tokens, hq, hkv, dim, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1), cos2.data_ptr(), sin2.data_ptr(), cos2.stride(0),
         q_out.data_ptr(), k_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        native.KV_INT8 if k_cache.dtype == torch.int8 else native.DTYPE_CODES[torch.bfloat16], ks_ptr, vs_ptr,
+        kv_code, ks_ptr, vs_ptr,
         num_slots, slots.data_ptr())
     if rc != 0:
         raise IndexError(f"a KV slot is outside the cache's {num_slots} slots")

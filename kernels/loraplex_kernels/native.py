@@ -56,6 +56,15 @@ def kv_scale_ptr(scale: torch.Tensor | None, cache: torch.Tensor) -> int:
                          f"got {None if scale is None else (scale.dtype, tuple(scale.shape))}")
     return scale.data_ptr()
 
+
+def kv_operands(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                v_scale: torch.Tensor | None) -> tuple[int, int | None, int | None]:
+    """A KV cache pair as the kernels take it: (its dtype code, k / v scale pointers); the scales
+    are checked (kv_scale_ptr) for an int8 cache and NULL for a float one."""
+    if k_cache.dtype != torch.int8:
+        return DTYPE_CODES[k_cache.dtype], None, None
+    return KV_INT8, kv_scale_ptr(k_scale, k_cache), kv_scale_ptr(v_scale, v_cache)
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None

@@ -69,28 +69,24 @@ def _look() -> None:
         _set_threads = lib.omp_set_num_threads
 
 
-def _pause_fn() -> ctypes._CFuncPtr | None:
-    _look()
-    return _pause
-
-
 def available() -> bool:
     """True when this process runs libgomp and it can release a thread's pool."""
-    return _pause_fn() is not None
+    _look()
+    return _pause is not None
 
 
 def release_thread_pool() -> bool:
     """Releases the calling thread's OpenMP worker threads (they exit); True when done. Must not
     be called from inside a parallel region (libgomp refuses: False)."""
-    fn = _pause_fn()
-    return fn is not None and fn(OMP_PAUSE_SOFT) == 0
+    return available() and _pause(OMP_PAUSE_SOFT) == 0
 
 
 def one_thread() -> None:
     """This thread's torch work (and our kernels') on one OpenMP thread from now on, so that it
     never makes a pool of its own: for helper threads next to a busy engine (adapter calls,
-    structured-output masks, the adapter prefetcher). torch.set_num_threads(1) would do it too, but it also sets torch's process-wide
-    default, which threads that start later (an engine's, a model loader's) inherit."""
+    structured-output masks, the adapter prefetcher). torch.set_num_threads(1) would do it too,
+    but it also sets torch's process-wide default, which threads that start later (an engine's, a
+    model loader's) inherit."""
     _look()
     if _set_threads is None:
         torch.set_num_threads(1)

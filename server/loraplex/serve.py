@@ -154,7 +154,7 @@ def start_engine(loaded, config: EngineConfig, lora_manager=None, observers=(), 
     engine = Engine(loaded, config, lora_manager=lora_manager, observers=observers)
     kv, cfg = engine.runner.kv, engine.config
     log.info("KV cache: %d blocks of %d tokens (%d tokens), %.1f MiB in %s (%s)", cfg.num_kv_blocks, cfg.block_size,
-             cfg.num_kv_blocks * cfg.block_size, kv.nbytes / 2**20, str(kv.k[0].dtype).removeprefix("torch."),
+             cfg.num_kv_blocks * cfg.block_size, kv.nbytes / 2**20, kv.dtype_name,
              f"--kv-cache-memory {cfg.kv_cache_memory}" if cfg.kv_cache_memory else "--num-kv-blocks")
     engine.warmup()
     engine.grammars.warm_up()  # structured output's tokenizer view (~1-3 s), in its own thread

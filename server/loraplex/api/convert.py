@@ -265,7 +265,7 @@ def model_info_to_proto(loaded: Any, engine: Any, sampling_defaults: Any = None)
         eos_token_ids=sorted(engine.eos_token_ids),
         float16_weight_bytes=float16_weight_bytes(model),  # quantized layers at their logical shape
         sampling_defaults=sampling_defaults_to_proto(sampling_defaults),
-        kv_cache_dtype=str(engine.runner.kv.k[0].dtype).removeprefix("torch."),
+        kv_cache_dtype=engine.runner.kv.dtype_name,
         kv_cache_tokens=engine.config.num_kv_blocks * engine.config.block_size,
         kv_cache_bytes=engine.runner.kv.nbytes,
     )

@@ -530,14 +530,14 @@ class Engine:
         torch.set_num_threads(self._num_threads)
         while True:
             with self._cv:
-                idle = not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work())
+                idle = self._idle()
             if idle:
                 # Nothing to step: this thread's OpenMP workers go (openmp_pool.py), so that
                 # torch work on another thread meanwhile has the cores' pool to itself; the next
                 # step starts a new one (~0.1 ms, once per busy period).
                 openmp_pool.release_thread_pool()
             with self._cv:
-                while not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work()):
+                while self._idle():
                     self._cv.wait()  # idle: no busy spin
                 if self._stop:
                     return
@@ -552,6 +552,10 @@ class Engine:
                 with self._cv:
                     if not (self._stop or self._inbox or self._abort_ids):
                         self._cv.wait(_BLOCKED_POLL_SECONDS)
+
+    def _idle(self) -> bool:
+        """Under _cv: nothing to step and no stop asked for."""
+        return not (self._stop or self._inbox or self._abort_ids or self.scheduler.has_work())
 
     def _prefix_cache_key(self, adapter_id: str) -> str | None:
         """What a request's K/V depends on besides its tokens: nothing for the base model, else

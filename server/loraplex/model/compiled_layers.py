@@ -136,6 +136,7 @@ class CompiledLayers:
         # compiled blocks add each phase's nanoseconds to it; None = no timing.
         self.phase_ns: torch.Tensor | None = None
         self.kv: KVCache | None = None
+        self.kv_code = 0  # the cache's dtype code for the step (native.kv_operands), set with the table
 
     def _ptr(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -165,10 +166,9 @@ class CompiledLayers:
                 if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype
                         and k.dtype in (torch.bfloat16, torch.int8)):
                     raise ValueError("compiled layers need contiguous bfloat16 or int8 KV caches")
-                int8 = k.dtype == torch.int8
-                table[i] = dl.LayerOperands(k_cache=k.data_ptr(), v_cache=v.data_ptr(),
-                                            k_scale=native.kv_scale_ptr(ks, k) if int8 else None,
-                                            v_scale=native.kv_scale_ptr(vs, v) if int8 else None, **w)
+                self.kv_code, ks_ptr, vs_ptr = native.kv_operands(k, v, ks, vs)
+                table[i] = dl.LayerOperands(k_cache=k.data_ptr(), v_cache=v.data_ptr(), k_scale=ks_ptr,
+                                            v_scale=vs_ptr, **w)
             self.table, self.kv = table, kv  # the cache is held: its pointers stay valid
         return self.table
 
@@ -259,7 +259,7 @@ class CompiledLayers:
         step = dl.StepOperands(
             hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
             inter=self.inter, block_size=k0.shape[1], num_slots=k0.numel() // (self.kv_heads * self.head_dim),
-            kv_dtype=native.KV_INT8 if kv.quantized else native.DTYPE_CODES[torch.bfloat16],
+            kv_dtype=self.kv_code,
             eps=self.eps, scale=self.scale, tokens=t, x=x.data_ptr(), cos=cos2.data_ptr(), sin=sin2.data_ptr(),
             cs_stride=cos2.stride(0), slots=slots.data_ptr(), table=table.data_ptr(), seq_lens=seq_lens.data_ptr(),
             table_stride=table.stride(0), xn=ptrs[0], qkv_out=ptrs[1], q_rot=ptrs[2], k_rot=ptrs[3],

@@ -56,6 +56,11 @@ class KVCache:
         return int(self.k[0].shape[0])
 
     @property
+    def dtype_name(self) -> str:
+        """The cache elements' dtype as logged and reported ("bfloat16", "int8")."""
+        return str(self.k[0].dtype).removeprefix("torch.")
+
+    @property
     def quantized(self) -> bool:
         return self.k_scale is not None
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import torch
 
-# The cache dtypes --kv-cache-dtype names (config.KV_CACHE_DTYPES): "auto" = the model's dtype.
-INT8 = "int8"
-
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] (any float dtype) -> (codes int8 [..., D], scales float32 [...])."""
