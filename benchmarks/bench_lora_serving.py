@@ -413,11 +413,14 @@ def bench_many_adapters(ctx: Context, with_peft: bool, with_base: bool) -> None:
                            seed=a.seed)
     gen_s = time.perf_counter() - t0
     manager = LoraManager(LoraConfig(max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-                                     max_cpu_loras=max(128, a.num_adapters), adapter_root=str(root)),
+                                     max_cpu_loras=max(128, a.num_adapters), spill_evicted=a.spill_evicted,
+                                     adapter_root=str(root)),
                           ctx.loaded.model, ctx.loaded.dtype, "cpu")
     t0 = time.perf_counter()
     for aid in ids:
-        manager.load(aid, root / aid)  # all 100 on the host tier: (b) measures slots, not disks
+        # max_loras in the pool, the others' extents spilled to the host tier (unless
+        # --no-spill-evicted: then read again from disk when next used)
+        manager.load(aid, root / aid)
     load_s = time.perf_counter() - t0
     prompt_len = max(map(len, ctx.prompts))
     engine = make_engine(ctx.loaded, manager, a.streams, prompt_len, a.max_new_tokens)
@@ -562,7 +565,8 @@ def bench_registry(ctx: Context) -> None:
     gen_s = time.perf_counter() - t0
     ctx.registry = (root, ranks)
     manager = LoraManager(LoraConfig(max_loras=a.zipf_max_loras, max_lora_rank=max(a.ranks),
-                                     max_cpu_loras=a.max_cpu_loras, adapter_root=str(root)),
+                                     max_cpu_loras=a.max_cpu_loras, spill_evicted=a.spill_evicted,
+                                     adapter_root=str(root)),
                           ctx.loaded.model, ctx.loaded.dtype, "cpu")
     prompt_len = max(map(len, ctx.prompts))
     engine = make_engine(ctx.loaded, manager, a.streams, prompt_len, a.zipf_new_tokens)
@@ -704,7 +708,11 @@ def write_report(ctx: Context, load_at_start, path: Path) -> str:
         lines += [
             f"## (b) {a.num_adapters} adapters vs the base model, and (c) vs PEFT", "",
             f"{a.num_adapters} adapters of rank 8 on q,k,v,o ({b['file_mb']:.1f} MB each), all loaded "
-            f"into the host tier before the run; `max_loras` = {a.max_loras} device slots, "
+            "before the run; "
+            + ("those beyond the pool's slots keep their extents on the host tier (CPU spill)"
+               if a.spill_evicted else "those evicted from the pool are read again from disk when "
+               "next used (`--no-spill-evicted`)")
+            + f"; `max_loras` = {a.max_loras} device slots, "
             f"`max_lora_rank` = {a.max_lora_rank}. {a.streams} concurrent streams (closed loop), "
             f"{a.requests} requests per case and round, {a.max_new_tokens} new tokens each; every LoRA "
             f"request picks one of the {a.num_adapters} adapters uniformly at random (distinct "
@@ -972,6 +980,8 @@ def parse_args(argv=None):
     p.add_argument("--num-adapters", type=int, default=100, help="(b)")
     p.add_argument("--max-loras", type=int, default=32, help="(b) device slots")
     p.add_argument("--max-lora-rank", type=int, default=16, help="(b) slot rank")
+    p.add_argument("--no-spill-evicted", dest="spill_evicted", action="store_false",
+                   help="(b)/(d) evicted adapters are read again from disk, not kept on the host tier")
     p.add_argument("--peft-adapters", type=int, default=32, help="(c) adapters loaded into PEFT")
     p.add_argument("--peft-batch", type=int, default=32, help="(c) generate() batch size")
     p.add_argument("--peft-requests", type=int, default=32, help="(c) requests per round")

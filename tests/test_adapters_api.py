@@ -102,8 +102,9 @@ def srv(tiny_model_dir, dirs):
 
 @pytest.fixture(scope="module")
 def small(tiny_model_dir, dirs):
+    # Evicted adapters go to disk (no CPU spill): these tests are about reading them again.
     server = _serve(tiny_model_dir, LoraConfig(max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=2,
-                                               adapter_root=str(dirs.ondemand_small)))
+                                               spill_evicted=False, adapter_root=str(dirs.ondemand_small)))
     with grpc.insecure_channel(server.address) as ch:
         yield SimpleNamespace(gen=generation_pb2_grpc.GenerationStub(ch),
                               adapters=adapters_pb2_grpc.AdaptersStub(ch),

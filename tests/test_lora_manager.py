@@ -60,12 +60,14 @@ def qv4_bytes(model_dir) -> int:
 
 
 def make_manager(model_dir, root, fit=2, max_cpu_loras=8, on_demand=False, extra_roots=(),
-                 max_loras=None, memory=None):
-    """A manager whose pool holds exactly `fit` rank-4 q/v adapters (or `memory` bytes)."""
+                 max_loras=None, memory=None, spill=True):
+    """A manager whose pool holds exactly `fit` rank-4 q/v adapters (or `memory` bytes); with
+    `spill` (the default) evicted adapters keep their extent on the host tier, else go to disk."""
     loaded = load_model(model_dir, torch.float32, "cpu")
     memory = memory if memory is not None else fit * qv4_bytes(model_dir)
     config = LoraConfig(adapter_memory=str(memory), max_loras=max_loras, max_lora_rank=16,
-                        max_cpu_loras=max_cpu_loras, adapter_root=str(root) if on_demand else None,
+                        max_cpu_loras=max_cpu_loras, spill_evicted=spill,
+                        adapter_root=str(root) if on_demand else None,
                         allowed_roots=(() if on_demand else (str(root),)) + tuple(map(str, extra_roots)))
     return LoraManager(config, loaded.model, torch.float32, "cpu"), loaded
 
@@ -144,13 +146,15 @@ def test_eviction_takes_the_least_recently_used_idle_adapter(tiny_model_dir, ada
     for name in "bca":
         run_request(mgr, name)  # use order b, c, a: b is the least recently used
     mgr.load("d", adapter_root / "d")
-    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.DISK, "c": Tier.DEVICE, "d": Tier.DEVICE}
+    # b's extent is kept on the host tier (CPU spill).
+    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.HOST, "c": Tier.DEVICE, "d": Tier.DEVICE}
     assert mgr.stats.device_evictions == 1
-    # b comes back through the prefetcher (its folder read again), evicting c now.
+    # b comes back through the prefetcher (one copy from its spilled extent), evicting c now.
     assert mgr.reserve("b") is False and mgr.stats.misses == 1
     assert mgr.prefetcher.drain()
     assert mgr.acquire("b") is not None and mgr.stats.prefetch_hits == 1
-    assert tiers(mgr)["c"] == Tier.DISK and mgr.stats.loads["disk_reload"] == 1
+    assert tiers(mgr)["c"] == Tier.HOST and mgr.stats.spill_refills == 1 and "disk_reload" not in mgr.stats.loads
+    assert mgr._entries["b"].spilled is None  # back in the pool: no second copy
     assert_pool_holds(mgr, adapter_root, "b")
     mgr.release("b")
     mgr.finish("b")
@@ -175,7 +179,7 @@ def test_adapters_in_use_or_pinned_are_never_evicted(tiny_model_dir, adapter_roo
     deadline = time.monotonic() + 10
     while mgr.acquire("c") is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert tiers(mgr)["c"] == Tier.DEVICE and tiers(mgr)["a"] == Tier.DISK and tiers(mgr)["p"] == Tier.DEVICE
+    assert tiers(mgr)["c"] == Tier.DEVICE and tiers(mgr)["a"] == Tier.HOST and tiers(mgr)["p"] == Tier.DEVICE
     assert_pool_holds(mgr, adapter_root, "c")
     assert_pool_holds(mgr, adapter_root, "b")  # the running adapter's weights are untouched
 
@@ -201,7 +205,117 @@ def test_adapter_larger_than_the_pool_is_refused_naming_the_flag(tiny_model_dir,
 def test_max_loras_caps_resident_adapters(tiny_model_dir, adapter_root):
     mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=5, max_loras=2)
     load_all(mgr, adapter_root, "abc")
-    assert sorted(tiers(mgr).values(), key=str) == sorted([Tier.DEVICE, Tier.DEVICE, Tier.DISK], key=str)
+    assert sorted(tiers(mgr).values(), key=str) == sorted([Tier.DEVICE, Tier.DEVICE, Tier.HOST], key=str)
+
+
+def test_spilled_extents_are_bounded_by_the_host_tier(tiny_model_dir, adapter_root):
+    """CPU spill: an evicted adapter's extent is one of the --max-cpu-loras host copies; when the
+    tier is full the least recently used idle copy goes to disk, and either way the adapter comes
+    back with its own weights (from the spilled bytes, or read again)."""
+    # Two host copies: while a loaded adapter goes into the pool its own weights are one of them.
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, max_cpu_loras=2)
+    load_all(mgr, adapter_root, "ab")
+    for name in "ab":
+        run_request(mgr, name)
+    mgr.load("c", adapter_root / "c")  # evicts a: spilled
+    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DEVICE, "c": Tier.DEVICE}
+    assert mgr._entries["a"].spilled.numel() == mgr._entries["a"].elems
+    mgr.load("d", adapter_root / "d")  # evicts b: d's weights and a's extent fill the tier: a's goes
+    assert tiers(mgr) == {"a": Tier.DISK, "b": Tier.HOST, "c": Tier.DEVICE, "d": Tier.DEVICE}
+    assert mgr.stats.host_evictions == 1
+    run_request(mgr, "a")  # read again from disk; evicts c, whose spill displaces b's
+    # (the tier holds a's weights and b's extent then)
+    assert mgr.stats.loads["disk_reload"] == 1 and mgr.stats.spill_refills == 0
+    assert tiers(mgr) == {"a": Tier.DEVICE, "b": Tier.DISK, "c": Tier.HOST, "d": Tier.DEVICE}
+    assert_pool_holds(mgr, adapter_root, "a")
+    run_request(mgr, "c")  # from its spilled extent
+    assert mgr.stats.spill_refills == 1 and mgr.stats.loads["disk_reload"] == 1
+    assert_pool_holds(mgr, adapter_root, "c")
+    assert_pool_holds(mgr, adapter_root, "a")
+    mgr.unload("d")  # a spilled adapter that is unloaded leaves nothing behind
+    mgr.unload("a")
+    assert all(e.spilled is None for e in mgr._entries.values() if e.adapter_id != "d")
+
+
+def test_a_spill_never_drops_the_host_copy_of_the_adapter_it_makes_room_for(tiny_model_dir, adapter_root):
+    """The host tier (one copy) holds the new adapter's weights while they go into the pool: the
+    adapter it evicts is not spilled over them, it goes to disk."""
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, max_cpu_loras=1)
+    load_all(mgr, adapter_root, "ab")
+    mgr.load("c", adapter_root / "c")
+    assert tiers(mgr) == {"a": Tier.DISK, "b": Tier.DEVICE, "c": Tier.DEVICE}
+    assert mgr.stats.host_evictions == 0 and mgr._entries["a"].spilled is None
+    assert_pool_holds(mgr, adapter_root, "c")
+    assert_pool_holds(mgr, adapter_root, "b")
+
+
+def test_a_full_host_tier_drops_a_waited_for_spill_before_refusing_a_load(tiny_model_dir, adapter_root):
+    """Spilled extents are a cache: when every host copy has a waiting request, a new load drops
+    one (its adapter is read from disk again later) instead of failing with max_cpu_loras."""
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, max_cpu_loras=2)
+    load_all(mgr, adapter_root, "abc")  # c evicts a: spilled
+    assert tiers(mgr)["a"] == Tier.HOST
+    for name in "bc":  # both pool places run
+        mgr.reserve(name)
+        assert mgr.acquire(name) is not None
+    mgr.reserve("a")  # waits, spilled
+    mgr.load("d", adapter_root / "d")  # no room in the pool: waits on the host tier too
+    mgr.reserve("d")
+    assert mgr.prefetcher.drain()
+    assert tiers(mgr) == {"a": Tier.HOST, "b": Tier.DEVICE, "c": Tier.DEVICE, "d": Tier.HOST}
+    mgr.load("e", adapter_root / "e" if (adapter_root / "e").exists() else adapter_root / "p")
+    assert tiers(mgr)["a"] == Tier.DISK and tiers(mgr)["e"] == Tier.HOST and mgr.stats.host_evictions == 1
+    for name in "bc":
+        mgr.release(name)
+        mgr.finish(name)
+    for name in "ad":  # the waiting requests are admitted once the pool has room: a from disk
+        deadline = time.monotonic() + 10
+        while mgr.acquire(name) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert_pool_holds(mgr, adapter_root, name)
+        mgr.release(name)
+        mgr.finish(name)
+    assert mgr.stats.loads["disk_reload"] == 1
+
+
+def test_weights_that_leave_host_memory_before_their_extent_is_written_are_read_again(
+        tiny_model_dir, adapter_root, monkeypatch):
+    """Between taking its extent and writing it, an adapter's host copy can be dropped by the
+    host tier (another load made room): the placement starts again from disk, never writes
+    nothing."""
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, spill=False)
+    load_all(mgr, adapter_root, "ab")
+    for name in "ab":
+        mgr.reserve(name)
+        assert mgr.acquire(name) is not None
+    mgr.load("c", adapter_root / "c")  # no room: its host copy waits
+    assert mgr._entries["c"].host is not None
+    real = mgr._reserve_extent
+    dropped = []
+
+    def reserve_after_a_drop(entry, required):
+        if entry.adapter_id == "c" and not dropped:
+            entry.host = None  # what _host_room does to an idle copy
+            dropped.append(True)
+        return real(entry, required)
+
+    monkeypatch.setattr(mgr, "_reserve_extent", reserve_after_a_drop)
+    for name in "ab":
+        mgr.release(name)
+        mgr.finish(name)
+    run_request(mgr, "c")
+    assert dropped and mgr.stats.loads["disk_reload"] == 1
+    assert_pool_holds(mgr, adapter_root, "c")
+
+
+def test_no_spill_sends_evicted_adapters_to_disk(tiny_model_dir, adapter_root):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, spill=False)
+    load_all(mgr, adapter_root, "abc")
+    assert tiers(mgr) == {"a": Tier.DISK, "b": Tier.DEVICE, "c": Tier.DEVICE}
+    run_request(mgr, "a")
+    assert mgr.stats.loads["disk_reload"] == 1 and mgr.stats.spill_refills == 0
+    assert all(e.spilled is None for e in mgr._entries.values())
+    assert_pool_holds(mgr, adapter_root, "a")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +339,7 @@ def test_unload_while_reserved_defers_the_free_until_finish(tiny_model_dir, adap
         mgr.unload("a")
     # ... but the running request keeps its weights, even when room is needed.
     mgr.load("c", adapter_root / "c")  # evicts b, never the unloading a
-    assert tiers(mgr) == {"b": Tier.DISK, "c": Tier.DEVICE}
+    assert tiers(mgr) == {"b": Tier.HOST, "c": Tier.DEVICE}
     assert all(torch.equal(v[0], a_weights[k]) for k, v in pool_blocks(mgr, "a").items())
     assert mgr.stats.unloads == 0
     mgr.release("a")
@@ -250,19 +364,21 @@ def test_loading_an_id_again_while_its_unload_is_pending_is_refused(tiny_model_d
     assert_pool_holds(mgr, adapter_root, "a", folder="b")
 
 
-def test_unload_while_the_prefetcher_writes_the_adapter(tiny_model_dir, adapter_root, monkeypatch):
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2)
-    load_all(mgr, adapter_root, "abc")  # a evicted to disk by c
-    assert tiers(mgr)["a"] == Tier.DISK
+@pytest.mark.parametrize("spill", [True, False])
+def test_unload_while_the_prefetcher_writes_the_adapter(tiny_model_dir, adapter_root, monkeypatch, spill):
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, spill=spill)
+    load_all(mgr, adapter_root, "abc")  # a evicted by c: its extent spilled, or to disk
+    assert tiers(mgr)["a"] == (Tier.HOST if spill else Tier.DISK)
     writing, release = threading.Event(), threading.Event()
-    real_write = mgr.pool.write
+    method = "write_extent" if spill else "write"
+    real_write = getattr(mgr.pool, method)
 
     def slow_write(*args):
         writing.set()
         assert release.wait(10)
         real_write(*args)
 
-    monkeypatch.setattr(mgr.pool, "write", slow_write)
+    monkeypatch.setattr(mgr.pool, method, slow_write)
     assert mgr.reserve("a") is False  # the prefetcher starts bringing a in
     assert writing.wait(10)
     mgr.finish("a")  # the request is cancelled ...
@@ -298,7 +414,7 @@ def test_background_reload_failure_fails_its_requests_only(tiny_model_dir, adapt
     shutil.copytree(adapter_root / "a", tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     good = weights.read_bytes()
-    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, extra_roots=(tmp_path,))
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, extra_roots=(tmp_path,), spill=False)
     mgr.load("a", tmp_path / "a")
     load_all(mgr, adapter_root, "bc")  # a goes to disk
     assert tiers(mgr)["a"] == Tier.DISK
@@ -461,7 +577,7 @@ def test_reused_pool_memory_holds_no_stale_weights(tiny_model_dir, adapter_root,
     mgr.load("all", adapter_root / "all_r8_rslora")
     run_request(mgr, "all")
     mgr.load(kind, adapter_root / kind)  # evicts "all" and takes (part of) its memory
-    assert mgr.stats.device_evictions == 1 and tiers(mgr) == {"all": Tier.DISK, kind: Tier.DEVICE}
+    assert mgr.stats.device_evictions == 1 and tiers(mgr) == {"all": Tier.HOST, kind: Tier.DEVICE}
     mgr.reserve(kind)
     slot = mgr.acquire(kind)
 

@@ -4,6 +4,7 @@
                    [--generation-config auto|neutral|FOLDER] [engine flags]
                    [--adapter-root DIR] [--allowed-adapter-root DIR]... [--adapter ID=PATH]...
                    [--adapter-memory BYTES|FRACTION] [--max-loras N] [--max-lora-rank R] [--max-cpu-loras N]
+                   [--no-spill-evicted]
                    [--max-adapter-bytes B] [--state-dir DIR] [--adapter-cache-dir DIR] [--adapter-cache-size B]
                    [--drain-timeout SECONDS]
                    [--admin-token-file F] [--generation-token-file F] [--tls-cert F --tls-key F]
@@ -149,7 +150,11 @@ def _add_serve(sub) -> None:
                    help="largest adapter rank accepted (default %(default)s)")
     a.add_argument("--max-cpu-loras", type=int, default=lora.max_cpu_loras,
                    help="adapter copies kept in host memory outside the pool (CUDA: the host tier; "
-                        "CPU: adapters read while the pool had no room) (default %(default)s)")
+                        "CPU: adapters read while the pool had no room, and evicted ones) "
+                        "(default %(default)s)")
+    a.add_argument("--no-spill-evicted", dest="spill_evicted", action="store_false",
+                   help="CPU: read an evicted adapter again from disk when it is next used, instead "
+                        "of keeping its pool extent as a host copy (counted in --max-cpu-loras)")
     a.add_argument("--max-adapter-bytes", type=int, default=lora.max_adapter_bytes,
                    help="largest adapter file accepted (default %(default)s)")
     a.add_argument("--max-mixture-adapters", type=int, default=lora.max_mixture_adapters,
@@ -224,6 +229,7 @@ def _lora_config(args):
             raise ValueError(f"{name}: {value} is not a folder")
     return LoraConfig(adapter_memory=args.adapter_memory, max_loras=args.max_loras,
                       max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                      spill_evicted=args.spill_evicted,
                       adapter_root=args.adapter_root, allowed_roots=tuple(args.allowed_adapter_root),
                       max_adapter_bytes=args.max_adapter_bytes, preload=_preloads(args.adapter),
                       state_dir=args.state_dir, adapter_cache_dir=args.adapter_cache_dir,

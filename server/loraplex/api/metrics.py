@@ -298,6 +298,9 @@ class _StateCollector(Collector):
         ev.add_metric(["device"], s.device_evictions)
         ev.add_metric(["host"], s.host_evictions)
         yield ev
+        yield CounterMetricFamily("loraplex_adapter_spill_refills", "Evicted adapters put back "
+                                  "into the pool from the extent kept on the host tier at eviction "
+                                  "(CPU), instead of read again from disk.", value=s.spill_refills)
         yield CounterMetricFamily("loraplex_adapter_cache_hits", "Requests whose adapter was "
                                   "in the adapter memory pool when they arrived.", value=s.hits)
         yield CounterMetricFamily("loraplex_adapter_cache_misses", "Requests whose adapter had "
@@ -386,7 +389,7 @@ METRIC_NAMES = frozenset({
     "loraplex_kv_cache_usage_ratio", "loraplex_kv_cache_blocks", "loraplex_engine_steps_total",
     "loraplex_prefill_tokens_total", "loraplex_sampled_tokens_total", "loraplex_preemptions_total",
     "loraplex_adapters_resident", "loraplex_adapter_slots_used", "loraplex_adapter_slots",
-    "loraplex_adapter_loads_total", "loraplex_adapter_evictions_total",
+    "loraplex_adapter_loads_total", "loraplex_adapter_evictions_total", "loraplex_adapter_spill_refills_total",
     "loraplex_adapter_cache_hits_total", "loraplex_adapter_cache_misses_total",
     "loraplex_adapter_unloads_total", "loraplex_adapter_load_seconds", "loraplex_base_model_bytes",
     "loraplex_adapter_prefetch_hits_total", "loraplex_adapter_load_queue_depth",

@@ -4,6 +4,7 @@
     layout = pool.layout(weights)            # where each module's A / Bt goes inside the extent
     pool.write(offset, layout, weights)       # the ONE copy: file tensors -> pool (cast on the way)
     pool.publish(slot, offset, layout)            # make it visible to the kernels (table entries)
+    pool.read_extent(offset, elems) / pool.write_extent(offset, extent)   # CPU spill of an evicted one
     pool.unpublish(slot, layout)                  # the kernels no longer see it
 
 Memory. An adapter takes sum over its targeted modules of r_m * (in_m + out_m) elements (plus
@@ -139,6 +140,14 @@ class AdapterPool:
             a0, bt0 = offset + b.a_off, offset + b.bt_off
             pool[a0:a0 + b.rank * d_in].view(b.rank, d_in).copy_(mod.A, non_blocking=True)  # A [r, in]
             pool[bt0:bt0 + b.rank * d_out].view(b.rank, d_out).copy_(mod.B.T, non_blocking=True)  # Bt [r, out]
+
+    def read_extent(self, offset: int, elems: int) -> torch.Tensor:
+        """A copy of an extent as it is in the pool: [elems] pool dtype, on the pool's device."""
+        return self.tensor[offset:offset + elems].clone()
+
+    def write_extent(self, offset: int, extent: torch.Tensor) -> None:
+        """Put back an extent read by read_extent (at any offset: a layout's offsets are relative)."""
+        self.tensor[offset:offset + extent.numel()].copy_(extent)
 
     def publish(self, slot: int, offset: int, layout: Layout) -> None:
         for b in layout.blocks.values():
