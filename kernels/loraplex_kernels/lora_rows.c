@@ -211,6 +211,45 @@ static void shrink_bf16_dp(float *h, const uint16_t *const *xr, int nb, int64_t 
     }
 }
 #define HAVE_DP_SHRINK 1
+
+/* expand_bf16 + add_row for a block of nb <= BLOCK rows, bfloat16 weights, n a multiple of 64:
+ * each 64-wide tile of a weight row is widened once for the whole block (expand_bf16 widens it
+ * again for every row), and each row's sums go straight into y. Same sums in the same order, so
+ * the same bits. A 480-token prefill step over 10 adapters (q/k/v/o rank 8), builds alternated:
+ * LoRA 14.0 -> 8.7 ms with the prefetch change below; decode steps unchanged. */
+static void expand_add_bf16_block(void *y, int y_dtype, const int64_t *rows, int64_t y_stride, const float *h,
+                                  int nb, int r, const uint16_t *b, int64_t b_rank_stride, int64_t n,
+                                  pf_cursor_t *pf) {
+    for (int64_t o0 = 0; o0 < n; o0 += 64) {
+        __m512 t[BLOCK][4];
+        for (int j = 0; j < BLOCK; j++)
+            for (int q = 0; q < 4; q++) t[j][q] = _mm512_setzero_ps();
+        for (int k = 0; k < r; k++) {
+            pf_next(pf, 2);
+            const uint16_t *bk = b + k * b_rank_stride + o0;
+            const __m512 w0 = bf16x16_load(bk), w1 = bf16x16_load(bk + 16);
+            const __m512 w2 = bf16x16_load(bk + 32), w3 = bf16x16_load(bk + 48);
+            for (int j = 0; j < nb; j++) {
+                const __m512 hv = _mm512_set1_ps(h[j * r + k]);
+                t[j][0] = _mm512_fmadd_ps(hv, w0, t[j][0]);
+                t[j][1] = _mm512_fmadd_ps(hv, w1, t[j][1]);
+                t[j][2] = _mm512_fmadd_ps(hv, w2, t[j][2]);
+                t[j][3] = _mm512_fmadd_ps(hv, w3, t[j][3]);
+            }
+        }
+        for (int j = 0; j < nb; j++) {
+            if (y_dtype == 0) {
+                float *dst = (float *)y + rows[j] * y_stride + o0;
+                for (int q = 0; q < 4; q++)
+                    _mm512_storeu_ps(dst + 16 * q, _mm512_add_ps(_mm512_loadu_ps(dst + 16 * q), t[j][q]));
+            } else {
+                uint16_t *dst = (uint16_t *)y + rows[j] * y_stride + o0;
+                for (int q = 0; q < 4; q++)
+                    bf16x16_store(dst + 16 * q, _mm512_add_ps(bf16x16_load(dst + 16 * q), t[j][q]));
+            }
+        }
+    }
+}
 #else
 #define HAVE_DP_SHRINK 0
 #endif
@@ -386,9 +425,10 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
         if (i == first) slot_cursor(c, s, num_members, d_in, w_size, &pf);
         pf_next(&pf, PF_ALL);
         pf = (pf_cursor_t){0};
-        int64_t nxt = i + nb;
-        while (nxt < num_rows && idx[order[nxt]] == s) nxt++;
-        if (nxt < num_rows && idx[order[nxt]] >= 0)
+        /* The next slot's lines: during this slot's last block only. Asked for in every block of
+         * a long run (prefill), they were ~670 prefetches per 4 rows of a q/k/v call. */
+        const int64_t nxt = i + nb;
+        if (nxt < num_rows && idx[order[nxt]] >= 0 && idx[order[nxt]] != s)
             slot_cursor(c, idx[order[nxt]], num_members, d_in, w_size, &pf);
         if (any) {
             /* bfloat16 x and weights: the dot products straight from x's rows (shrink_bf16_dp) */
@@ -433,6 +473,13 @@ static int lora_rows_serial(const lora_call_t *c, int64_t lo, int64_t hi) {
                         shrink_bf16(h, xs, nb, d_in, (const uint16_t *)v[mi].a, v[mi].a_stride, r, &pf);
                     for (int q = 0; q < nb * r; q++) h[q] *= sc;
                 }
+#if LP_BF16X16
+                if (w_dtype == 1 && n % 64 == 0) {  /* widened once per block, added into y */
+                    expand_add_bf16_block(c->ys[mi], y_dtype, order + i, c->y_strides[mi], h, nb, r,
+                                          (const uint16_t *)v[mi].bt, v[mi].bt_stride, n, &pf);
+                    continue;
+                }
+#endif
                 if (w_dtype == 0)
                     expand_f32(acc, h, nb, r, (const float *)v[mi].bt, v[mi].bt_stride, n, &pf);
                 else
