@@ -69,22 +69,30 @@ def _best_and_median(fn, reps: int) -> tuple[float, float]:
 
 
 def measure_bandwidth(sizes_mib: list[int], reps: int = 5) -> list[dict]:
-    """GB/s (1e9 bytes) of copy, triad and read over float32 arrays of each size. Bytes counted
-    STREAM's way: copy 2 x size, triad 3 x size, read 1 x size (write-allocate traffic not counted)."""
+    """GB/s (1e9 bytes) of copy, triad and read over float32 arrays of each size, on ordinary
+    (4 KiB) pages and on 2 MiB ones where the host gives them (the engine keeps its packed weights
+    and adapter pool there: loraplex_kernels/hugepages.py). Bytes counted STREAM's way: copy
+    2 x size, triad 3 x size, read 1 x size (write-allocate traffic not counted)."""
+    from loraplex_kernels import hugepages
+
     rows = []
     for mib in sizes_mib:
         n = mib * 2**20 // 4
-        a, b, c = torch.rand(n), torch.rand(n), torch.rand(n)
-        size = n * 4
-        kernels = {
-            "copy": (lambda: a.copy_(b), 2 * size),
-            "triad": (lambda: torch.add(b, c, alpha=1.5, out=a), 3 * size),
-            "read": (lambda: b.sum(), size),
-        }
-        for name, (fn, nbytes) in kernels.items():
-            best, med = _best_and_median(fn, reps)
-            rows.append(dict(kernel=name, mib=mib, best=nbytes / best / 1e9, median=nbytes / med / 1e9))
-        del a, b, c
+        for pages, alloc in (("", lambda: torch.rand(n)),
+                             (", 2 MiB pages", lambda: hugepages.empty((n,), torch.float32).uniform_())):
+            if pages and not hugepages.wanted():
+                continue
+            a, b, c = alloc(), alloc(), alloc()
+            size = n * 4
+            kernels = {
+                "copy": (lambda: a.copy_(b), 2 * size),
+                "triad": (lambda: torch.add(b, c, alpha=1.5, out=a), 3 * size),
+                "read": (lambda: b.sum(), size),
+            }
+            for name, (fn, nbytes) in kernels.items():
+                best, med = _best_and_median(fn, reps)
+                rows.append(dict(kernel=name + pages, mib=mib, best=nbytes / best / 1e9, median=nbytes / med / 1e9))
+            del a, b, c
     return rows
 
 
@@ -107,9 +115,14 @@ def measure_weight_streaming(arch, reps: int = 5) -> dict:
     layer, then the vocab projection), each read once per pass by a plain reduction (int16 max).
     What a perfect GEMM would stream at here: on some VMs far below the large-array bandwidth
     (many MB-sized matrices, each a new prefetch stream and new pages)."""
+    from loraplex_kernels import hugepages
+
     h, i = arch.hidden_size, arch.intermediate_size
     shapes = [(arch.q_size + 2 * arch.kv_size, h), (h, arch.q_size), (2 * i, h), (h, i)] * arch.num_layers
-    mats = [torch.randn(n, k).to(torch.bfloat16) for n, k in shapes + [(arch.vocab_size, h)]]
+    # One huge-page arena, as the engine's packed weights (model/weight_arena.py).
+    mats = hugepages.carve([((n, k), torch.bfloat16) for n, k in shapes + [(arch.vocab_size, h)]])
+    for m in mats:
+        m.copy_(torch.randn(m.shape))
     nbytes = sum(m.numel() * 2 for m in mats)
 
     def read_all():

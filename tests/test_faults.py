@@ -354,11 +354,13 @@ def test_an_unexpected_error_while_loading_is_internal_with_a_message(srv, dirs,
 
 
 @pytest.mark.parametrize("error", sorted(OOM_ERRORS))
-def test_out_of_memory_while_writing_into_the_pool(srv, dirs, monkeypatch, error):
+@pytest.mark.parametrize("back_from", ["spill", "disk"])
+def test_out_of_memory_while_writing_into_the_pool(srv, dirs, monkeypatch, error, back_from):
     """The pool write fails half way (after some modules are written): LoadAdapter gets
-    RESOURCE_EXHAUSTED and the manager is as it was; when the background prefetcher hits it, the
-    request that waits for the adapter fails with RESOURCE_EXHAUSTED, the others go on, and the
-    next request writes the adapter afresh."""
+    RESOURCE_EXHAUSTED and the manager is as it was; when the background prefetcher hits it
+    (bringing an evicted adapter back from its spilled extent, or from disk), the request that
+    waits for the adapter fails with RESOURCE_EXHAUSTED, the others go on, and the next request
+    writes the adapter afresh."""
     for a in listed(srv):
         srv.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=a))
     srv.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id="pool-ref", path=str(dirs.library / "poet")))
@@ -385,13 +387,28 @@ def test_out_of_memory_while_writing_into_the_pool(srv, dirs, monkeypatch, error
     assert manager_state(mgr) == before_state and stable_listing(srv) == before_list
     monkeypatch.undo()
 
-    # 2. In the prefetcher: registered and evicted to disk, then a request brings it back.
+    # 2. In the prefetcher: registered and evicted (its extent spilled to the host tier, or
+    # dropped: to disk), then a request brings it back.
     srv.adapters.LoadAdapter(apb.LoadAdapterRequest(adapter_id="pool-oom", path=str(dirs.library / "poet")))
     with mgr._lock:
-        mgr._evict(mgr._entries["pool-oom"])
+        entry = mgr._entries["pool-oom"]
+        mgr._evict(entry)
+        assert entry.spilled is not None
+        if back_from == "disk":
+            entry.spilled = None
     wait_idle(srv.engine)
     before_state = manager_state(mgr)
-    monkeypatch.setattr(mgr.pool, "write", half_then_boom)
+    real_write_extent = mgr.pool.write_extent
+
+    def half_extent_then_boom(offset, extent):
+        calls[0] += 1
+        real_write_extent(offset, extent[: extent.numel() // 2])
+        raise OOM_ERRORS[error]("injected pool write failure")
+
+    if back_from == "disk":
+        monkeypatch.setattr(mgr.pool, "write", half_then_boom)
+    else:
+        monkeypatch.setattr(mgr.pool, "write_extent", half_extent_then_boom)
     with ThreadPoolExecutor(2) as pool:
         bad = pool.submit(srv.gen.Generate, greedy_req("The quick brown fox", 12, "pool-oom", "pool-oom-req"),
                           timeout=60)

@@ -43,6 +43,7 @@ from loraplex.model.kv_cache import KVCache, element_dtype
 from loraplex.model.amx_linear import amx_wanted
 from loraplex.model.packed_linear import pack_lm_head
 from loraplex.model.projection_packing import pack_projections
+from loraplex.model.weight_arena import move_to_huge_pages
 from loraplex.model.widened_linear import widen_projections
 from loraplex_kernels import openmp_pool
 
@@ -88,6 +89,9 @@ def pack_cpu_weights(model: Any) -> None:
         log.info("packed %d bfloat16 projections for %s, %d q/k/v or gate/up groups fused into one "
                  "GEMM each (LORAPLEX_PACK_WEIGHTS=0 turns it off)", n,
                  "our AMX kernel (LORAPLEX_AMX=0: oneDNN)" if amx_wanted() else "oneDNN", groups)
+        moved = move_to_huge_pages(model)  # before anything keeps the weights' addresses
+        if moved:
+            log.info("%.0f MiB of packed weights on huge pages (LORAPLEX_HUGEPAGES=0 turns it off)", moved / 2**20)
         compiled_layers.attach(model)  # the decoder layers as one compiled call where they qualify
     if extra:
         log.info("packed a copy of the tied lm_head: +%.1f MiB (LORAPLEX_PACK_TIED_HEAD=0 turns it off)",

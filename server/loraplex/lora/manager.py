@@ -709,11 +709,12 @@ class LoraManager:
             return None
         return e.last_used_mono + (_WAITED_FOR if e.in_flight else 0.0)
 
-    def _evict(self, entry: _Entry, placing: _Entry) -> None:
-        """Take `entry` out of the pool to make room for `placing`; on CPU its extent is kept on
-        the host tier when there is room there (its host copy, if any, is never dropped for it)."""
+    def _evict(self, entry: _Entry, placing: _Entry | None = None) -> None:
+        """Take `entry` out of the pool (to make room for `placing`); on CPU its extent is kept on
+        the host tier when there is room there (`placing`'s host copy is never dropped for it)."""
+        keep = (entry.adapter_id,) if placing is None else (entry.adapter_id, placing.adapter_id)
         if (self.device.type == "cpu" and self.config.spill_evicted and entry.host is None
-                and self._host_room(exclude=(entry.adapter_id, placing.adapter_id))):
+                and self._host_room(exclude=keep)):
             # Under the lock, before the extent is handed on: a memcpy (~0.2 ms for 1.9 MB). On
             # CUDA the pinned host copy was kept, so there is nothing to save.
             entry.spilled = self.pool.read_extent(entry.offset, entry.elems)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex_kernels import hugepages
+
 from .allocator import ALIGN_ELEMS, ExtentAllocator, aligned
 from .layers import PoolGroup
 from .peft_format import AdapterWeights
@@ -66,7 +68,8 @@ class AdapterPool:
         self.allocator = ExtentAllocator(capacity)
         # [capacity] the pool. torch.empty: pages are touched only as adapters are written, so a
         # large pool costs resident memory as it fills, bounded by its size.
-        self.tensor = torch.empty(self.allocator.capacity, dtype=dtype, device=self.device)
+        self.tensor = (hugepages.empty((self.allocator.capacity,), dtype) if self.device.type == "cpu"
+                       else torch.empty(self.allocator.capacity, dtype=dtype, device=self.device))
         # The torch fallback kernel reads the pool's first row for members an adapter does not
         # target and multiplies the result by 0: that row must never hold NaN/inf, which fresh
         # memory may. Adapter weights are checked finite at load, so zeros here suffice.
