@@ -43,7 +43,7 @@ def test_an_arena_starts_on_a_huge_page_and_is_backed_by_them_where_the_host_all
     buf.fill_(7)  # the first touch: the kernel picks the page size now
     assert int(buf[::4096].sum()) == 7 * (8 << 20) // 4096
     if thp_mode() in ("madvise", "always"):
-        assert anon_huge_kb(buf.data_ptr()) >= 4096  # at least 2 of its 4 huge pages
+        assert anon_huge_kb(buf.data_ptr()) >= 2048  # at least one of its 4 huge pages
     small = hugepages.arena(4096)  # below one huge page: plain memory
     assert small.numel() == 4096
 
