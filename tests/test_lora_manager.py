@@ -308,6 +308,23 @@ def test_weights_that_leave_host_memory_before_their_extent_is_written_are_read_
     assert_pool_holds(mgr, adapter_root, "c")
 
 
+def test_spilled_extents_take_at_most_the_pools_size(tiny_model_dir, adapter_root):
+    """On CPU spills and the pool are both host memory: the spills' bytes stay within the pool's
+    (here one adapter's worth), the least recently used going to disk first."""
+    mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=1, max_cpu_loras=8)
+    load_all(mgr, adapter_root, "abc")  # b evicts a, c evicts b: room for one spill only
+    assert tiers(mgr) == {"a": Tier.DISK, "b": Tier.HOST, "c": Tier.DEVICE}
+    assert mgr.stats.host_evictions == 1
+    spilled = sum(e.spilled.numel() for e in mgr._entries.values() if e.spilled is not None)
+    assert spilled <= mgr.pool.allocator.capacity
+    run_request(mgr, "b")  # from its spill; c is spilled in its place
+    assert mgr.stats.spill_refills == 1 and tiers(mgr) == {"a": Tier.DISK, "b": Tier.DEVICE, "c": Tier.HOST}
+    assert_pool_holds(mgr, adapter_root, "b")
+    run_request(mgr, "a")  # from disk
+    assert mgr.stats.loads["disk_reload"] == 1
+    assert_pool_holds(mgr, adapter_root, "a")
+
+
 def test_no_spill_sends_evicted_adapters_to_disk(tiny_model_dir, adapter_root):
     mgr, _ = make_manager(tiny_model_dir, adapter_root, fit=2, spill=False)
     load_all(mgr, adapter_root, "abc")

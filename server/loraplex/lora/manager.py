@@ -5,7 +5,8 @@ Three places an adapter can be, as ListAdapters reports them:
   HOST   weights in host memory, not in the pool: on CUDA the pinned host tier the pool is filled
          from; on CPU an adapter read while the pool had no room for it (it moves in as soon as
          room appears), or one evicted from the pool whose extent was kept (`spilled`, one
-         memcpy back instead of a disk read); both count against --max-cpu-loras;
+         memcpy back instead of a disk read); both count against --max-cpu-loras, and the
+         spilled extents take at most the pool's own size in bytes;
   DEVICE in the adapter memory pool (lora/pool.py), where the kernels read it. On CPU the pool IS
          host memory: a read from disk goes straight into it (the one copy) and no second
          copy is kept while it is there.
@@ -714,12 +715,28 @@ class LoraManager:
         the host tier when there is room there (`placing`'s host copy is never dropped for it)."""
         keep = (entry.adapter_id,) if placing is None else (entry.adapter_id, placing.adapter_id)
         if (self.device.type == "cpu" and self.config.spill_evicted and entry.host is None
-                and self._host_room(exclude=keep)):
+                and self._spill_room(entry.elems, keep, placing) and self._host_room(exclude=keep)):
             # Under the lock, before the extent is handed on: a memcpy (~0.2 ms for 1.9 MB). On
             # CUDA the pinned host copy was kept, so there is nothing to save.
             entry.spilled = self.pool.read_extent(entry.offset, entry.elems)
         self._drop_extent(entry)
         self.stats.device_evictions += 1
+
+    def _spill_room(self, elems: int, keep: tuple[str, ...], placing: _Entry | None) -> bool:
+        """Room for `elems` more spilled elements: spills take at most the pool's own size (on CPU
+        both are host memory: --adapter-memory bounds the two together at twice itself), the
+        least recently used spill dropped first, one no request waits for before one some does.
+        The spill of the adapter being placed (`placing`) is not counted: it goes once written."""
+        while True:
+            spilled = [e for e in self._entries.values() if e.spilled is not None and e is not placing]
+            if sum(e.spilled.numel() for e in spilled) + elems <= self.pool.allocator.capacity:
+                return True
+            droppable = [e for e in spilled if e.adapter_id not in keep and e.slot is None]
+            if not droppable:
+                return False
+            victim = min([e for e in droppable if e.in_flight == 0] or droppable, key=lambda e: e.last_used_mono)
+            victim.spilled = None  # back to DISK
+            self.stats.host_evictions += 1
 
     def _drop_extent(self, entry: _Entry) -> None:
         if entry.slot is None:
