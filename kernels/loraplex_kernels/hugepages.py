@@ -59,8 +59,7 @@ def arena(nbytes: int) -> torch.Tensor:
 
 def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) on huge pages when it is at least one huge page."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return arena(_numel(shape) * elem).view(dtype).view(*shape)
+    return carve([(tuple(shape), dtype)])[0]
 
 
 def carve(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:

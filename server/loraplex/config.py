@@ -278,7 +278,8 @@ class LoraConfig:
     max_lora_rank: int = 64  # adapters of a larger rank are refused at load
     max_cpu_loras: int = 128  # host copies outside the pool (see lora/manager.py Tier.HOST)
     # CPU: an adapter evicted from the pool keeps its extent on the host tier (one of the
-    # max_cpu_loras copies) and comes back with one memcpy; False = read again from disk, for
+    # max_cpu_loras copies; all of them together at most the pool's size in bytes) and comes
+    # back with one memcpy; False = read again from disk, for
     # hosts where memory is tighter than disk (rank-8 q/k/v/o: 10.5 ms against 0.7).
     spill_evicted: bool = True
     adapter_root: str | None = None  # on-demand loading of <root>/<adapter_id>

@@ -725,18 +725,21 @@ class LoraManager:
     def _spill_room(self, elems: int, keep: tuple[str, ...], placing: _Entry | None) -> bool:
         """Room for `elems` more spilled elements: spills take at most the pool's own size (on CPU
         both are host memory: --adapter-memory bounds the two together at twice itself), the
-        least recently used spill dropped first, one no request waits for before one some does.
-        The spill of the adapter being placed (`placing`) is not counted: it goes once written."""
-        while True:
-            spilled = [e for e in self._entries.values() if e.spilled is not None and e is not placing]
-            if sum(e.spilled.numel() for e in spilled) + elems <= self.pool.allocator.capacity:
-                return True
-            droppable = [e for e in spilled if e.adapter_id not in keep and e.slot is None]
-            if not droppable:
-                return False
-            victim = min([e for e in droppable if e.in_flight == 0] or droppable, key=lambda e: e.last_used_mono)
-            victim.spilled = None  # back to DISK
-            self.stats.host_evictions += 1
+        least recently used spill dropped first, one no request waits for before one some does;
+        nothing is dropped when even dropping all it may would not make the room. The spill of
+        the adapter being placed (`placing`) is not counted: it goes once written."""
+        spilled = [e for e in self._entries.values() if e.spilled is not None and e is not placing]
+        over = sum(e.spilled.numel() for e in spilled) + elems - self.pool.allocator.capacity
+        droppable = sorted((e for e in spilled if e.adapter_id not in keep and e.slot is None),
+                           key=lambda e: (e.in_flight > 0, e.last_used_mono))
+        if over > sum(e.spilled.numel() for e in droppable):
+            return False
+        for victim in droppable:
+            if over <= 0:
+                break
+            over -= victim.spilled.numel()
+            self._drop_host_copy(victim)
+        return True
 
     def _drop_extent(self, entry: _Entry) -> None:
         if entry.slot is None:
@@ -843,10 +846,12 @@ class LoraManager:
             idle = [e for e in on_host if e.adapter_id not in exclude and e.host is None and e.slot is None]
         if not idle:
             return False
-        victim = min(idle, key=lambda e: e.last_used_mono)
-        victim.host = victim.spilled = None  # back to DISK (or only in the pool); read again when needed
-        self.stats.host_evictions += 1
+        self._drop_host_copy(min(idle, key=lambda e: e.last_used_mono))
         return True
+
+    def _drop_host_copy(self, entry: _Entry) -> None:
+        entry.host = entry.spilled = None  # back to DISK (or only in the pool); read again when needed
+        self.stats.host_evictions += 1
 
     def _free(self, entry: _Entry) -> None:
         if entry.in_flight:
